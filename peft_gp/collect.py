@@ -1,0 +1,153 @@
+"""Run the model over a finished task's sample with forward hooks and grow the memory from its features."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from . import maths
+from .memory import GPMemoryError
+from .paradigms import ProjectedGroup, resolve_groups
+from .paradigms.base import gp_config_of, unwrap_peft_model
+from .state import get_memory
+
+
+def _to_device(batch, device):
+    if isinstance(batch, Mapping):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    return batch
+
+
+def _batch_size(batch) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError("A memory batch holds no tensor: batches must be dicts of tensors (as a DataLoader yields).")
+
+
+@torch.no_grad()
+def collect_grams(
+    model: nn.Module,
+    groups: list[ProjectedGroup],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    max_samples: int | None = None,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Stream ``batches`` through ``model`` (eval mode, no grad) and return each group's float64 Gram matrix.
+
+    Padding tokens (``attention_mask == 0``) are left out wherever a feature tensor is laid out as the batch's
+    ``(batch, sequence)`` (not in encoder-decoder models, whose decoder length may coincide). Returns the Gram
+    matrices and the number of examples seen.
+    """
+    peft_model = unwrap_peft_model(model)
+    is_encoder_decoder = bool(getattr(getattr(peft_model.get_base_model(), "config", None), "is_encoder_decoder", 0))
+    device = next(p.device for p in peft_model.parameters())
+    grams = {group.name: torch.zeros(group.dim, group.dim, dtype=torch.float64, device=device) for group in groups}
+    current: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def make_hook(group: ProjectedGroup):
+        def hook(module, args, output):
+            inputs = args[0] if args else None
+            if not isinstance(inputs, torch.Tensor):
+                return
+            mask = current["mask"]
+            if mask is not None and inputs.dim() >= 3 and tuple(inputs.shape[:2]) == tuple(mask.shape):
+                inputs = inputs[mask]
+            rows = group.features(inputs.detach())
+            if not torch.isfinite(rows).all():
+                raise GPMemoryError(
+                    f"NaN or inf features reached {group.name!r} while updating the memory: check the inputs and the "
+                    "model's numerics (a diverged task, fp16 overflow) before storing this task."
+                )
+            grams[group.name] += maths.feature_gram(rows)
+
+        return hook
+
+    handles = [group.feature_module.register_forward_hook(make_hook(group)) for group in groups]
+    was_training = peft_model.training
+    peft_model.eval()
+    seen = 0
+    try:
+        for batch in batches:
+            if max_samples is not None and seen >= max_samples:
+                break
+            batch = dict(batch)
+            size = _batch_size(batch)
+            if max_samples is not None and seen + size > max_samples:
+                keep = max_samples - seen
+                batch = {k: v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+                size = keep
+            batch = _to_device(batch, device)
+            mask = batch.get("attention_mask")
+            current["mask"] = mask.bool() if isinstance(mask, torch.Tensor) and not is_encoder_decoder else None
+            model(**batch)
+            seen += size
+    finally:
+        for handle in handles:
+            handle.remove()
+        peft_model.train(was_training)
+    if seen == 0:
+        raise GPMemoryError(
+            "The memory update got no examples: pass the finished task's (non-empty) training data. "
+            "Nothing was stored."
+        )
+    silent = [name for name, gram in grams.items() if not torch.any(gram != 0)]
+    if len(silent) == len(grams):
+        raise GPMemoryError(
+            "No features reached the adapter during the memory update: is the adapter active "
+            "(model.set_adapter(...)) and does the batch go through the adapted layers? Nothing was stored."
+        )
+    return grams, seen
+
+
+def update_memory(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    adapter_name: str | None = None,
+    max_samples: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Store a finished task in the memory: the plain-PyTorch counterpart of ``GPTrainer.update_memory``.
+
+    Args:
+        model: the PEFT model built from a GP config.
+        batches: the finished task's data as model-ready dicts of tensors (a ``DataLoader`` over its train set).
+        adapter_name: the adapter whose memory grows (default: the active one).
+        max_samples: how many examples to use (default: the config's ``gp_memory_samples``).
+
+    Returns:
+        Per projected group: ``basis_size``, ``dim``, ``added`` and captured energy before/after.
+    """
+    peft_model = unwrap_peft_model(model)
+    adapter_name = adapter_name or peft_model.active_adapter
+    config = gp_config_of(peft_model, adapter_name)
+    memory = get_memory(peft_model, adapter_name)
+    groups = resolve_groups(peft_model, adapter_name)
+    max_samples = config.gp_memory_samples if max_samples is None else max_samples
+    grams, _ = collect_grams(model, groups, batches, max_samples=max_samples)
+    threshold = maths.threshold_for_task(config.gp_threshold, config.gp_threshold_increment, memory.tasks_seen)
+    report = memory.update(grams, threshold)
+    full = memory.full_groups()
+    if full:
+        import warnings
+
+        warnings.warn(
+            f"The memory fills the whole feature space of {len(full)} projected group(s), e.g. {full[:3]}: these "
+            "parameters can no longer learn. Lower gp_threshold or adapt more layers to keep learning there.",
+            stacklevel=2,
+        )
+    return report
+
+
+def summarize_report(report: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Scalar summary of a growth report (for logs): mean/max capacity used and mean captured energy."""
+    shares = [entry["basis_size"] / entry["dim"] for entry in report.values()]
+    captured = [entry["captured_after"] for entry in report.values()]
+    return {
+        "gp_capacity_mean": sum(shares) / len(shares),
+        "gp_capacity_max": max(shares),
+        "gp_captured_energy_mean": sum(captured) / len(captured) if captured else math.nan,
+    }

@@ -1,0 +1,115 @@
+"""The gradient-projection fields (one mixin) and the ``GP*Config`` classes built on PEFT's configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+from peft import LoraConfig
+
+PROJECTION_MODES = ("gradient", "update")
+MODULES_TO_SAVE_POLICIES = ("project", "freeze", "train")
+
+
+@dataclass
+class GPConfigMixin:
+    """Fields shared by every gradient-projection config.
+
+    Args:
+        gp_threshold: Energy threshold τ in (0, 1] of the memory: after each task, each protected layer keeps the
+            smallest basis that holds at least this share of the energy of the task's features. 1.0 keeps their
+            whole (numerical) span: exact protection, least room for later tasks.
+        gp_threshold_increment: Added to the threshold for every task already stored (GPM uses 0.003): task
+            ``task_id`` (0-based) is stored with ``min(1, gp_threshold + gp_threshold_increment * task_id)``.
+        gp_projection: ``"gradient"`` projects each gradient before the optimizer step (the paper's method; with Adam
+            or weight decay the step then leaks slightly into the protected space). ``"update"`` also projects the
+            optimizer's final update, which keeps the protection exact with any optimizer.
+        gp_memory_samples: How many examples of a finished task feed its memory (every token of an example is a
+            feature row). A few hundred suffice; more costs one forward pass each.
+        gp_modules_to_save: What happens to trainable copies in ``modules_to_save`` (a classifier head, say) from the
+            second task on: ``"project"`` protects ``nn.Linear`` ones like the adapter (bias included, on a constant-1
+            feature), ``"freeze"`` keeps them fixed, ``"train"`` lets them change freely (old outputs then drift).
+    """
+
+    gp_threshold: float = field(
+        default=0.97,
+        metadata={"help": "Energy threshold in (0, 1] of the memory: share of each task's feature energy protected."},
+    )
+    gp_threshold_increment: float = field(
+        default=0.0,
+        metadata={"help": "Added to gp_threshold for every task already stored (GPM uses 0.003); capped at 1."},
+    )
+    gp_projection: Literal["gradient", "update"] = field(
+        default="update",
+        metadata={
+            "help": "'gradient' projects gradients (the paper's); 'update' also projects the optimizer's update, "
+            "exact with any optimizer."
+        },
+    )
+    gp_memory_samples: int = field(
+        default=256, metadata={"help": "How many examples of a finished task feed its memory."}
+    )
+    gp_modules_to_save: Literal["project", "freeze", "train"] = field(
+        default="project",
+        metadata={
+            "help": "From the second task on, 'project' protects nn.Linear modules_to_save (e.g. a classifier head), "
+            "'freeze' keeps them fixed, 'train' leaves them unprotected."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._validate_gp_fields()
+
+    def _validate_gp_fields(self) -> None:
+        if isinstance(self.gp_threshold, bool) or not isinstance(self.gp_threshold, (int, float)):
+            raise TypeError(f"gp_threshold must be a number in (0, 1], got {self.gp_threshold!r}.")
+        if not 0.0 < self.gp_threshold <= 1.0:
+            raise ValueError(
+                f"gp_threshold must be in (0, 1], got {self.gp_threshold}. It is the share of each task's feature "
+                "energy to protect: 0.97 is the usual value, 1.0 protects the whole span of the features."
+            )
+        if not 0.0 <= self.gp_threshold_increment < 1.0:
+            raise ValueError(
+                f"gp_threshold_increment must be in [0, 1), got {self.gp_threshold_increment} (GPM uses 0.003)."
+            )
+        if self.gp_projection not in PROJECTION_MODES:
+            raise ValueError(f"gp_projection must be one of {PROJECTION_MODES}, got {self.gp_projection!r}.")
+        if isinstance(self.gp_memory_samples, bool) or not isinstance(self.gp_memory_samples, int):
+            raise TypeError(f"gp_memory_samples must be a positive integer, got {self.gp_memory_samples!r}.")
+        if self.gp_memory_samples < 1:
+            raise ValueError(f"gp_memory_samples must be at least 1, got {self.gp_memory_samples}.")
+        if self.gp_modules_to_save not in MODULES_TO_SAVE_POLICIES:
+            raise ValueError(
+                f"gp_modules_to_save must be one of {MODULES_TO_SAVE_POLICIES}, got {self.gp_modules_to_save!r}."
+            )
+
+    def gp_fields(self) -> dict:
+        """The GP settings alone, as a plain dict (stored in the memory file's metadata)."""
+        return {f.name: getattr(self, f.name) for f in fields(GPConfigMixin)}
+
+
+@dataclass
+class GPLoraConfig(GPConfigMixin, LoraConfig):
+    """A ``LoraConfig`` whose adapter trains with gradient projection (PEGP eq. 7 and 14).
+
+    Both ``lora_A`` (against the inputs ``x`` of the adapted layer) and ``lora_B`` (against ``A x``) are protected, so
+    with exact projection the adapted layer's output on old-task inputs does not change. Use it wherever a
+    ``LoraConfig`` goes: ``get_peft_model(model, GPLoraConfig(r=8, target_modules=["query", "value"]))``.
+    The saved ``adapter_config.json`` stays loadable by plain PEFT for inference (it warns about the ``gp_*`` keys).
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.use_dora:
+            raise ValueError("GPLoraConfig does not support use_dora=True yet: set use_dora=False.")
+        if self.lora_bias:
+            raise ValueError("GPLoraConfig does not support lora_bias=True yet: set lora_bias=False.")
+
+
+GP_CONFIG_CLASSES = {"LORA": GPLoraConfig}
+
+
+def is_gp_config(config: object) -> bool:
+    """True for configs carrying the gradient-projection fields."""
+    return isinstance(config, GPConfigMixin)

@@ -1,0 +1,149 @@
+"""Persistence: ``gp_memory.safetensors`` beside ``adapter_model.safetensors``, and ``peft_gp.from_pretrained``.
+
+Importing peft_gp wraps ``PeftModel.save_pretrained`` once, so that ``model.save_pretrained(dir)`` and every
+Trainer checkpoint also write the memory of each adapter built from a GP config. Nothing changes for other adapters,
+and the adapter files themselves stay exactly PEFT's (plain ``PeftModel.from_pretrained`` loads them).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import fields
+
+from peft import PeftModel
+from peft.utils import CONFIG_NAME
+from torch import nn
+
+from .config import GP_CONFIG_CLASSES, is_gp_config
+from .memory import GP_MEMORY_NAME, GPMemory, GPMemoryError
+from .paradigms.base import unwrap_peft_model
+from .state import get_memory, set_memory
+
+
+def adapter_directory(save_directory: str, adapter_name: str) -> str:
+    """Where PEFT puts an adapter's files: the directory itself for ``default``, a subfolder otherwise."""
+    return save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
+
+
+def save_memory(model: nn.Module, save_directory: str, adapter_name: str | None = None) -> str:
+    """Write the memory of ``adapter_name`` (default: active) to ``gp_memory.safetensors``; returns the path."""
+    peft_model = unwrap_peft_model(model)
+    adapter_name = adapter_name or peft_model.active_adapter
+    path = os.path.join(adapter_directory(save_directory, adapter_name), GP_MEMORY_NAME)
+    get_memory(peft_model, adapter_name).save(path)
+    return path
+
+
+def _save_pretrained_with_memory(original):
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        original(self, save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        selected = kwargs.get("selected_adapters") or list(self.peft_config)
+        for adapter_name in selected:
+            if is_gp_config(self.peft_config[adapter_name]):
+                save_memory(self, save_directory, adapter_name)
+
+    save_pretrained._peft_gp_wrapped = True
+    return save_pretrained
+
+
+def install_save_hook() -> None:
+    """Make ``PeftModel.save_pretrained`` write ``gp_memory.safetensors`` too (idempotent)."""
+    if not getattr(PeftModel.save_pretrained, "_peft_gp_wrapped", False):
+        PeftModel.save_pretrained = _save_pretrained_with_memory(PeftModel.save_pretrained)
+
+
+def _resolve_file(model_id: str, filename: str, revision: str | None, subfolder: str | None) -> str | None:
+    """Local path of ``filename`` in a folder or Hub repo, or ``None`` if it is not there."""
+    local = os.path.join(model_id, subfolder or "", filename)
+    if os.path.isdir(model_id):
+        return local if os.path.isfile(local) else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return hf_hub_download(model_id, filename, subfolder=subfolder or None, revision=revision)
+    except EntryNotFoundError:
+        return None
+
+
+def load_gp_config(model_id: str, revision: str | None = None, subfolder: str | None = None):
+    """Read ``adapter_config.json`` as the matching ``GP*Config`` (errors if it was not saved by peft_gp)."""
+    path = _resolve_file(model_id, CONFIG_NAME, revision, subfolder)
+    if path is None:
+        raise FileNotFoundError(f"No {CONFIG_NAME} in {model_id!r} (subfolder={subfolder!r}, revision={revision!r}).")
+    with open(path) as handle:
+        raw = json.load(handle)
+    peft_type = raw.get("peft_type")
+    if peft_type not in GP_CONFIG_CLASSES:
+        raise ValueError(f"{path}: peft_gp supports peft_type {sorted(GP_CONFIG_CLASSES)}, got {peft_type!r}.")
+    if not any(key.startswith("gp_") for key in raw):
+        raise ValueError(
+            f"{path} has no gp_* settings: this adapter was not saved by peft_gp, so it has no memory. Load it with "
+            "peft.PeftModel.from_pretrained, or start a new GP adapter with get_peft_model(model, GPLoraConfig(...))."
+        )
+    config_cls = GP_CONFIG_CLASSES[peft_type]
+    known = {f.name for f in fields(config_cls)}
+    return config_cls(**{key: value for key, value in raw.items() if key in known})
+
+
+def load_memory(
+    model: nn.Module,
+    model_id: str,
+    adapter_name: str | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+) -> GPMemory:
+    """Read ``gp_memory.safetensors`` from a folder or Hub repo, check it fits the model, and attach it."""
+    peft_model = unwrap_peft_model(model)
+    adapter_name = adapter_name or peft_model.active_adapter
+    path = _resolve_file(model_id, GP_MEMORY_NAME, revision, subfolder)
+    if path is None:
+        raise GPMemoryError(
+            f"No {GP_MEMORY_NAME} in {model_id!r} (subfolder={subfolder!r}, revision={revision!r}). Without it the "
+            "earlier tasks are not protected. Point to the directory written by save_pretrained or by a GPTrainer "
+            "checkpoint (it holds adapter_model.safetensors and gp_memory.safetensors side by side)."
+        )
+    memory = GPMemory.load(path)
+    set_memory(peft_model, memory, adapter_name, source=path)
+    return memory
+
+
+def from_pretrained(
+    base_model: nn.Module,
+    model_id: str,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    **kwargs,
+) -> PeftModel:
+    """Load a peft_gp adapter with its GP config and memory, ready for inference or to train the next task.
+
+    Args:
+        base_model: the base ``transformers`` model the adapter was trained on.
+        model_id: a local folder or a Hub repo id holding ``adapter_model.safetensors``, ``adapter_config.json`` and
+            ``gp_memory.safetensors``.
+        adapter_name: name to give the loaded adapter.
+        is_trainable: ``True`` to continue training (the next task); ``False`` for inference.
+        revision: Hub revision (branch, tag or commit).
+        subfolder: subfolder of ``model_id`` holding the files.
+        kwargs: passed on to ``PeftModel.from_pretrained``.
+    """
+    config = load_gp_config(model_id, revision=revision, subfolder=subfolder)
+    hub_kwargs = {key: value for key, value in (("revision", revision), ("subfolder", subfolder)) if value}
+    model = PeftModel.from_pretrained(
+        base_model,
+        model_id,
+        adapter_name=adapter_name,
+        is_trainable=is_trainable,
+        config=config,
+        **hub_kwargs,
+        **kwargs,
+    )
+    load_memory(model, model_id, adapter_name=adapter_name, revision=revision, subfolder=subfolder)
+    return model

@@ -1,0 +1,131 @@
+"""Pure tensor maths of the gradient projection memory (GPM, Saha et al. 2021; PEGP, Qiao et al. 2024).
+
+Tensors in, tensors out: no PEFT, no config, no modules. Conventions:
+
+* a *feature matrix* has one feature per row and the feature axis last (``(..., d)``);
+* a *basis* ``M`` is a ``(d, k)`` matrix with orthonormal columns (``k`` may be 0);
+* a *gradient* or *update* ``G`` has the input-feature axis last (``(..., d)``), so that
+  ``G M = 0`` means "this change does not alter the layer's output on the features spanned by M".
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Eigenvalues of a Gram matrix below this share of its trace are numerical zeros: they never enter a basis,
+# whatever the energy threshold (a threshold of 1.0 means "the whole numerical span of the features").
+RELATIVE_EIGEN_TOLERANCE = 1e-10
+
+
+def feature_gram(features: torch.Tensor) -> torch.Tensor:
+    """Return ``Xᵀ X`` in float64 for the rows ``X`` of ``features`` (shape ``(..., d)``).
+
+    The Gram matrix is what the memory stores per task instead of the ``N × d`` features: its eigenvalues are the
+    squared singular values of ``X``, it costs O(d²) whatever N is, and Gram matrices of batches (or processes) add up.
+    """
+    rows = features.reshape(-1, features.shape[-1]).to(torch.float64)
+    return rows.T @ rows
+
+
+def threshold_for_task(threshold: float, increment: float, task_id: int) -> float:
+    """Energy threshold used when storing task ``task_id`` (0-based): ``min(1, threshold + increment * task_id)``.
+
+    GPM uses ``threshold=0.97, increment=0.003``: later tasks keep a slightly larger share of their features' energy.
+    """
+    return min(1.0, threshold + increment * task_id)
+
+
+def _sorted_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    eigenvalues = eigenvalues.flip(0).clamp_min(0.0)
+    return eigenvalues, eigenvectors.flip(1)
+
+
+def grow_basis(
+    gram: torch.Tensor, basis: torch.Tensor | None, threshold: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Extend ``basis`` so that it captures at least ``threshold`` of the energy of the features behind ``gram``.
+
+    Args:
+        gram: ``(d, d)`` Gram matrix ``Xᵀ X`` of the finished task's features (any float dtype; used in float64).
+        basis: ``(d, k)`` orthonormal basis of earlier tasks, or ``None``/``k = 0`` for the first task.
+        threshold: energy threshold τ in (0, 1].
+
+    Returns:
+        The new ``(d, k')`` basis (float64, ``k' ≥ k``; the old columns come first, unchanged) and a report with
+        ``captured_before`` (share of the task's energy the old basis already held), ``captured_after`` and ``added``.
+
+    The criterion is GPM's: with ``C`` the Gram matrix and ``Ĉ = (I − MMᵀ) C (I − MMᵀ)`` its residual outside the old
+    basis, the captured share is ``1 − tr(Ĉ)/tr(C)``; leading eigenvectors of ``Ĉ`` are added until the captured
+    share reaches τ. Eigenvalues below ``RELATIVE_EIGEN_TOLERANCE · tr(C)`` are never added.
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}.")
+    gram = gram.to(torch.float64)
+    dim = gram.shape[0]
+    if gram.shape != (dim, dim):
+        raise ValueError(f"gram must be a square matrix, got shape {tuple(gram.shape)}.")
+    if basis is None:
+        basis = gram.new_zeros((dim, 0))
+    basis = basis.to(torch.float64)
+    if basis.shape[0] != dim:
+        raise ValueError(f"basis has {basis.shape[0]} rows but the Gram matrix is {dim} × {dim}.")
+
+    total = torch.trace(gram).item()
+    if not torch.isfinite(gram).all() or total != total:
+        raise ValueError("The Gram matrix holds NaN or inf: the features fed to the memory are not finite.")
+    if total <= 0.0:  # all-zero features constrain nothing
+        return basis, {"captured_before": 1.0, "captured_after": 1.0, "added": 0}
+
+    if basis.shape[1] > 0:
+        residual_projector = torch.eye(dim, dtype=torch.float64, device=gram.device) - basis @ basis.T
+        residual = residual_projector @ gram @ residual_projector
+        residual = (residual + residual.T) / 2
+    else:
+        residual = gram
+    captured_before = 1.0 - torch.trace(residual).item() / total
+    if captured_before >= threshold or basis.shape[1] >= dim:
+        return basis, {"captured_before": captured_before, "captured_after": captured_before, "added": 0}
+
+    eigenvalues, eigenvectors = _sorted_eigh(residual)
+    significant = int((eigenvalues > RELATIVE_EIGEN_TOLERANCE * total).sum().item())
+    captured = captured_before + torch.cumsum(eigenvalues, 0) / total
+    # smallest k with captured share >= threshold (tiny slack for the rounding of cumsum)
+    reached = (captured >= threshold - 1e-12).nonzero()
+    needed = int(reached[0].item()) + 1 if len(reached) else dim
+    added = min(needed, significant, dim - basis.shape[1])
+    if added == 0:
+        return basis, {"captured_before": captured_before, "captured_after": captured_before, "added": 0}
+
+    new_directions = eigenvectors[:, :added]
+    # Re-orthogonalise against the old basis (twice is enough, "twice is enough" of Kahan/Parlett) and normalise.
+    for _ in range(2):
+        new_directions = new_directions - basis @ (basis.T @ new_directions)
+    new_directions, _ = torch.linalg.qr(new_directions)
+    grown = torch.cat([basis, new_directions], dim=1)
+    captured_after = captured[added - 1].item()
+    return grown, {"captured_before": captured_before, "captured_after": min(captured_after, 1.0), "added": added}
+
+
+def captured_energy(gram: torch.Tensor, basis: torch.Tensor) -> float:
+    """Share of the energy of the features behind ``gram`` that lies in the span of ``basis``: ``tr(Mᵀ C M)/tr(C)``."""
+    gram = gram.to(torch.float64)
+    total = torch.trace(gram).item()
+    if total <= 0.0:
+        return 1.0
+    basis = basis.to(torch.float64)
+    return torch.trace(basis.T @ gram @ basis).item() / total
+
+
+def project_out(tensor: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Return ``G (I − M Mᵀ)``: ``tensor`` (input-feature axis last) without its component in the span of ``basis``."""
+    if basis.shape[-1] == 0:
+        return tensor
+    return tensor - (tensor @ basis) @ basis.T
+
+
+def orthonormality_error(basis: torch.Tensor) -> float:
+    """``max |MᵀM − I|``: 0 for a perfectly orthonormal basis."""
+    basis = basis.to(torch.float64)
+    eye = torch.eye(basis.shape[1], dtype=torch.float64, device=basis.device)
+    return (basis.T @ basis - eye).abs().max().item() if basis.shape[1] else 0.0

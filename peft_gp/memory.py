@@ -1,0 +1,184 @@
+"""``GPMemory``: the orthonormal bases of all finished tasks, one per projected group, and their file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from . import maths
+
+GP_MEMORY_NAME = "gp_memory.safetensors"
+FORMAT_VERSION = 1
+
+
+class GPMemoryError(ValueError):
+    """A memory file or state that does not fit the model, or cannot be read."""
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: readers see the old file or the new one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+@dataclass
+class GPMemory:
+    """Bases of the feature spaces of finished tasks, keyed by projected-group name.
+
+    Each basis is a ``(d, k)`` float32 matrix with orthonormal columns (``k = 0`` before the first task ends).
+    ``thresholds`` holds the energy threshold each stored task used, so ``len(thresholds)`` is the number of tasks
+    stored; ``version`` changes with every update so that projectors know when to refresh their device copies.
+    """
+
+    dims: dict[str, int]
+    bases: dict[str, torch.Tensor] = field(default_factory=dict)
+    thresholds: list[float] = field(default_factory=list)
+    info: dict[str, str] = field(default_factory=dict)
+    version: int = 0
+
+    def __post_init__(self) -> None:
+        for name, dim in self.dims.items():
+            self.bases.setdefault(name, torch.zeros(dim, 0))
+
+    @property
+    def tasks_seen(self) -> int:
+        return len(self.thresholds)
+
+    @property
+    def is_empty(self) -> bool:
+        return all(basis.shape[1] == 0 for basis in self.bases.values())
+
+    def update(self, grams: dict[str, torch.Tensor], threshold: float) -> dict[str, dict[str, float]]:
+        """Grow every basis with one finished task's Gram matrices; returns the per-group growth report."""
+        missing = sorted(set(self.dims) - set(grams))
+        if missing:
+            raise GPMemoryError(f"No features were collected for {missing[:4]}: the memory update would be partial.")
+        new_bases, report = {}, {}
+        for name, gram in grams.items():
+            if gram.shape != (self.dims[name], self.dims[name]):
+                raise GPMemoryError(f"Gram matrix of {name!r} is {tuple(gram.shape)}, expected d = {self.dims[name]}.")
+            grown, stats = maths.grow_basis(gram, self.bases[name], threshold)
+            new_bases[name] = grown.to(torch.float32).contiguous()
+            report[name] = {**stats, "basis_size": grown.shape[1], "dim": self.dims[name]}
+        self.bases.update(new_bases)  # all or nothing: no basis changes if one group fails
+        self.thresholds.append(threshold)
+        self.version += 1
+        return report
+
+    def capacity(self) -> dict[str, float]:
+        """Share of each group's feature space already protected (1.0: that group can no longer learn)."""
+        return {name: self.bases[name].shape[1] / dim for name, dim in self.dims.items()}
+
+    def full_groups(self) -> list[str]:
+        """Groups whose basis fills their whole space: their parameters are frozen from now on."""
+        return [name for name, share in self.capacity().items() if share >= 1.0]
+
+    # ---- persistence -------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: basis.detach().to("cpu", torch.float32).contiguous() for name, basis in self.bases.items()}
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": "pt",
+            "gp_format_version": str(FORMAT_VERSION),
+            "gp_tasks_seen": str(self.tasks_seen),
+            "gp_thresholds": json.dumps(self.thresholds),
+            "gp_dims": json.dumps(self.dims, sort_keys=True),
+            **{f"gp_{key}": value for key, value in self.info.items()},
+        }
+
+    def save(self, path: str) -> None:
+        """Write ``gp_memory.safetensors`` atomically (temporary file, then rename)."""
+        atomic_write_bytes(path, save_safetensors_bytes(self.state_dict(), metadata=self.metadata()))
+
+    @classmethod
+    def load(cls, path: str) -> GPMemory:
+        """Read a memory file, checking its format; shapes against a model are checked by ``check_fits``."""
+        if not os.path.isfile(path):
+            raise GPMemoryError(f"No memory file at {path}.")
+        with open(path, "rb") as handle:
+            data = handle.read()
+        try:
+            tensors = load_safetensors_bytes(data)
+            metadata = _read_metadata(data)
+        except (SafetensorError, ValueError, json.JSONDecodeError) as error:
+            raise GPMemoryError(
+                f"{path} is not a readable gp memory file ({error}). It may be truncated or damaged: restore it from "
+                "an earlier checkpoint."
+            ) from error
+        try:
+            version = int(metadata["gp_format_version"])
+            dims = {str(k): int(v) for k, v in json.loads(metadata["gp_dims"]).items()}
+            thresholds = [float(t) for t in json.loads(metadata["gp_thresholds"])]
+        except (KeyError, ValueError, TypeError, AttributeError) as error:
+            raise GPMemoryError(
+                f"{path} lacks valid gp metadata ({error!r}): it was not written by peft_gp."
+            ) from error
+        if version > FORMAT_VERSION:
+            raise GPMemoryError(
+                f"{path} has memory format version {version}, newer than this peft_gp reads ({FORMAT_VERSION}). "
+                "Upgrade peft_gp: pip install -U peft-gp."
+            )
+        if set(tensors) != set(dims):
+            raise GPMemoryError(f"{path}: the bases {sorted(tensors)[:4]} do not match the recorded layers.")
+        for name, basis in tensors.items():
+            if basis.dtype != torch.float32:
+                raise GPMemoryError(f"{path}: basis {name!r} has dtype {basis.dtype}, expected torch.float32.")
+            if basis.dim() != 2 or basis.shape[0] != dims[name] or basis.shape[1] > dims[name]:
+                raise GPMemoryError(
+                    f"{path}: basis {name!r} has shape {tuple(basis.shape)}, expected ({dims[name]}, k)."
+                )
+            if not torch.isfinite(basis).all():
+                raise GPMemoryError(f"{path}: basis {name!r} holds NaN or inf; the file is damaged.")
+            if maths.orthonormality_error(basis) > 1e-3:
+                raise GPMemoryError(f"{path}: basis {name!r} is not orthonormal; the file is damaged.")
+        info = {key[3:]: value for key, value in metadata.items() if key.startswith("gp_")}
+        for key in ("format_version", "tasks_seen", "thresholds", "dims"):
+            info.pop(key, None)
+        return cls(dims=dims, bases=dict(tensors), thresholds=thresholds, info=info)
+
+    def check_fits(self, expected_dims: dict[str, int], source: str = "the memory") -> None:
+        """Raise a ``GPMemoryError`` naming every layer whose basis does not fit ``expected_dims``."""
+        missing = sorted(set(expected_dims) - set(self.dims))
+        unexpected = sorted(set(self.dims) - set(expected_dims))
+        wrong = sorted(n for n in set(self.dims) & set(expected_dims) if self.dims[n] != expected_dims[n])
+        if missing or unexpected or wrong:
+            details = []
+            if missing:
+                details.append(f"layers the model has but the memory lacks: {missing[:4]}")
+            if unexpected:
+                details.append(f"layers in the memory the model lacks: {unexpected[:4]}")
+            if wrong:
+                details.append(
+                    "dimension mismatches: "
+                    + ", ".join(f"{n} (memory {self.dims[n]}, model {expected_dims[n]})" for n in wrong[:4])
+                )
+            raise GPMemoryError(
+                f"{source} does not fit this model/adapter ({'; '.join(details)}). It belongs to another adapter or "
+                "base model: load it with the base model and adapter config it was trained with."
+            )
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    header_size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_size])
+    return header.get("__metadata__", {}) or {}

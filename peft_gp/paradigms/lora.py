@@ -1,0 +1,35 @@
+"""LoRA (PEGP eq. 7, 14): ``lora_A`` against the adapted layer's inputs ``x``, ``lora_B`` against ``y = A x``."""
+
+from __future__ import annotations
+
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from .base import ProjectedGroup, _module_key, register_paradigm
+
+
+@register_paradigm("LORA")
+def lora_groups(model: PeftModel, adapter_name: str, config) -> list[ProjectedGroup]:
+    groups = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        name = _module_key(model, module_name)
+        if adapter_name in getattr(module, "lora_embedding_A", {}):
+            raise ValueError(
+                f"LoRA on the embedding {name!r} is not supported by gradient projection yet: "
+                "remove it from target_modules."
+            )
+        if adapter_name not in module.lora_A:
+            continue
+        lora_a, lora_b = module.lora_A[adapter_name], module.lora_B[adapter_name]
+        if not (isinstance(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear)):
+            raise ValueError(
+                f"LoRA on {name!r} ({type(module).__name__}) is not supported by gradient projection yet: only "
+                "layers whose LoRA factors are nn.Linear (Linear, Conv1D) can be projected. Remove it from "
+                "target_modules."
+            )
+        groups.append(ProjectedGroup(f"{name}.lora_A", lora_a.weight, lora_a.bias, lora_a))
+        groups.append(ProjectedGroup(f"{name}.lora_B", lora_b.weight, lora_b.bias, lora_b))
+    return groups

@@ -1,0 +1,117 @@
+"""``GPTrainer``: a ``transformers.Trainer`` whose ``train()`` is one task of a continual-learning sequence."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from .collect import summarize_report, update_memory
+from .loading import load_memory
+from .memory import GPMemory, GPMemoryError
+from .paradigms.base import gp_config_of, unwrap_peft_model
+from .projector import GPProjector, raw_optimizer
+from .state import get_memory
+
+
+class GPTrainer(Trainer):
+    """Trains one task per ``train()`` call with gradient projection against the memory of the earlier tasks.
+
+    On top of ``Trainer`` it only: attaches the projection to the optimizer it creates (``create_optimizer``), starts
+    every task with fresh optimizer state (``train``), stores the finished task in the memory when ``train()`` ends,
+    reloads the memory with a checkpoint (``_load_from_checkpoint``), and adds GP statistics to the logs (``log``).
+    Checkpoints and ``save_model`` write ``gp_memory.safetensors`` beside the adapter weights.
+
+    Args:
+        *args, **kwargs: as for ``transformers.Trainer``; ``model`` must be a PEFT model built from a GP config.
+        gp_update_memory: store the task in the memory at the end of ``train()`` (from ``train_dataset``). Set it to
+            ``False`` to call ``update_memory(dataset)`` yourself, e.g. with another sample of the task.
+        gp_adapter_name: the adapter to train and protect (default: the active one).
+    """
+
+    _tag_names = ["peft", "peft-gp", "continual-learning"]
+
+    def __init__(self, *args: Any, gp_update_memory: bool = True, gp_adapter_name: str | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        peft_model = unwrap_peft_model(self.model)
+        self.gp_adapter_name = gp_adapter_name or peft_model.active_adapter
+        self.gp_config = gp_config_of(peft_model, self.gp_adapter_name)
+        self.gp_update_memory = gp_update_memory
+        self.gp_projector = GPProjector(peft_model, self.gp_adapter_name)
+        self._gp_owns_optimizer = self.optimizer is None
+        if self.optimizer is not None:
+            self.gp_projector.attach(self.optimizer)
+
+    @property
+    def gp_memory(self) -> GPMemory:
+        """The memory of the trained adapter (grows at the end of every task)."""
+        return get_memory(self.model, self.gp_adapter_name)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        self.gp_projector.attach(optimizer)
+        return optimizer
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """Train one task (projecting from the second task on), then store it in the memory."""
+        if resume_from_checkpoint in (None, False):
+            self._fresh_optimizer_state()
+        self.gp_projector.reset_stats()
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self.gp_update_memory:
+            self.update_memory()
+        return output
+
+    def _fresh_optimizer_state(self) -> None:
+        # Each task starts from zero moments: Adam state of the previous task points into the protected space.
+        if self.optimizer is None:
+            return
+        if self._gp_owns_optimizer:
+            self.optimizer, self.lr_scheduler = None, None
+        else:
+            raw_optimizer(self.optimizer).state.clear()
+
+    def update_memory(self, dataset=None) -> dict[str, dict[str, float]]:
+        """Store a finished task: grow the bases from ``gp_memory_samples`` examples of ``dataset``.
+
+        ``dataset`` defaults to ``train_dataset``; it goes through this trainer's collator and column removal, as in
+        evaluation. Returns the per-layer growth report and logs basis sizes and captured energy.
+        """
+        dataset = self.train_dataset if dataset is None else dataset
+        if dataset is None:
+            raise ValueError("update_memory needs a dataset: pass one, or give the trainer a train_dataset.")
+        size = len(dataset)
+        if size == 0:
+            raise GPMemoryError(
+                "update_memory got an empty dataset: pass the finished task's data. Nothing was stored."
+            )
+        samples = min(self.gp_config.gp_memory_samples, size)
+        if samples < size:
+            generator = torch.Generator().manual_seed(self.args.seed)
+            indices = sorted(torch.randperm(size, generator=generator)[:samples].tolist())
+            dataset = (
+                dataset.select(indices) if hasattr(dataset, "select") else torch.utils.data.Subset(dataset, indices)
+            )
+        dataloader = self.get_eval_dataloader(dataset)
+        report = update_memory(self.model, dataloader, adapter_name=self.gp_adapter_name, max_samples=samples)
+        logs = {"gp_tasks_seen": float(self.gp_memory.tasks_seen), **summarize_report(report)}
+        logs.update({f"gp_basis/{name}": float(entry["basis_size"]) for name, entry in report.items()})
+        self.log(logs)
+        return report
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        subfolder = None if self.gp_adapter_name == "default" else self.gp_adapter_name
+        try:
+            load_memory(self.model, resume_from_checkpoint, adapter_name=self.gp_adapter_name, subfolder=subfolder)
+        except GPMemoryError as error:
+            raise GPMemoryError(
+                f"Cannot resume from {resume_from_checkpoint}: {error} Training without it would not protect the "
+                "earlier tasks."
+            ) from error
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:
+            logs.update(self.gp_projector.pop_stats())
+        super().log(logs, *args, **kwargs)

@@ -1,0 +1,159 @@
+"""The test matrix: every tiny model × GPLoraConfig, checking the invariants of DESIGN.md §3."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+import peft_gp
+from peft_gp import GPLoraConfig, GPProjector, maths
+from peft_gp.collect import collect_grams
+from peft_gp.paradigms import resolve_groups
+
+from .conftest import train_steps
+
+
+def make_model(case, **gp):
+    config = GPLoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, **case.lora, **gp)
+    return get_peft_model(case.build(), config)
+
+
+def test_every_trainable_parameter_is_protected(case):
+    model = make_model(case)
+    groups = resolve_groups(model)
+    covered = {id(p) for group in groups for p in group.parameters}
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(id(p) in covered for _, p in model.named_parameters() if p.requires_grad), trainable
+    assert any(name.endswith("lora_A") for name in (g.name for g in groups))
+    assert any(name.endswith("lora_B") for name in (g.name for g in groups))
+
+
+def test_memory_bases_are_orthonormal_capture_threshold_and_do_not_regrow(case):
+    model = make_model(case, gp_threshold=0.9)
+    batch = case.make_batch(0)
+    train_steps(model, batch, 3)
+    report = peft_gp.update_memory(model, [batch])
+    memory = peft_gp.get_memory(model)
+    assert memory.tasks_seen == 1 and memory.thresholds == [0.9]
+    grams, seen = collect_grams(model, resolve_groups(model), [batch])
+    assert seen == batch[next(iter(batch))].shape[0]
+    for name, basis in memory.bases.items():
+        assert basis.dtype == torch.float32 and basis.shape[1] == report[name]["basis_size"] > 0
+        assert maths.orthonormality_error(basis) < 1e-5
+        assert maths.captured_energy(grams[name], basis) >= 0.9 - 1e-5
+    # the same task stored again adds nothing
+    sizes = {name: basis.shape[1] for name, basis in memory.bases.items()}
+    peft_gp.update_memory(model, [batch])
+    assert {name: basis.shape[1] for name, basis in memory.bases.items()} == sizes
+
+
+def run_two_tasks(case, projected: bool, mode: str = "update", steps: int = 15):
+    """Task 1, memory (threshold 1.0), then task 2 with AdamW + weight decay; returns the evidence."""
+    model = make_model(case, gp_threshold=1.0, gp_projection=mode)
+    old_batch, new_batch = case.make_batch(0), case.make_batch(1)
+    train_steps(model, old_batch, 10)
+    peft_gp.update_memory(model, [old_batch])
+    before = case.output(model, old_batch)
+    weights_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    projector = GPProjector(model).attach(optimizer) if projected else None
+    losses = train_steps(model, new_batch, steps, optimizer=optimizer)
+    if projector:
+        projector.detach()
+    after = case.output(model, old_batch)
+    moved = max(
+        (p.detach() - weights_before[n]).abs().max().item() for n, p in model.named_parameters() if p.requires_grad
+    )
+    return model, before, after, losses, moved
+
+
+def test_update_mode_keeps_old_outputs_exactly_and_still_learns(case):
+    _, before, after, losses, moved = run_two_tasks(case, projected=True)
+    scale = before.abs().max().item()
+    assert (after - before).abs().max().item() <= 1e-4 * scale
+    assert moved > 1e-3, "the adapter did not train at all: the test would prove nothing"
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_without_projection_old_outputs_drift(case):
+    _, before, after, _, _ = run_two_tasks(case, projected=False)
+    assert (after - before).abs().max().item() > 1e-2 * before.abs().max().item()
+
+
+def test_gradient_mode_projects_each_gradient(case):
+    model = make_model(case, gp_threshold=1.0, gp_projection="gradient")
+    old_batch = case.make_batch(0)
+    train_steps(model, old_batch, 3)
+    peft_gp.update_memory(model, [old_batch])
+    projector = GPProjector(model)
+    model.train()
+    model(**case.make_batch(1)).loss.backward()
+
+    def joined_grad(group):
+        if group.bias is None:
+            return group.weight.grad.clone()
+        return torch.cat([group.weight.grad, group.bias.grad.unsqueeze(-1)], dim=-1)
+
+    raw = [joined_grad(group) for group in projector.groups]
+    projector.project_gradients()
+    memory = peft_gp.get_memory(model)
+    for group, before in zip(projector.groups, raw):
+        after, basis = joined_grad(group), memory.bases[group.name]
+        assert (after @ basis).abs().max().item() <= 1e-5 * before.abs().max().item()
+        torch.testing.assert_close(after, maths.project_out(before, basis))
+    assert projector.pop_stats()["gp_grad_removed"] > 0.0
+
+
+def test_gradient_mode_is_exact_with_plain_sgd(case):
+    """With SGD (no moments, no decay) projecting gradients alone is exact: the paper's setting."""
+    model = make_model(case, gp_threshold=1.0, gp_projection="gradient")
+    old_batch = case.make_batch(0)
+    train_steps(model, old_batch, 10)
+    peft_gp.update_memory(model, [old_batch])
+    before = case.output(model, old_batch)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    GPProjector(model).attach(optimizer)
+    train_steps(model, case.make_batch(1), 10, optimizer=optimizer)
+    after = case.output(model, old_batch)
+    assert (after - before).abs().max().item() <= 1e-4 * before.abs().max().item()
+
+
+def test_save_and_reload_restores_weights_and_bases_bit_identically(case, tmp_path):
+    model = make_model(case, gp_threshold=0.95)
+    batch = case.make_batch(0)
+    train_steps(model, batch, 3)
+    peft_gp.update_memory(model, [batch])
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "gp_memory.safetensors").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
+
+    loaded = peft_gp.from_pretrained(case.build(), str(tmp_path), is_trainable=True)
+    assert isinstance(loaded.peft_config["default"], GPLoraConfig)
+    assert loaded.peft_config["default"].gp_threshold == 0.95
+    saved, restored = peft_gp.get_memory(model), peft_gp.get_memory(loaded)
+    assert saved.thresholds == restored.thresholds
+    assert set(saved.bases) == set(restored.bases)
+    for name in saved.bases:
+        assert torch.equal(saved.bases[name], restored.bases[name])
+    original = dict(model.named_parameters())
+    for name, param in loaded.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param, original[name]), name
+    torch.testing.assert_close(case.output(loaded, batch), case.output(model, batch), rtol=0, atol=0)
+
+    # plain PEFT still loads the adapter for inference (it only warns about the gp_* keys)
+    with pytest.warns(UserWarning, match="gp_"):
+        plain = PeftModel.from_pretrained(case.build(), str(tmp_path))
+    torch.testing.assert_close(case.output(plain, batch), case.output(model, batch), rtol=0, atol=0)
+
+
+def test_reloaded_model_continues_with_projection(case, tmp_path):
+    model, before, _, _, _ = run_two_tasks(case, projected=True, steps=1)
+    model.save_pretrained(tmp_path)
+    loaded = peft_gp.from_pretrained(case.build(), str(tmp_path), is_trainable=True)
+    old_batch = case.make_batch(0)
+    reference = case.output(loaded, old_batch)
+    optimizer = torch.optim.AdamW([p for p in loaded.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    GPProjector(loaded).attach(optimizer)
+    train_steps(loaded, case.make_batch(1), 5, optimizer=optimizer)
+    assert (case.output(loaded, old_batch) - reference).abs().max().item() <= 1e-4 * reference.abs().max().item()
