@@ -13,7 +13,7 @@ from .conftest import tiny_bert
 def batches(task_id: int, count: int = 4):
     generator = torch.Generator().manual_seed(task_id)
     low, high = (4, 10) if task_id == 0 else (20, 60)
-    for index in range(count):
+    for _ in range(count):
         ids = torch.randint(low, high, (2, 5), generator=generator)
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1]) + 2 * task_id}
 
