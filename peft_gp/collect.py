@@ -47,23 +47,32 @@ def collect_grams(
     is_encoder_decoder = bool(getattr(getattr(peft_model.get_base_model(), "config", None), "is_encoder_decoder", 0))
     device = next(p.device for p in peft_model.parameters())
     grams = {group.name: torch.zeros(group.dim, group.dim, dtype=torch.float64, device=device) for group in groups}
-    current: dict[str, torch.Tensor | None] = {"mask": None}
+    current: dict = {"mask": None, "cache": {}}
 
     def make_hook(group: ProjectedGroup):
         def hook(module, args, output):
             inputs = args[0] if args else None
             if not isinstance(inputs, torch.Tensor):
                 return
-            mask = current["mask"]
-            if mask is not None and inputs.dim() >= 3 and tuple(inputs.shape[:2]) == tuple(mask.shape):
-                inputs = inputs[mask]
-            rows = group.features(inputs.detach())
-            if not torch.isfinite(rows).all():
-                raise GPMemoryError(
-                    f"NaN or inf features reached {group.name!r} while updating the memory: check the inputs and the "
-                    "model's numerics (a diverged task, fp16 overflow) before storing this task."
-                )
-            grams[group.name] += maths.feature_gram(rows)
+            # Sibling layers often read the very same tensor (LoRA on query and value): one Gram serves them all.
+            # The cache holds the tensor itself, so its id cannot be reused by another tensor during this forward.
+            key = (id(inputs), group.bias is not None)
+            cached = current["cache"].get(key)
+            gram = cached[1] if cached is not None and cached[0] is inputs else None
+            if gram is None:
+                original = inputs
+                mask = current["mask"]
+                if mask is not None and inputs.dim() >= 3 and tuple(inputs.shape[:2]) == tuple(mask.shape):
+                    inputs = inputs[mask]
+                rows = group.features(inputs.detach())
+                if not torch.isfinite(rows).all():
+                    raise GPMemoryError(
+                        f"NaN or inf features reached {group.name!r} while updating the memory: check the inputs and "
+                        "the model's numerics (a diverged task, fp16 overflow) before storing this task."
+                    )
+                gram = maths.feature_gram(rows)
+                current["cache"][key] = (original, gram)
+            grams[group.name] += gram
 
         return hook
 
@@ -84,7 +93,9 @@ def collect_grams(
             batch = _to_device(batch, device)
             mask = batch.get("attention_mask")
             current["mask"] = mask.bool() if isinstance(mask, torch.Tensor) and not is_encoder_decoder else None
+            current["cache"] = {}
             model(**batch)
+            current["cache"] = {}
             seen += size
     finally:
         for handle in handles:

@@ -157,3 +157,42 @@ def test_reloaded_model_continues_with_projection(case, tmp_path):
     GPProjector(loaded).attach(optimizer)
     train_steps(loaded, case.make_batch(1), 5, optimizer=optimizer)
     assert (case.output(loaded, old_batch) - reference).abs().max().item() <= 1e-4 * reference.abs().max().item()
+
+
+def test_collected_grams_equal_the_grams_of_the_layer_inputs(case):
+    """The hooks' Gram matrices are exactly XᵀX of what each LoRA factor reads (shared inputs computed once)."""
+    model = make_model(case)
+    batch = case.make_batch(0)
+    groups = resolve_groups(model)
+    seen: dict[str, list[torch.Tensor]] = {group.name: [] for group in groups}
+    handles = [
+        group.feature_module.register_forward_hook(
+            lambda module, args, output, name=group.name: seen[name].append(args[0].detach().clone())
+        )
+        for group in groups
+    ]
+    case.output(model, batch)
+    for handle in handles:
+        handle.remove()
+    grams, _ = collect_grams(model, groups, [batch])
+    for group in groups:
+        rows = torch.cat([group.features(x) for x in seen[group.name]])
+        torch.testing.assert_close(grams[group.name], maths.feature_gram(rows), rtol=1e-12, atol=1e-12)
+
+
+def test_padding_tokens_do_not_enter_the_memory():
+    from .conftest import CASES
+
+    bert = next(case for case in CASES if case.name == "bert")
+    model = make_model(bert)
+    groups = [group for group in resolve_groups(model) if group.name.endswith("layer.0.attention.self.query.lora_A")]
+    ids = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 0, 0, 0]])
+    mask = (ids != 0).long()
+    inputs = []
+    handle = groups[0].feature_module.register_forward_hook(lambda m, args, out: inputs.append(args[0].detach()))
+    bert.output(model, {"input_ids": ids, "attention_mask": mask})
+    handle.remove()
+    grams, _ = collect_grams(model, groups, [{"input_ids": ids, "attention_mask": mask}])
+    expected = maths.feature_gram(inputs[0][mask.bool()])
+    torch.testing.assert_close(grams[groups[0].name], expected, rtol=1e-12, atol=1e-12)
+    assert torch.linalg.matrix_rank(grams[groups[0].name]).item() == 5  # 5 real tokens, not 10 positions
