@@ -30,6 +30,19 @@ def _batch_size(batch) -> int:
     raise ValueError("A memory batch holds no tensor: batches must be dicts of tensors (as a DataLoader yields).")
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def non_finite_message(name: str) -> str:
+    return (
+        f"NaN or inf features reached {name!r} while updating the memory: check the inputs and the model's numerics "
+        "(a diverged task, fp16 overflow) before storing this task. Nothing was stored."
+    )
+
+
 @torch.no_grad()
 def collect_grams(
     model: nn.Module,
@@ -40,14 +53,17 @@ def collect_grams(
     """Stream ``batches`` through ``model`` (eval mode, no grad) and return each group's float64 Gram matrix.
 
     Padding tokens (``attention_mask == 0``) are left out wherever a feature tensor is laid out as the batch's
-    ``(batch, sequence)`` (not in encoder-decoder models, whose decoder length may coincide). Returns the Gram
-    matrices and the number of examples seen.
+    ``(batch, sequence)`` (not in encoder-decoder models, whose decoder length may coincide). Under
+    ``torch.distributed`` each process passes its own shard and the Gram matrices are summed over processes
+    (all-reduce), so every rank gets the same result. Returns the Gram matrices and the number of examples seen.
     """
     peft_model = unwrap_peft_model(model)
     is_encoder_decoder = bool(getattr(getattr(peft_model.get_base_model(), "config", None), "is_encoder_decoder", 0))
     device = next(p.device for p in peft_model.parameters())
     grams = {group.name: torch.zeros(group.dim, group.dim, dtype=torch.float64, device=device) for group in groups}
     current: dict = {"mask": None, "cache": {}}
+    distributed = _world_size() > 1
+    non_finite: list[str] = []
 
     def make_hook(group: ProjectedGroup):
         def hook(module, args, output):
@@ -66,10 +82,10 @@ def collect_grams(
                     inputs = inputs[mask]
                 rows = group.features(inputs.detach())
                 if not torch.isfinite(rows).all():
-                    raise GPMemoryError(
-                        f"NaN or inf features reached {group.name!r} while updating the memory: check the inputs and "
-                        "the model's numerics (a diverged task, fp16 overflow) before storing this task."
-                    )
+                    if not distributed:
+                        raise GPMemoryError(non_finite_message(group.name))
+                    non_finite.append(group.name)  # raised on every rank after the all-reduce, not here
+                    return
                 gram = maths.feature_gram(rows)
                 current["cache"][key] = (original, gram)
             grams[group.name] += gram
@@ -101,6 +117,16 @@ def collect_grams(
         for handle in handles:
             handle.remove()
         peft_model.train(was_training)
+    if distributed:  # every rank saw its own shard: sum the Gram matrices so that all ranks build the same bases
+        import torch.distributed as dist
+
+        flags = torch.tensor([float(seen), float(len(non_finite))], dtype=torch.float64, device=device)
+        dist.all_reduce(flags)
+        seen = int(flags[0].item())
+        if flags[1].item() > 0:
+            raise GPMemoryError(non_finite_message(non_finite[0] if non_finite else "an adapted layer (another rank)"))
+        for gram in grams.values():
+            dist.all_reduce(gram)
     if seen == 0:
         raise GPMemoryError(
             "The memory update got no examples: pass the finished task's (non-empty) training data. "

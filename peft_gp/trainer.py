@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import datasets
 import torch
+from torch.utils.data import DataLoader, Subset
 from transformers import Trainer
 
 from .collect import summarize_report, update_memory
@@ -34,6 +36,12 @@ class GPTrainer(Trainer):
 
     def __init__(self, *args: Any, gp_update_memory: bool = True, gp_adapter_name: str | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise NotImplementedError(
+                "GPTrainer does not support FSDP or DeepSpeed yet: they shard the adapter parameters and their "
+                "gradients, and peft_gp does not project sharded tensors yet. Use DDP (torchrun or accelerate launch "
+                "--multi_gpu): PEFT adapters are small enough to replicate."
+            )
         peft_model = unwrap_peft_model(self.model)
         self.gp_adapter_name = gp_adapter_name or peft_model.active_adapter
         self.gp_config = gp_config_of(peft_model, self.gp_adapter_name)
@@ -90,15 +98,28 @@ class GPTrainer(Trainer):
         if samples < size:
             generator = torch.Generator().manual_seed(self.args.seed)
             indices = sorted(torch.randperm(size, generator=generator)[:samples].tolist())
-            dataset = (
-                dataset.select(indices) if hasattr(dataset, "select") else torch.utils.data.Subset(dataset, indices)
-            )
-        dataloader = self.get_eval_dataloader(dataset)
-        report = update_memory(self.model, dataloader, adapter_name=self.gp_adapter_name, max_samples=samples)
+            dataset = dataset.select(indices) if hasattr(dataset, "select") else Subset(dataset, indices)
+        report = update_memory(
+            self.model, self._memory_dataloader(dataset), adapter_name=self.gp_adapter_name, max_samples=samples
+        )
         logs = {"gp_tasks_seen": float(self.gp_memory.tasks_seen), **summarize_report(report)}
         logs.update({f"gp_basis/{name}": float(entry["basis_size"]) for name, entry in report.items()})
         self.log(logs)
         return report
+
+    def _memory_dataloader(self, dataset) -> DataLoader:
+        # Each process takes every world_size-th example: no padding or duplicates (unlike evaluation loaders), so
+        # the summed Gram matrices equal those of one process over the whole sample.
+        world_size, rank = self.args.world_size, self.args.process_index
+        if world_size > 1:
+            indices = list(range(rank, len(dataset), world_size))
+            dataset = dataset.select(indices) if hasattr(dataset, "select") else Subset(dataset, indices)
+        collator = self.data_collator
+        if isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description="memory")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="memory")
+        return DataLoader(dataset, batch_size=self.args.eval_batch_size, collate_fn=collator)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -190,3 +190,21 @@ def test_trainer_refuses_a_model_without_gp_config(tmp_path):
     model = get_peft_model(tiny_bert(), LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
     with pytest.raises(TypeError, match="GPLoraConfig"):
         GPTrainer(model=model, args=training_args(tmp_path), train_dataset=task_dataset(0, 4))
+
+
+def test_bf16_autocast_keeps_bases_float32_and_grams_float64(tmp_path):
+    old_task, new_task = task_dataset(0, 8), task_dataset(1, 16)
+    model = gp_model()
+    args = training_args(tmp_path, bf16=True)
+    GPTrainer(model=model, args=args, train_dataset=old_task).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # features arrive in bfloat16
+        batch = default_data_collator([old_task[i] for i in range(len(old_task))])
+        grams, _ = peft_gp.collect.collect_grams(model, peft_gp.paradigms.resolve_groups(model), [batch])
+    assert all(gram.dtype == torch.float64 for gram in grams.values())
+    assert all(basis.dtype == torch.float32 for basis in peft_gp.get_memory(model).bases.values())
+    before = logits_on(model, old_task)
+    GPTrainer(model=model, args=args, train_dataset=new_task).train()
+    after = logits_on(model, old_task)
+    # accelerate keeps the forward under bf16 autocast (evaluation and memory features included): old logits stay
+    # the same up to bfloat16 rounding (8 mantissa bits, 2**-8 = 0.4%), no longer to float32 precision
+    assert (after - before).abs().max().item() <= 1.5e-2 * before.abs().max().item()
