@@ -4,6 +4,7 @@ and the old task's logits unchanged after the second task."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,12 @@ from .test_trainer import task_dataset
 SCRIPT = Path(__file__).parent / "distributed" / "two_tasks_ddp.py"
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_two_processes_build_identical_bases_equal_to_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [
@@ -33,7 +40,7 @@ def test_two_processes_build_identical_bases_equal_to_one_process(tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29533",
+        str(free_port()),
         str(SCRIPT),
         str(tmp_path),
     ]
