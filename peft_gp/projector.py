@@ -88,8 +88,18 @@ class GPProjector:
                 self._bases.append(basis.to(device=device, dtype=compute_dtype) if basis.shape[1] else None)
             self._memory_state = (id(memory), memory.version)
 
+    def _check_not_sharded(self) -> None:
+        for group in self.groups:
+            for param in group.parameters:
+                if type(param).__name__ == "DTensor" or getattr(param, "_fsdp_flattened", False):
+                    raise NotImplementedError(
+                        f"{group.name} is sharded (FSDP/DTensor): peft_gp does not project sharded parameters yet. "
+                        "Train with DDP instead; PEFT adapters are small enough to replicate."
+                    )
+
     def attach(self, optimizer: torch.optim.Optimizer) -> GPProjector:
         """Register the projection hooks on ``optimizer`` (the raw one inside any wrapper). Idempotent."""
+        self._check_not_sharded()
         optimizer = raw_optimizer(optimizer)
         if self._optimizer is optimizer:
             return self

@@ -36,7 +36,7 @@ class GPTrainer(Trainer):
 
     def __init__(self, *args: Any, gp_update_memory: bool = True, gp_adapter_name: str | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or self.args.fsdp or self.args.deepspeed:
             raise NotImplementedError(
                 "GPTrainer does not support FSDP or DeepSpeed yet: they shard the adapter parameters and their "
                 "gradients, and peft_gp does not project sharded tensors yet. Use DDP (torchrun or accelerate launch "
