@@ -163,3 +163,14 @@ def test_non_linear_module_to_save_needs_a_policy():
     config = GPLoraConfig(task_type="SEQ_CLS", target_modules=["query"], modules_to_save=["LayerNorm"])
     with pytest.raises(ValueError, match="gp_modules_to_save='freeze'"):
         peft_gp.get_memory(get_peft_model(tiny_bert(), config))
+
+
+def test_wrong_dtype_in_memory_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    model = saved_model(tmp_path)
+    memory = peft_gp.get_memory(model)
+    tensors = {name: basis.double() for name, basis in memory.state_dict().items()}
+    save_file(tensors, str(tmp_path / GP_MEMORY_NAME), metadata=memory.metadata())
+    with pytest.raises(GPMemoryError, match="dtype torch.float64, expected torch.float32"):
+        peft_gp.from_pretrained(tiny_bert(), str(tmp_path))
