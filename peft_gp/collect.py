@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -146,6 +147,7 @@ def update_memory(
     batches: Iterable[Mapping[str, torch.Tensor]],
     adapter_name: str | None = None,
     max_samples: int | None = None,
+    stacklevel: int = 2,
 ) -> dict[str, dict[str, float]]:
     """Store a finished task in the memory: the plain-PyTorch counterpart of ``GPTrainer.update_memory``.
 
@@ -154,6 +156,7 @@ def update_memory(
         batches: the finished task's data as model-ready dicts of tensors (a ``DataLoader`` over its train set).
         adapter_name: the adapter whose memory grows (default: the active one).
         max_samples: how many examples to use (default: the config's ``gp_memory_samples``).
+        stacklevel: for the warning about layers that became full (callers wrapping this function add theirs).
 
     Returns:
         Per projected group: ``basis_size``, ``dim``, ``added`` and captured energy before/after.
@@ -166,15 +169,15 @@ def update_memory(
     max_samples = config.gp_memory_samples if max_samples is None else max_samples
     grams, _ = collect_grams(model, groups, batches, max_samples=max_samples)
     threshold = maths.threshold_for_task(config.gp_threshold, config.gp_threshold_increment, memory.tasks_seen)
+    full_before = set(memory.full_groups())
     report = memory.update(grams, threshold)
-    full = memory.full_groups()
-    if full:
-        import warnings
-
+    newly_full = [name for name in memory.full_groups() if name not in full_before]
+    if newly_full:
         warnings.warn(
-            f"The memory fills the whole feature space of {len(full)} projected group(s), e.g. {full[:3]}: these "
-            "parameters can no longer learn. Lower gp_threshold or adapt more layers to keep learning there.",
-            stacklevel=2,
+            f"The memory now fills the whole feature space of {len(newly_full)} projected group(s), e.g. "
+            f"{newly_full[:3]}: these parameters can no longer learn. Lower gp_threshold, or raise the LoRA rank "
+            "(lora_B's features live in r dimensions), to keep learning there.",
+            stacklevel=stacklevel,
         )
     return report
 

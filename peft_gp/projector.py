@@ -203,5 +203,5 @@ class GPProjector:
         self.reset_stats()
         if stats["steps"] == 0:
             return {}
-        share = (stats["removed_sq"] / stats["grad_sq"].clamp_min(1e-30)).item() if stats["steps"] else 0.0
+        share = (stats["removed_sq"] / stats["grad_sq"].clamp_min(1e-30)).item()
         return {"gp_grad_removed": share}

@@ -30,11 +30,20 @@ class GPTrainer(Trainer):
         gp_update_memory: store the task in the memory at the end of ``train()`` (from ``train_dataset``). Set it to
             ``False`` to call ``update_memory(dataset)`` yourself, e.g. with another sample of the task.
         gp_adapter_name: the adapter to train and protect (default: the active one).
+        gp_log_per_layer: log each layer's basis size (``gp_basis/<layer>``) after a memory update, besides the
+            summary (``gp_capacity_mean``, ``gp_capacity_max``, ``gp_captured_energy_mean``).
     """
 
     _tag_names = ["peft", "peft-gp", "continual-learning"]
 
-    def __init__(self, *args: Any, gp_update_memory: bool = True, gp_adapter_name: str | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        gp_update_memory: bool = True,
+        gp_adapter_name: str | None = None,
+        gp_log_per_layer: bool = True,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled or self.args.fsdp or self.args.deepspeed:
             raise NotImplementedError(
@@ -46,6 +55,7 @@ class GPTrainer(Trainer):
         self.gp_adapter_name = gp_adapter_name or peft_model.active_adapter
         self.gp_config = gp_config_of(peft_model, self.gp_adapter_name)
         self.gp_update_memory = gp_update_memory
+        self.gp_log_per_layer = gp_log_per_layer
         self.gp_projector = GPProjector(peft_model, self.gp_adapter_name)
         self._gp_owns_optimizer = self.optimizer is None
         if self.optimizer is not None:
@@ -100,10 +110,15 @@ class GPTrainer(Trainer):
             indices = sorted(torch.randperm(size, generator=generator)[:samples].tolist())
             dataset = dataset.select(indices) if hasattr(dataset, "select") else Subset(dataset, indices)
         report = update_memory(
-            self.model, self._memory_dataloader(dataset), adapter_name=self.gp_adapter_name, max_samples=samples
+            self.model,
+            self._memory_dataloader(dataset),
+            adapter_name=self.gp_adapter_name,
+            max_samples=samples,
+            stacklevel=3,
         )
         logs = {"gp_tasks_seen": float(self.gp_memory.tasks_seen), **summarize_report(report)}
-        logs.update({f"gp_basis/{name}": float(entry["basis_size"]) for name, entry in report.items()})
+        if self.gp_log_per_layer:
+            logs.update({f"gp_basis/{name}": float(entry["basis_size"]) for name, entry in report.items()})
         self.log(logs)
         return report
 

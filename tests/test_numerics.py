@@ -81,6 +81,9 @@ def test_a_full_basis_warns_names_the_layer_and_training_goes_on():
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.arange(8) % 4}
     with pytest.warns(UserWarning, match=r"fills the whole feature space.*lora_B"):
         peft_gp.update_memory(model, [batch])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # already-full groups are not reported again
+        peft_gp.update_memory(model, [batch])
     memory = peft_gp.get_memory(model)
     full = memory.full_groups()
     assert full and all(memory.capacity()[name] == 1.0 for name in full)

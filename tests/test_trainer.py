@@ -137,7 +137,10 @@ def test_update_memory_can_be_deferred_and_uses_gp_memory_samples(tmp_path):
     )
     trainer.train()
     assert trainer.gp_memory.tasks_seen == 0
+    trainer.gp_log_per_layer = False
     report = trainer.update_memory()
+    last = trainer.state.log_history[-1]
+    assert "gp_capacity_mean" in last and not any(key.startswith("gp_basis/") for key in last)
     assert trainer.gp_memory.tasks_seen == 1
     # 3 examples of at most 6 tokens: at most 18 feature rows for the first layer's lora_A
     first = report["bert.encoder.layer.0.attention.self.query.lora_A"]
