@@ -44,3 +44,27 @@ def test_no_forgetting_and_single_task():
 def test_bad_matrices_are_refused(matrix):
     with pytest.raises(ValueError, match="accuracy matrix|R\\["):
         metrics.accuracy_matrix_summary(matrix)
+
+
+def test_evaluate_metric_loads_from_a_local_path_and_matches():
+    import evaluate
+
+    from peft_gp.continual import EVALUATE_METRIC_PATH
+
+    metric = evaluate.load(EVALUATE_METRIC_PATH)
+    # R = [[1.0], [0.5, 1.0]] from per-example correctness: 2 examples per (trained, evaluated) cell
+    cells = {(0, 0): [1, 1], (1, 0): [1, 0], (1, 1): [1, 1]}
+    predictions, references, trained, evaluated = [], [], [], []
+    for (t, k), correct in cells.items():
+        for flag in correct:
+            predictions.append(3 if flag else 4)
+            references.append(3)
+            trained.append(t)
+            evaluated.append(k)
+    result = metric.compute(
+        predictions=predictions, references=references, trained_task=trained, evaluated_task=evaluated
+    )
+    assert result["accuracy_matrix"] == [[1.0], [0.5, 1.0]]
+    assert result["average_accuracy"] == pytest.approx(0.75)
+    assert result["backward_transfer"] == pytest.approx(-0.5)
+    assert result["forgetting"] == pytest.approx(0.5)
