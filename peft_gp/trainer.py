@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any
 
 import datasets
 import torch
 from torch.utils.data import DataLoader, Subset
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .collect import summarize_report, update_memory
 from .loading import load_memory
-from .memory import GPMemory, GPMemoryError
+from .memory import GP_MEMORY_NAME, GPMemory, GPMemoryError
 from .paradigms.base import gp_config_of, unwrap_peft_model
 from .projector import GPProjector, raw_optimizer
 from .state import get_memory
+
+TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer's own name for it
 
 
 class GPTrainer(Trainer):
@@ -75,11 +80,35 @@ class GPTrainer(Trainer):
         """Train one task (projecting from the second task on), then store it in the memory."""
         if resume_from_checkpoint in (None, False):
             self._fresh_optimizer_state()
+        elif resume_from_checkpoint is True:
+            resume_from_checkpoint = self._last_complete_checkpoint()
         self.gp_projector.reset_stats()
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.gp_update_memory:
             self.update_memory()
         return output
+
+    def _last_complete_checkpoint(self) -> str:
+        # Trainer writes a checkpoint folder file by file; a run killed mid-save leaves a partial last folder.
+        # Resume from the newest folder that holds everything (trainer state is written last).
+        folder = self.args.output_dir
+        numbered = []
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if name.startswith(PREFIX_CHECKPOINT_DIR + "-") and name.split("-")[-1].isdigit():
+                numbered.append((int(name.split("-")[-1]), os.path.join(folder, name)))
+        adapter_folder = "" if self.gp_adapter_name == "default" else self.gp_adapter_name
+        skipped = []
+        for _, path in sorted(numbered, reverse=True):
+            needed = [TRAINER_STATE_NAME, os.path.join(adapter_folder, GP_MEMORY_NAME)]
+            if all(os.path.isfile(os.path.join(path, name)) for name in needed):
+                if skipped:
+                    warnings.warn(f"Skipping incomplete checkpoint(s) {skipped}; resuming from {path}.", stacklevel=3)
+                return path
+            skipped.append(path)
+        raise ValueError(
+            f"No complete checkpoint in {folder} (one holds {TRAINER_STATE_NAME} and {GP_MEMORY_NAME}); "
+            f"found {sorted(p for _, p in numbered)}. Pass resume_from_checkpoint=None to start the task afresh."
+        )
 
     def _fresh_optimizer_state(self) -> None:
         # Each task starts from zero moments: Adam state of the previous task points into the protected space.

@@ -22,7 +22,7 @@ from peft_gp.paradigms import resolve_groups
 from .conftest import tiny_bert
 from .test_trainer import task_dataset
 
-SCRIPT = Path(__file__).parent / "distributed" / "two_tasks_ddp.py"
+SCRIPT = Path(__file__).parent / "scripts" / "two_tasks_ddp.py"
 
 
 def free_port() -> int:

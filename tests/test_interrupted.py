@@ -1,0 +1,72 @@
+"""A run killed in the middle of a task resumes from its last complete checkpoint with the same bases and ends
+with the same weights as an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import peft_gp
+from peft_gp import GPTrainer
+
+from .conftest import tiny_bert
+from .test_trainer import logits_on, task_dataset, training_args
+
+SCRIPT = Path(__file__).parent / "scripts" / "train_until_killed.py"
+TASK2_STEPS = 12
+
+
+def task2_args(out):
+    return training_args(
+        os.path.join(out, "task2"), save_strategy="steps", save_steps=1, max_steps=TASK2_STEPS, num_train_epochs=1
+    )
+
+
+def finish_task2(out, resume) -> dict[str, torch.Tensor]:
+    model = peft_gp.from_pretrained(tiny_bert(), os.path.join(out, "after_task1"), is_trainable=True)
+    trainer = GPTrainer(model=model, args=task2_args(out), train_dataset=task_dataset(1, 16), gp_update_memory=False)
+    trainer.train(resume_from_checkpoint=resume)
+    return model
+
+
+def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path)], stdout=subprocess.PIPE, env=env)
+    try:
+        for line in process.stdout:
+            if line.strip() == b"saved 5":
+                break
+        else:
+            pytest.fail("the training process ended before its fifth checkpoint")
+        process.send_signal(signal.SIGKILL)  # somewhere in steps 6-7 or in the middle of saving checkpoint-6
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    checkpoints = sorted(p.name for p in (tmp_path / "task2").iterdir())
+    assert "checkpoint-5" in checkpoints and f"checkpoint-{TASK2_STEPS}" not in checkpoints
+
+    # make the newest checkpoint look like a save killed half-way: resume must skip it
+    partial = tmp_path / "task2" / "checkpoint-99"
+    shutil.copytree(tmp_path / "task2" / "checkpoint-5", partial)
+    os.remove(partial / "trainer_state.json")
+    with pytest.warns(UserWarning, match="Skipping incomplete checkpoint"):
+        resumed = finish_task2(tmp_path, resume=True)
+    shutil.rmtree(tmp_path / "task2")
+    uninterrupted = finish_task2(tmp_path, resume=None)
+
+    task1 = peft_gp.get_memory(uninterrupted)
+    for name, basis in peft_gp.get_memory(resumed).bases.items():
+        assert torch.equal(basis, task1.bases[name])
+    reference = dict(uninterrupted.named_parameters())
+    for name, param in resumed.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param, reference[name], rtol=1e-5, atol=1e-6)
+    old_task = task_dataset(0, 8)
+    torch.testing.assert_close(logits_on(resumed, old_task), logits_on(uninterrupted, old_task), rtol=1e-5, atol=1e-6)
