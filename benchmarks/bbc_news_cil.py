@@ -53,12 +53,10 @@ import copy  # noqa: E402
 import random  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import transformers  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments  # noqa: E402
@@ -75,6 +73,7 @@ from common import (  # noqa: E402
     machine_record,
     minilm_path,
     now,
+    quiet,
     read_article,
     write_record,
 )
@@ -309,11 +308,7 @@ def format_matrix(name: str, matrix: list[list[float | None]], tasks: list[dict]
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    # upstream deprecation noise, and the per-task "memory fills ... groups" warning (summarised per task instead)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    warnings.filterwarnings("ignore", message="The memory fills the whole feature space", category=UserWarning)
+    quiet()  # the per-task "memory fills ... groups" warning is summarised in the table instead
     torch.manual_seed(args.seed)
     began = time.perf_counter()
     load_start = round(os.getloadavg()[0], 2)  # other processes on the machine bias timings

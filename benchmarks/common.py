@@ -52,6 +52,16 @@ def machine_record(load_start: float) -> dict:
     }
 
 
+def quiet() -> None:
+    """Silence transformers' progress and upstream deprecation noise, and peft_gp's full-layer warnings."""
+    import warnings
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="The memory (now )?fills the whole feature space", category=UserWarning)
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

@@ -45,12 +45,10 @@ import random  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import warnings  # noqa: E402
 from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import (  # noqa: E402
@@ -72,6 +70,7 @@ from common import (  # noqa: E402
     machine_record,
     minilm_path,
     now,
+    quiet,
     read_article,
     write_record,
 )
@@ -204,11 +203,7 @@ def trainer_rounds(models: dict, dataset: Dataset, args) -> dict[str, list[float
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    # upstream deprecation noise, and peft_gp's "memory fills ... groups" warning (the count is printed instead)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    warnings.filterwarnings("ignore", message="The memory fills the whole feature space", category=UserWarning)
+    quiet()  # the per-task "memory fills ... groups" warning is summarised in the table instead
     began = time.perf_counter()
     load_start = round(os.getloadavg()[0], 2)  # other processes on the machine bias timings
     model_dir = minilm_path()
