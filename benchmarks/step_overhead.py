@@ -93,7 +93,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--trainer", action="store_true", help="also time Trainer vs GPTrainer steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=str(RESULTS / "step_overhead.json"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error(f"--steps must be at least 2 (medians and quartiles of step times), got {args.steps}")
+    return args
 
 
 def bbc_texts(count: int, seed: int) -> list[str]:
