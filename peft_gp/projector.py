@@ -139,8 +139,10 @@ class GPProjector:
     @torch.no_grad()
     def project_gradients(self) -> None:
         """Project the ``.grad`` of every protected parameter in place (called before each optimizer step)."""
-        if not self.active:
-            return
+        if self.active:
+            self._project_gradients()
+
+    def _project_gradients(self) -> None:
         total = removed = None
         for group, basis in zip(self.groups, self._bases):
             grads = [p.grad for p in group.parameters]
@@ -163,10 +165,11 @@ class GPProjector:
             self._stats["removed_sq"] = self._stats["removed_sq"] + removed.float()
             self._stats["steps"] += 1
 
+    @torch.no_grad()
     def _before_step(self) -> None:
-        self.project_gradients()
-        if not self.active:
+        if not self.active:  # one memory check per step; nothing happens during the first task
             return
+        self._project_gradients()
         update_mode = self.config.gp_projection == "update"
         self._snapshots = [
             [p.detach().clone() for p in group.parameters] if group.frozen or update_mode else None
