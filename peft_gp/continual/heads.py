@@ -1,0 +1,111 @@
+"""Heads for a task stream: one shared classifier whose logits are masked per task, in training and at test time.
+
+The model keeps one classification head with an output per global label id (``num_labels(tasks)``). The scenario
+decides which outputs count:
+
+* class-incremental: training masks the classes not seen yet (``"seen"``) or all but the current task's
+  (``"current"``, as in the paper's class-incremental runs); the prediction is the argmax over all classes seen so
+  far, with no task id.
+* task-incremental: training sees the current task's classes; the prediction uses the task id, i.e. the argmax over
+  that task's classes only.
+* domain-incremental: every task has the same classes; nothing is masked.
+
+Masked logits are set to ``-inf`` before the cross-entropy, so those classes get no gradient from the task's data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import HEAD_MASKING, RunConfigError
+from .tasks import Task
+
+
+def training_classes(tasks: Sequence[Task], task_id: int, masking: str) -> list[int] | None:
+    """The label ids whose logits the loss sees while training ``tasks[task_id]`` (``None``: all of them)."""
+    if masking not in HEAD_MASKING:
+        raise ValueError(f"masking must be one of {HEAD_MASKING}, got {masking!r}.")
+    if masking == "none":
+        return None
+    if masking == "current":
+        return list(tasks[task_id].classes)
+    return sorted({c for task in tasks[: task_id + 1] for c in task.classes})
+
+
+def prediction_classes(tasks: Sequence[Task], trained_task: int, evaluated_task: int, scenario: str) -> list[int]:
+    """The label ids the prediction may pick when evaluating ``evaluated_task`` after training ``trained_task``."""
+    if scenario == "task":
+        return list(tasks[evaluated_task].classes)
+    if scenario == "domain":
+        return sorted({c for task in tasks for c in task.classes})
+    return sorted({c for task in tasks[: trained_task + 1] for c in task.classes})
+
+
+class MaskedCrossEntropy:
+    """Cross-entropy over the allowed classes only, for ``Trainer(compute_loss_func=...)``.
+
+    Set ``allowed`` (a list of label ids, or ``None`` for all) before each task; logits of the other classes are
+    ``-inf``. With ``num_items_in_batch`` (gradient accumulation) the loss is summed and divided by it, as
+    ``Trainer`` expects.
+    """
+
+    def __init__(self, num_labels: int) -> None:
+        self.num_labels = num_labels
+        self.allowed: list[int] | None = None
+
+    def mask(self, device: torch.device) -> torch.Tensor | None:
+        if self.allowed is None:
+            return None
+        blocked = torch.ones(self.num_labels, dtype=torch.bool, device=device)
+        blocked[torch.tensor(self.allowed, device=device)] = False
+        return blocked
+
+    def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch: int | None = None) -> torch.Tensor:
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        logits = logits.float()
+        blocked = self.mask(logits.device)
+        if blocked is not None:
+            logits = logits.masked_fill(blocked, float("-inf"))
+        if num_items_in_batch is None:
+            return F.cross_entropy(logits, labels)
+        return F.cross_entropy(logits, labels, reduction="sum") / num_items_in_batch
+
+
+def masked_predictions(logits: torch.Tensor, allowed: Sequence[int]) -> torch.Tensor:
+    """Argmax over the ``allowed`` label ids only (returned as global label ids)."""
+    allowed_ids = torch.as_tensor(list(allowed), device=logits.device)
+    return allowed_ids[logits[:, allowed_ids].argmax(-1)]
+
+
+HEAD_NAMES = ("classifier", "score", "head", "cls")
+
+
+def classifier_head(model: nn.Module) -> tuple[str, nn.Module]:
+    """``(attribute name, module)`` of a classification model's head; a clear error when it has none."""
+    for name in HEAD_NAMES:
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            return name, module
+    raise RunConfigError(
+        f"{type(model).__name__} has no classification head (none of {HEAD_NAMES}): a continual-learning run needs a "
+        "sequence- or image-classification model."
+    )
+
+
+def check_head(model: nn.Module, needed: int) -> str:
+    """Check that the model's head has at least ``needed`` outputs; returns the head's attribute name."""
+    name, head = classifier_head(model)
+    out = getattr(head, "out_features", None)
+    if out is None:
+        linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+        out = linears[-1].out_features if linears else None
+    if out is not None and out < needed:
+        raise RunConfigError(
+            f"The model's head {name!r} has {out} outputs but the task stream has {needed} classes: load the model "
+            f"with num_labels={needed} (the runner does this for you)."
+        )
+    return name

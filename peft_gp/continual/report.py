@@ -1,0 +1,123 @@
+"""The outputs of a run: ``result.json`` (everything), ``summary.md`` (tables), the plots, and console tables."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .runner import MethodResult, RunResult
+
+RESULT_NAME = "result.json"
+SUMMARY_NAME = "summary.md"
+HEATMAP_NAME = "accuracy_matrix.png"
+CURVES_NAME = "task_accuracy.png"
+METRIC_NAMES = {
+    "average_accuracy": "final average accuracy",
+    "average_incremental_accuracy": "average incremental accuracy",
+    "backward_transfer": "BWT",
+    "forgetting": "forgetting",
+}
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}"
+
+
+def matrix_table(result: MethodResult, task_names: Sequence[str]) -> str:
+    """Markdown table of ``R[t][k]`` in percent (rows: after training task t; columns: evaluated task k)."""
+    header = "| after task | " + " | ".join(f"T{k + 1} {name}" for k, name in enumerate(task_names)) + " | avg |"
+    lines = [header, "|---" * (len(task_names) + 2) + "|"]
+    for t, row in enumerate(result.accuracy_matrix):
+        seen = [v for v in row if v is not None]
+        lines.append(
+            f"| {t + 1} | " + " | ".join(_cell(v) for v in row) + f" | {100 * sum(seen) / len(seen):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def metrics_table(results: Sequence[MethodResult]) -> str:
+    """One row per method: the four metrics (percentage points) and the time."""
+    lines = [
+        "| method | " + " | ".join(METRIC_NAMES.values()) + " | time (s) |",
+        "|---" * (len(METRIC_NAMES) + 2) + "|",
+    ]
+    for result in results:
+        cells = [f"{100 * result.metrics[key]:+.1f}" if key == "backward_transfer" else
+                 f"{100 * result.metrics[key]:.1f}" for key in METRIC_NAMES]  # fmt: skip
+        lines.append(f"| {result.label} | " + " | ".join(cells) + f" | {result.seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def summary_markdown(run: RunResult) -> str:
+    names = [task["name"] for task in run.stream]
+    config = run.config
+    parts = [
+        f"# {config.name}",
+        "",
+        f"{config.scenario}-incremental, {len(names)} tasks, model `{config.model}`, dataset `{config.dataset}`, "
+        f"paradigm `{config.paradigm}`, head masking `{config.masking}`, {config.epochs:g} epochs per task, seed "
+        f"{config.seed}. Accuracy in %; `R[t][k]` is the accuracy on task k's test set after training task t.",
+        "",
+        "## Metrics",
+        "",
+        metrics_table(list(run.results.values())),
+        "",
+        "BWT is negative and forgetting positive when old tasks lost accuracy (`peft_gp.continual.metrics`).",
+    ]
+    for result in run.results.values():
+        parts += ["", f"## Accuracy matrix: {result.label}", "", matrix_table(result, names)]
+    parts += ["", "## Tasks", "", "| task | classes | train | test |", "|---|---|---|---|"]
+    parts += [
+        f"| {t['task_id'] + 1} {t['name']} | {', '.join(t['class_names'])} | {t['train_examples']} | "
+        f"{t['test_examples']} |"
+        for t in run.stream
+    ]
+    if run.paths:
+        parts += ["", "Files: " + ", ".join(f"`{Path(p).name}`" for p in run.paths.values())]
+    return "\n".join(parts) + "\n"
+
+
+def comparison_text(run: RunResult) -> str:
+    """Console text: each method's matrix, then the metrics side by side."""
+    names = [task["name"] for task in run.stream]
+    width = max(8, *(len(f"T{k + 1} {n}") for k, n in enumerate(names)))
+    blocks = []
+    for result in run.results.values():
+        lines = [f"{result.label}: accuracy (%) on each task after training task t"]
+        lines.append("after  " + " ".join(f"T{k + 1} {n}"[:width].rjust(width) for k, n in enumerate(names)))
+        for t, row in enumerate(result.accuracy_matrix):
+            lines.append(f"T{t + 1:<5} " + " ".join(_cell(v).rjust(width) for v in row))
+        blocks.append("\n".join(lines))
+    label_width = max(len(r.label) for r in run.results.values())
+    lines = [f"{'method':<{label_width}} | final avg acc | avg inc acc |    BWT | forgetting | time"]
+    for result in run.results.values():
+        m = result.metrics
+        lines.append(
+            f"{result.label:<{label_width}} | {100 * m['average_accuracy']:12.1f}% | "
+            f"{100 * m['average_incremental_accuracy']:10.1f}% | {100 * m['backward_transfer']:+6.1f} | "
+            f"{100 * m['forgetting']:10.1f} | {result.seconds:.0f}s"
+        )
+    return "\n\n".join(blocks + ["\n".join(lines)])
+
+
+def write_outputs(run: RunResult, folder: Path) -> dict[str, str]:
+    """Write the plots (if enabled), ``summary.md`` and ``result.json`` into ``folder``; fills ``run.paths``."""
+    from peft_gp.memory import atomic_write_bytes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [task["name"] for task in run.stream]
+    if run.config.plots:
+        from .plots import plot_accuracy_matrix, plot_task_accuracy
+
+        matrices = {r.label: r.accuracy_matrix for r in run.results.values()}
+        title = run.config.name
+        run.paths["heatmap"] = str(plot_accuracy_matrix(matrices, folder / HEATMAP_NAME, names, title))
+        run.paths["task_accuracy"] = str(plot_task_accuracy(matrices, folder / CURVES_NAME, names, title))
+    run.paths["summary"] = str(folder / SUMMARY_NAME)
+    run.paths["result"] = str(folder / RESULT_NAME)
+    atomic_write_bytes(run.paths["summary"], summary_markdown(run).encode())
+    atomic_write_bytes(run.paths["result"], (json.dumps(run.to_dict(), indent=2) + "\n").encode())
+    return run.paths
