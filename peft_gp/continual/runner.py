@@ -136,14 +136,16 @@ def load_processor(config: RunConfig, image: bool):
     """The tokenizer (text) or image processor (images) of ``config.model``; ``None`` when it has none."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
+    if config.model is None:
+        if not image:
+            raise RunConfigError("Text data needs a tokenizer: set 'model' to a folder or Hub id that has one.")
+        return None  # a model built from its config: images are scaled to [0, 1]
     path, extra = resolve_model(config.model)
     try:
         if image:
             return AutoImageProcessor.from_pretrained(path, **extra)
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
     except (OSError, ValueError) as error:
-        if config.model_config is not None and image:
-            return None  # a model built from its config: images are scaled to [0, 1] instead
         raise RunConfigError(
             f"Cannot load the {'image processor' if image else 'tokenizer'} of {config.model!r}: {error}. Offline, "
             "use a local folder or the built-in 'minilm'."
@@ -238,6 +240,17 @@ def _method_label(config: RunConfig, gp: bool) -> str:
     return f"GP-{name}" if gp else f"{name} (no GP)"
 
 
+def peft_config_for(config: RunConfig, tasks: Sequence[Task], base_model: nn.Module, gp: bool):
+    """The PEFT config of the run's paradigm for this model (GP settings only when ``gp``)."""
+    head = check_head(base_model, num_labels(tasks))
+    task_type = _task_type(tasks)
+    options = dict(config.paradigm_kwargs)
+    if task_type is None and "modules_to_save" not in options:
+        options["modules_to_save"] = [head]  # PEFT adds the head itself only for SEQ_CLS
+    gp_settings = {name: getattr(config, name) for name in GP_FIELDS} if gp else None
+    return make_peft_config(config.paradigm, options, gp_settings, task_type)
+
+
 def train_stream(
     base_model: nn.Module, tasks: Sequence[Task], config: RunConfig, gp: bool, say=print
 ) -> tuple[MethodResult, dict[str, torch.Tensor]]:
@@ -245,17 +258,11 @@ def train_stream(
     trainable weights (to check that compared methods start alike)."""
     from peft import get_peft_model
 
-    head = check_head(base_model, num_labels(tasks))
-    task_type = _task_type(tasks)
-    options = dict(config.paradigm_kwargs)
-    if task_type is None and "modules_to_save" not in options:
-        options["modules_to_save"] = [head]  # PEFT adds the head itself only for SEQ_CLS
-    gp_settings = {name: getattr(config, name) for name in GP_FIELDS} if gp else None
-    peft_config = make_peft_config(config.paradigm, options, gp_settings, task_type)
+    peft_config = peft_config_for(config, tasks, base_model, gp)
     torch.manual_seed(config.seed)  # same adapter initialisation for every method
     model = get_peft_model(copy.deepcopy(base_model), peft_config)
     initial = _trainable_state(model)
-    loss = MaskedCrossEntropy(num_labels(tasks))
+    loss = MaskedCrossEntropy()
     label = _method_label(config, gp)
     matrix: list[list[float | None]] = []
     records = []
@@ -277,6 +284,7 @@ def train_stream(
                 seed=config.seed,
                 disable_tqdm=not config.progress,
                 dataloader_num_workers=0,
+                dataloader_pin_memory=torch.cuda.is_available(),
             )
             kwargs = dict(model=model, args=args, train_dataset=task.train, compute_loss_func=loss)
             trainer = _RunnerGPTrainer(**kwargs, gp_log_per_layer=False) if gp else Trainer(**kwargs)
@@ -383,7 +391,8 @@ def prepare(config: RunConfig, tasks: Sequence[Task] | None = None, model: nn.Mo
         labels = num_labels(encoded)
         if model is None:
             model = load_model(config, labels, image, processor)
-    check_head(model, labels)
+    for gp in {config.gp, not config.gp} if config.compare_baseline else {config.gp}:
+        peft_config_for(config, encoded, model, gp)  # paradigm name and its kwargs, checked before training
     return encoded, model
 
 

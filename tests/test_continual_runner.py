@@ -1,0 +1,145 @@
+"""``run_sequence`` end to end on tiny models: the accuracy matrix, its metrics, the files, and the GP effect."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+from transformers import BertConfig, BertForSequenceClassification
+
+from peft_gp.continual import (
+    PARADIGMS,
+    RunConfig,
+    RunConfigError,
+    accuracy_matrix_summary,
+    class_incremental_split,
+    run_sequence,
+)
+from peft_gp.continual.runner import load_model
+from tests.continual_fixtures import save_tiny_text_model, text_dataset
+
+SILENT = dict(say=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    save_tiny_text_model(root / "model")
+    text_dataset().save_to_disk(str(root / "data"))
+    return root
+
+
+def tiny_config(tiny_dirs, tmp_path, **changes) -> RunConfig:
+    values = dict(
+        name="tiny",
+        model=str(tiny_dirs / "model"),
+        dataset=str(tiny_dirs / "data"),
+        classes_per_task=[2, 2, 2],
+        train_per_class=None,
+        test_per_class=None,
+        max_length=8,
+        epochs=10,
+        batch_size=8,
+        learning_rate=5e-2,
+        gp_memory_samples=32,
+        output_dir=str(tmp_path / "run"),
+        progress=False,
+    )
+    return RunConfig(**{**values, **changes})
+
+
+def check_matrix(matrix, tasks):
+    assert len(matrix) == tasks
+    for t, row in enumerate(matrix):
+        assert len(row) == tasks
+        assert all(0.0 <= v <= 1.0 for v in row[: t + 1]) and all(v is None for v in row[t + 1 :])
+
+
+def test_run_writes_consistent_outputs_and_gp_keeps_old_tasks(tiny_dirs, tmp_path):
+    config = tiny_config(tiny_dirs, tmp_path, compare_baseline=True)
+    run = run_sequence(config, **SILENT)
+    assert list(run.results) == ["gp", "baseline"]
+    assert run.info["same_initial_weights"] is True
+    for result in run.results.values():
+        check_matrix(result.accuracy_matrix, 3)
+        assert result.metrics == pytest.approx(accuracy_matrix_summary(result.accuracy_matrix))
+        assert [r["task_id"] for r in result.tasks] == [0, 1, 2] and all(r["train_seconds"] > 0 for r in result.tasks)
+    gp, plain = run.results["gp"], run.baseline
+    assert all(r["memory_update_seconds"] > 0 for r in gp.tasks)
+    # the first task is learned, and plain LoRA forgets it while GP keeps more of it
+    assert gp.accuracy_matrix[0][0] >= 0.75 and plain.accuracy_matrix[0][0] >= 0.75
+    assert gp.accuracy_matrix[2][0] > plain.accuracy_matrix[2][0]
+    assert gp.metrics["forgetting"] < plain.metrics["forgetting"]
+
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["results"]["gp"]["accuracy_matrix"] == gp.accuracy_matrix
+    assert saved["results"]["gp"]["metrics"] == pytest.approx(accuracy_matrix_summary(gp.accuracy_matrix))
+    assert RunConfig.from_dict(saved["config"]) == config
+    assert [t["class_names"] for t in saved["stream"]] == [t["class_names"] for t in run.stream]
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "GP-LoRA" in summary and "LoRA (no GP)" in summary and "| after task |" in summary
+    for name in ("accuracy_matrix.png", "task_accuracy.png"):
+        assert (tmp_path / "run" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_in_memory_task_incremental_run_with_a_model_object(tmp_path):
+    """A tokenizer-free stream (input_ids directly) and a model built from a config, with task-id evaluation."""
+    generator = torch.Generator().manual_seed(0)
+
+    def split(count):
+        rows = {"input_ids": [], "attention_mask": [], "label": []}
+        for label in range(4):
+            for _ in range(count):
+                ids = (4 + 4 * label + torch.randint(0, 4, (6,), generator=generator)).tolist()
+                rows["input_ids"].append(ids)
+                rows["attention_mask"].append([1] * 6)
+                rows["label"].append(label)
+        return Dataset.from_dict(rows)
+
+    tasks = class_incremental_split(DatasetDict(train=split(6), test=split(3)), classes_per_task=[2, 2])
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(
+        BertConfig(vocab_size=24, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                   max_position_embeddings=8, num_labels=4)
+    )  # fmt: skip
+    config = RunConfig(name="mem", scenario="task", epochs=4, batch_size=4, learning_rate=5e-2, plots=False,
+                       progress=False, output_dir=str(tmp_path / "out"), gp_memory_samples=8)  # fmt: skip
+    run = run_sequence(config, tasks=tasks, model=model, **SILENT)
+    check_matrix(run.accuracy_matrix, 2)
+    assert run.metrics == pytest.approx(accuracy_matrix_summary(run.accuracy_matrix))
+    assert config.masking == "current"
+    assert not (tmp_path / "out" / "accuracy_matrix.png").exists() and (tmp_path / "out" / "summary.md").is_file()
+
+
+def test_bad_input_fails_before_training(tiny_dirs, tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr("peft_gp.continual.runner.train_stream", no_training)
+    cases = [
+        (dict(classes=["apple", "brid"], classes_per_task=[1, 1]), "unknown class 'brid'. Did you mean 'bird'"),
+        (dict(label_column="topic"), "no label column 'topic'"),
+        (dict(dataset=str(tmp_path / "missing")), "Cannot load dataset"),
+        (dict(model=str(tmp_path / "nomodel")), "Cannot load the tokenizer"),
+        (dict(paradigm="lorra"), "Unknown paradigm 'lorra'. Did you mean 'lora'"),
+        (dict(scenario="domain"), "needs a list of datasets"),
+    ]
+    for changes, message in cases:
+        with pytest.raises(RunConfigError, match=message):
+            run_sequence(tiny_config(tiny_dirs, tmp_path, **changes), **SILENT)
+    assert not (tmp_path / "run").exists()
+
+
+def test_paradigm_registry_is_a_mapping_of_factories():
+    assert "lora" in PARADIGMS
+    config = PARADIGMS["lora"]({"r": 4}, {"gp_threshold": 0.9}, "SEQ_CLS")
+    assert type(config).__name__ == "GPLoraConfig" and config.gp_threshold == 0.9 and config.r == 4
+    assert type(PARADIGMS["lora"]({"r": 4}, None, "SEQ_CLS")).__name__ == "LoraConfig"
+
+
+def test_model_without_the_requested_head_is_named():
+    config = RunConfig(model_config={"model_type": "clip"})
+    with pytest.raises(RunConfigError, match="has no sequence-classification head"):
+        load_model(config, 3, image=False)
