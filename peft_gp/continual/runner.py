@@ -392,8 +392,22 @@ def prepare(config: RunConfig, tasks: Sequence[Task] | None = None, model: nn.Mo
         if model is None:
             model = load_model(config, labels, image, processor)
     for gp in {config.gp, not config.gp} if config.compare_baseline else {config.gp}:
-        peft_config_for(config, encoded, model, gp)  # paradigm name and its kwargs, checked before training
+        check_peft_config(peft_config_for(config, encoded, model, gp), model)  # before any training
     return encoded, model
+
+
+def check_peft_config(peft_config, model: nn.Module) -> None:
+    """Build the PEFT model once on a copy, so that wrong target modules fail before training, with a hint."""
+    from peft import get_peft_model
+
+    try:
+        get_peft_model(copy.deepcopy(model), peft_config)
+    except ValueError as error:
+        names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise RunConfigError(
+            f"The {type(peft_config).__name__} does not fit {type(model).__name__}: {error} Set "
+            f"paradigm_kwargs.target_modules to some of this model's linear layers: {names}."
+        ) from error
 
 
 def run_sequence(
