@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 from peft_gp.continual import (
     PARADIGMS,
@@ -125,11 +125,41 @@ def test_bad_input_fails_before_training(tiny_dirs, tmp_path, monkeypatch):
         (dict(model=str(tmp_path / "nomodel")), "Cannot load the tokenizer"),
         (dict(paradigm="lorra"), "Unknown paradigm 'lorra'. Did you mean 'lora'"),
         (dict(scenario="domain"), "needs a list of datasets"),
+        (dict(paradigm_kwargs={"target_modules": ["q_proj"]}), r"Set paradigm_kwargs.target_modules .*'query'"),
+        (dict(paradigm_kwargs={"rank": 4}), "paradigm_kwargs do not fit the 'lora' config"),
     ]
     for changes, message in cases:
         with pytest.raises(RunConfigError, match=message):
             run_sequence(tiny_config(tiny_dirs, tmp_path, **changes), **SILENT)
+    headless = BertModel(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(RunConfigError, match="BertModel has no classification head"):
+        run_sequence(tiny_config(tiny_dirs, tmp_path), model=headless, **SILENT)
     assert not (tmp_path / "run").exists()
+
+
+def test_image_stream_with_a_vit_built_from_its_config(tmp_path):
+    """The vision path: an image column scaled to pixel_values, a ViT from model_config, head in modules_to_save."""
+    generator = torch.Generator().manual_seed(0)
+    images, labels = [], []
+    for label in range(4):
+        for _ in range(6):
+            image = torch.zeros(8, 8)
+            image[2 * label : 2 * label + 2] = 255  # class = which band of rows is bright
+            images.append((image + 20 * torch.rand(8, 8, generator=generator)).clamp(0, 255).to(torch.uint8).tolist())
+            labels.append(label)
+    data = Dataset.from_dict({"image": images, "label": labels})
+    config = RunConfig(
+        name="vit", model=None, dataset="unused", n_tasks=2, classes_per_task=None, train_per_class=None,
+        test_per_class=None, epochs=3, batch_size=4, learning_rate=2e-2, plots=False, progress=False,
+        model_config={"model_type": "vit", "image_size": 8, "patch_size": 4, "num_channels": 1, "hidden_size": 32,
+                      "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
+        paradigm_kwargs={"r": 4, "target_modules": ["q_proj", "v_proj"]}, gp_memory_samples=8,
+        output_dir=str(tmp_path / "vit"),
+    )  # fmt: skip
+    tasks = class_incremental_split(data, n_tasks=2, seed=0, test_size=0.34)
+    run = run_sequence(config, tasks=tasks, **SILENT)
+    check_matrix(run.accuracy_matrix, 2)
+    assert run.main.tasks[1]["gp_groups"] > 0  # LoRA and the classifier head are protected
 
 
 def test_paradigm_registry_is_a_mapping_of_factories():

@@ -1,4 +1,8 @@
-"""PNG plots of a run: a heatmap of the accuracy matrix and each task's accuracy over time (matplotlib, Agg)."""
+"""Plots of a run: a heatmap of the accuracy matrix and each task's accuracy over time.
+
+Figures are built with matplotlib's object API (no pyplot, no global backend change), so they work headless and a
+notebook shows the returned ``Figure`` inline. Each function saves a PNG when given a path and returns the figure.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,12 @@ from pathlib import Path
 Matrix = Sequence[Sequence[float | None]]
 
 
-def _pyplot():
+def _figure(**kwargs):
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError as error:
         raise ImportError("Plots need matplotlib: pip install matplotlib (or set plots: false).") from error
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(layout="constrained", **kwargs)
 
 
 def _value(row: Sequence[float | None], k: int) -> float:
@@ -26,16 +27,19 @@ def _value(row: Sequence[float | None], k: int) -> float:
 
 
 def plot_accuracy_matrix(
-    matrices: Mapping[str, Matrix], path: str | Path, task_names: Sequence[str] | None = None, title: str = ""
-) -> Path:
+    matrices: Mapping[str, Matrix],
+    path: str | Path | None = None,
+    task_names: Sequence[str] | None = None,
+    title: str = "",
+):
     """Heatmap of ``R[t][k]`` (percent) for each method side by side; cells of unseen tasks are blank."""
-    plt = _pyplot()
     import numpy as np
 
     count = len(matrices)
     tasks = max(len(m) for m in matrices.values())
     size = 1.2 + 0.7 * tasks
-    figure, axes = plt.subplots(1, count, figsize=(size * count + 1, size), squeeze=False, layout="constrained")
+    figure = _figure(figsize=(size * count + 1, size))
+    axes = figure.subplots(1, count, squeeze=False)
     labels = list(task_names) if task_names else [f"T{k + 1}" for k in range(tasks)]
     labels = [label if len(label) <= 18 else label[:17] + "…" for label in labels]
     image = None
@@ -54,18 +58,19 @@ def plot_accuracy_matrix(
     figure.colorbar(image, ax=axes[0].tolist(), label="accuracy (%)", shrink=0.8)
     if title:
         figure.suptitle(title)
-    return _save(figure, path, plt)
+    return _save(figure, path)
 
 
 def plot_task_accuracy(
-    matrices: Mapping[str, Matrix], path: str | Path, task_names: Sequence[str] | None = None, title: str = ""
-) -> Path:
+    matrices: Mapping[str, Matrix],
+    path: str | Path | None = None,
+    task_names: Sequence[str] | None = None,
+    title: str = "",
+):
     """Accuracy of each task (one line per task, from the step it was learned) over the training steps."""
-    plt = _pyplot()
     count = len(matrices)
-    figure, axes = plt.subplots(
-        1, count, figsize=(4.5 * count, 3.5), squeeze=False, sharey=True, layout="constrained"
-    )
+    figure = _figure(figsize=(4.5 * count, 3.5))
+    axes = figure.subplots(1, count, squeeze=False, sharey=True)
     for axis, (name, matrix) in zip(axes[0], matrices.items()):
         tasks = len(matrix)
         for k in range(tasks):
@@ -84,12 +89,12 @@ def plot_task_accuracy(
     axes[0][-1].legend(fontsize=7, loc="lower left")
     if title:
         figure.suptitle(title)
-    return _save(figure, path, plt)
+    return _save(figure, path)
 
 
-def _save(figure, path: str | Path, plt) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+def _save(figure, path: str | Path | None):
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=100)
+    return figure

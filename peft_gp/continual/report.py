@@ -83,14 +83,19 @@ def summary_markdown(run: RunResult) -> str:
 def comparison_text(run: RunResult) -> str:
     """Console text: each method's matrix, then the metrics side by side."""
     names = [task["name"] for task in run.stream]
-    width = max(8, *(len(f"T{k + 1} {n}") for k, n in enumerate(names)))
-    blocks = []
+    width = min(16, max(6, *(len(f"T{k + 1} {n}") for k, n in enumerate(names))))
+    columns = []
     for result in run.results.values():
-        lines = [f"{result.label}: accuracy (%) on each task after training task t"]
-        lines.append("after  " + " ".join(f"T{k + 1} {n}"[:width].rjust(width) for k, n in enumerate(names)))
-        for t, row in enumerate(result.accuracy_matrix):
-            lines.append(f"T{t + 1:<5} " + " ".join(_cell(v).rjust(width) for v in row))
-        blocks.append("\n".join(lines))
+        lines = [f"{result.label}: accuracy (%) after task t", "after " + " ".join(
+            f"T{k + 1} {n}"[:width].rjust(width) for k, n in enumerate(names))]  # fmt: skip
+        lines += [f"T{t + 1:<5}" + " ".join(_cell(v).rjust(width) for v in row)
+                  for t, row in enumerate(result.accuracy_matrix)]  # fmt: skip
+        columns.append(lines)
+    side = max(len(line) for line in columns[0])
+    if len(columns) > 1 and (side + 3) * len(columns) <= 160:  # the methods' matrices side by side
+        blocks = ["\n".join(" | ".join(line.ljust(side) for line in row).rstrip() for row in zip(*columns))]
+    else:  # too wide for a terminal: one under the other
+        blocks = ["\n".join(lines) for lines in columns]
     label_width = max(len(r.label) for r in run.results.values())
     lines = [f"{'method':<{label_width}} | final avg acc | avg inc acc |    BWT | forgetting | time"]
     for result in run.results.values():
@@ -114,8 +119,10 @@ def write_outputs(run: RunResult, folder: Path) -> dict[str, str]:
 
         matrices = {r.label: r.accuracy_matrix for r in run.results.values()}
         title = run.config.name
-        run.paths["heatmap"] = str(plot_accuracy_matrix(matrices, folder / HEATMAP_NAME, names, title))
-        run.paths["task_accuracy"] = str(plot_task_accuracy(matrices, folder / CURVES_NAME, names, title))
+        plot_accuracy_matrix(matrices, folder / HEATMAP_NAME, names, title)
+        plot_task_accuracy(matrices, folder / CURVES_NAME, names, title)
+        run.paths["heatmap"] = str(folder / HEATMAP_NAME)
+        run.paths["task_accuracy"] = str(folder / CURVES_NAME)
     run.paths["summary"] = str(folder / SUMMARY_NAME)
     run.paths["result"] = str(folder / RESULT_NAME)
     atomic_write_bytes(run.paths["summary"], summary_markdown(run).encode())

@@ -99,6 +99,13 @@ def _as_splits(dataset: Dataset | DatasetDict, label_column: str, seed: int, tes
     return DatasetDict(train=dataset.select(sorted(train)), test=dataset.select(sorted(test)))
 
 
+def _sorted_labels(values: set) -> list:
+    """Numeric order for numeric labels (so that id ``i`` is label ``i``), text order otherwise."""
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return sorted(values)
+    return sorted(values, key=str)
+
+
 def _resolve_class(value: Any, names: list[str], what: str) -> int:
     """Index of a class given by name or id, with a suggestion for a misspelt name."""
     if isinstance(value, bool):
@@ -197,7 +204,7 @@ def class_incremental_split(
     names = class_names_of(splits["train"], label_column)
     train_labels = splits["train"][label_column]
     if names is None:  # plain int or string labels: the classes are the sorted distinct values
-        values = sorted(set(train_labels) | set(splits["test"][label_column]), key=str)
+        values = _sorted_labels(set(train_labels) | set(splits["test"][label_column]))
         names = [str(v) for v in values]
         index_of = {v: i for i, v in enumerate(values)}
         splits = DatasetDict(
@@ -315,7 +322,7 @@ def dataset_sequence(
             if len(splits[split]) == 0:
                 raise RunConfigError(f"Dataset {name!r} has no examples in its {split} split.")
         class_names = class_names_of(splits["train"], label_column)
-        values = sorted(set(splits["train"][label_column]), key=str)
+        values = _sorted_labels(set(splits["train"][label_column]))
         if class_names is None:
             class_names = [str(v) for v in values]
             index_of = {v: i for i, v in enumerate(values)}
