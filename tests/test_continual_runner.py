@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
+import peft_gp
 from peft_gp.continual import (
     PARADIGMS,
     RunConfig,
@@ -58,7 +59,7 @@ def check_matrix(matrix, tasks):
 
 
 def test_run_writes_consistent_outputs_and_gp_keeps_old_tasks(tiny_dirs, tmp_path):
-    config = tiny_config(tiny_dirs, tmp_path, compare_baseline=True)
+    config = tiny_config(tiny_dirs, tmp_path, compare_baseline=True, save_adapters=True)
     run = run_sequence(config, **SILENT)
     assert list(run.results) == ["gp", "baseline"]
     assert run.info["same_initial_weights"] is True
@@ -82,6 +83,10 @@ def test_run_writes_consistent_outputs_and_gp_keeps_old_tasks(tiny_dirs, tmp_pat
     assert "GP-LoRA" in summary and "LoRA (no GP)" in summary and "| after task |" in summary
     for name in ("accuracy_matrix.png", "task_accuracy.png"):
         assert (tmp_path / "run" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "run" / "adapter_gp" / "gp_memory.safetensors").is_file()
+    assert (tmp_path / "run" / "adapter_baseline" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "run" / "adapter_baseline" / "gp_memory.safetensors").exists()
+    assert peft_gp.get_memory(gp.model).tasks_seen == 3
 
 
 def test_in_memory_task_incremental_run_with_a_model_object(tmp_path):

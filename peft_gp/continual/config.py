@@ -59,6 +59,8 @@ class RunConfig:
         output_dir: Where the JSON, Markdown summary and plots go (default ``peft-gp-runs/<name>``).
         progress: Progress bars for training and for the memory update.
         plots: Write PNG plots (needs ``matplotlib``).
+        save_adapters: Save each method's trained adapter (``save_pretrained``; with GP, ``gp_memory.safetensors``
+            beside it) to ``adapter_gp`` / ``adapter_baseline`` in the output folder.
     """
 
     name: str = "bbc_news_cil"
@@ -96,6 +98,7 @@ class RunConfig:
     output_dir: str | None = None
     progress: bool = True
     plots: bool = True
+    save_adapters: bool = False
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:

@@ -45,7 +45,11 @@ INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
 
 @dataclass
 class MethodResult:
-    """One method's run over the stream: the accuracy matrix (fractions), its metrics, per-task records."""
+    """One method's run over the stream: the accuracy matrix (fractions), its metrics, per-task records.
+
+    Each task record holds ``train_seconds`` (``train()``, including GP's memory update), ``memory_update_seconds``,
+    the training loss, the accuracy row and GP statistics. ``model`` is the trained PEFT model (not serialised).
+    """
 
     method: str
     label: str
@@ -53,6 +57,7 @@ class MethodResult:
     metrics: dict[str, float]
     tasks: list[dict[str, Any]]
     seconds: float
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -335,6 +340,7 @@ def train_stream(
         metrics=accuracy_matrix_summary(matrix),
         tasks=records,
         seconds=round(time.perf_counter() - began, 2),
+        model=model,
     )
     return result, initial
 
@@ -464,5 +470,10 @@ def run_sequence(
             "total_seconds": round(time.perf_counter() - began, 2),
         },
     )
+    if config.save_adapters:  # adapter weights (and, for GP, gp_memory.safetensors) of each method
+        for result in results.values():
+            folder = Path(config.run_dir) / f"adapter_{result.method}"
+            result.model.save_pretrained(str(folder))
+            run.paths[f"adapter_{result.method}"] = str(folder)
     write_outputs(run, Path(config.run_dir))
     return run
