@@ -73,6 +73,7 @@ def test_config_command_applies_yaml_then_flags(tiny_yaml, capsys):
     [
         (["--gp-treshold", "0.9"], "unknown option --gp-treshold. Did you mean --gp-threshold?"),
         (["--scenario", "classes"], "scenario must be one of"),
+        (["--gp-threshold", "2"], "gp_threshold must be in (0, 1]"),
         (["--classes", "apple,brid", "--classes-per-task", "1,1"], "unknown class 'brid'. Did you mean 'bird'"),
     ],
 )

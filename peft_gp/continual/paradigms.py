@@ -60,3 +60,5 @@ def make_peft_config(
         return PARADIGMS[paradigm](dict(options), gp, task_type)
     except TypeError as error:  # an unknown keyword in paradigm_kwargs
         raise RunConfigError(f"paradigm_kwargs do not fit the {paradigm!r} config: {error}") from error
+    except ValueError as error:  # a value the config's own validation refuses (gp_threshold=2, say)
+        raise RunConfigError(f"The {paradigm!r} config refused the run's settings: {error}") from error
