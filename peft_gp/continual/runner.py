@@ -177,6 +177,8 @@ def load_model(config: RunConfig, labels: int, image: bool, processor=None) -> n
             if "gguf_file" in extra:
                 extra["dtype"] = torch.float32
             model = auto.from_pretrained(path, num_labels=labels, **extra)
+            if "gguf_file" in extra:
+                model = _without_quantizer(model, auto)
     except ValueError as error:
         if "Unrecognized configuration class" in str(error):
             raise RunConfigError(
@@ -191,6 +193,17 @@ def load_model(config: RunConfig, labels: int, image: bool, processor=None) -> n
     if processor is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = getattr(processor, "pad_token_id", None)
     return model
+
+
+def _without_quantizer(model: nn.Module, auto) -> nn.Module:
+    """GGUF weights are dequantised on load, but the model stays marked as quantized and ``Trainer`` refuses it:
+    rebuild a plain model from its config and copy the (float32) weights over."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = auto.from_config(config)
+    plain.load_state_dict(model.state_dict())
+    return plain
 
 
 def _task_type(tasks: Sequence[Task]) -> str | None:
