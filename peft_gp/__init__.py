@@ -1,7 +1,7 @@
 """peft_gp: gradient projection (PEGP) for parameter-efficient continual learning on the Hugging Face stack."""
 
 from .collect import update_memory
-from .config import GPConfigMixin, GPLoraConfig
+from .config import GPAdapterConfig, GPConfigMixin, GPLoraConfig
 from .loading import from_pretrained, install_save_hook, load_memory, save_memory
 from .memory import GP_MEMORY_NAME, GPMemory, GPMemoryError
 from .projector import GPProjector
@@ -14,6 +14,7 @@ install_save_hook()
 
 __all__ = [
     "GP_MEMORY_NAME",
+    "GPAdapterConfig",
     "GPConfigMixin",
     "GPLoraConfig",
     "GPMemory",
