@@ -15,7 +15,6 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-import peft_gp
 from peft_gp import GPAdapterConfig, maths
 from peft_gp.collect import collect_grams
 from peft_gp.paradigms import resolve_groups
@@ -76,7 +75,7 @@ def test_zero_up_projection_starts_as_the_base_model_and_unload_restores_it(case
 
 
 def test_bert_parallel_adapter_reads_the_ffn_input_and_adds_before_the_layer_norm():
-    """BertOutput(h, x) = LN(dense(h) + x): the adapter reads x and adds s·A(x) to it, so LN sees dense(h) + x + s·A(x)."""
+    """BertOutput(h, x) = LN(dense(h) + x): the adapter reads x and adds s·A(x), so LN sees dense(h) + x + s·A(x)."""
     torch.manual_seed(0)
     model = get_peft_model(tiny_bert(), GPAdapterConfig(task_type="SEQ_CLS", init_weights=False, scaling=0.5))
     layer = model.get_submodule("base_model.model.bert.encoder.layer.0.output")
@@ -101,7 +100,7 @@ def test_bases_are_built_on_the_adapter_inputs_and_bottleneck_activations():
     handle.remove()
     groups = {group.name: group for group in resolve_groups(model)}
     grams, _ = collect_grams(model, list(groups.values()), [batch])
-    down, up = block.gp_adapter_down["default"], block.gp_adapter_up["default"]
+    down = block.gp_adapter_down["default"]
     x = residuals[0].reshape(-1, residuals[0].shape[-1])
     ones = torch.ones(x.shape[0], 1)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Bottleneck adapter (PEGP eq. 5, 14): ``W_down`` against the adapter inputs ``x``, ``W_up`` against ``act(W_down x)``.
+"""Bottleneck adapter (PEGP eq. 5, 14): ``W_down`` against the adapter inputs ``x``, ``W_up`` against its activations.
 
 Both projections are ``nn.Linear`` with optional biases, which join their weights on a constant-1 feature, so with
 exact projection the adapter's output on old-task inputs does not change.

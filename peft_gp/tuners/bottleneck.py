@@ -270,8 +270,8 @@ class BottleneckModel(BaseTuner):
 
     def _check_merge_allowed(self) -> None:
         raise NotImplementedError(
-            "A bottleneck adapter is non-linear and cannot be merged into the base weights: use unload() to remove it, "
-            "or keep the PEFT model for inference."
+            "A bottleneck adapter is non-linear and cannot be merged into the base weights: use unload() to remove "
+            "it, or keep the PEFT model for inference."
         )
 
 
