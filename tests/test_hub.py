@@ -37,7 +37,8 @@ def point_hub_at(monkeypatch, endpoint: str) -> None:
     from huggingface_hub import constants, hf_api
 
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
     monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
 
 
@@ -240,7 +241,8 @@ def test_interrupted_upload_leaves_no_branch_and_retries(hub, tmp_path, caplog):
     assert "task-01" not in hub.repos[REPO].refs
     assert_token_hidden(raised.value, caplog)
     push_task_folder(str(local), REPO)
-    assert hub.files(REPO, "task-01")["adapter_model.safetensors"] == (local / "adapter_model.safetensors").read_bytes()
+    pushed = hub.files(REPO, "task-01")["adapter_model.safetensors"]
+    assert pushed == (local / "adapter_model.safetensors").read_bytes()
     with pytest.raises(GPHubError, match="already has a branch 'task-01'"):
         push_task_folder(str(local), REPO)
 
