@@ -10,6 +10,7 @@ retry with ``push_task_folder(local_dir, repo_id)``.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import re
@@ -65,7 +66,6 @@ def _redact(text: str, token: str | None) -> str:
 
 def explain_hub_error(error: BaseException, action: str, token: str | None = None) -> str | None:
     """A one-paragraph explanation of a Hub failure, or ``None`` when ``error`` is not a Hub/network error."""
-    import httpx2
     from huggingface_hub.errors import (
         HfHubHTTPError,
         LocalEntryNotFoundError,
@@ -97,7 +97,7 @@ def explain_hub_error(error: BaseException, action: str, token: str | None = Non
         if status == 403:
             return f"{action} failed: this token may not write to the repository (403). Use a token with write access."
         return f"{action} failed: the Hub answered {status}: {first_line}"
-    if isinstance(error, (httpx2.TransportError, ConnectionError, TimeoutError)):
+    if isinstance(error, (*_transport_errors(), ConnectionError, TimeoutError)):
         return (
             f"{action} failed: the Hub could not be reached or the connection broke off mid-request "
             f"({type(error).__name__}: {first_line}). Check the network (and HF_ENDPOINT), then retry."
@@ -108,6 +108,19 @@ def explain_hub_error(error: BaseException, action: str, token: str | None = Non
             "network (and HF_ENDPOINT), then retry."
         )
     return None
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    # The HTTP client under huggingface_hub (httpx2 in 2.x, httpx or requests before): network down, cut off, timeout.
+    found = []
+    candidates = [("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")]
+    candidates.append(("requests", "Timeout"))
+    for module_name, class_name in candidates:
+        try:
+            found.append(getattr(importlib.import_module(module_name), class_name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
 
 
 @contextmanager
@@ -142,6 +155,11 @@ def record_task(
     """
     memory = get_memory(model, adapter_name)
     state = get_task_state(model, adapter_name)
+    if memory.tasks_seen == 0:
+        raise ValueError(
+            "The memory is empty: train the task and store it first (GPTrainer does it when train() ends; otherwise "
+            "call peft_gp.update_memory). A checkpoint without its task's bases would not protect it."
+        )
     if task_id is None:
         task_id = memory.tasks_seen - 1
     if memory.tasks_seen != task_id + 1:

@@ -263,3 +263,23 @@ def test_task_ids_must_match_the_memory(hub, tmp_path):
     assert task_branch(0) == "task-01" and task_branch(11) == "task-12"
     with pytest.raises(ValueError, match="hub_model_id"):
         GPTrainer(model=model, args=training_args(tmp_path), train_dataset=task_dataset(0, 4), gp_push_to_hub=True)
+
+
+def test_task_record_refuses_gaps_and_damaged_files(tmp_path):
+    state = peft_gp.GPTaskState()
+    state.record(0, "a", [1, 0, 1])
+    with pytest.raises(ValueError, match="next one is task_id=1"):
+        state.record(2, "c")
+    state.record(1, None, ["x"])
+    assert state.task_names == ["a", "task-02"] and state.classes_seen == [0, 1, "x"]
+    state.save(str(tmp_path / "gp_tasks.json"))
+    assert peft_gp.GPTaskState.load(str(tmp_path / "gp_tasks.json")) == state
+    (tmp_path / "bad.json").write_text('{"gp_format_version": 1, "task_names": ["a"]}')
+    with pytest.raises(ValueError, match="bad.json is not a valid gp_tasks.json"):
+        peft_gp.GPTaskState.load(str(tmp_path / "bad.json"))
+    (tmp_path / "new.json").write_text('{"gp_format_version": 9, "task_names": [], "task_classes": []}')
+    with pytest.raises(ValueError, match="newer than this peft_gp reads"):
+        peft_gp.GPTaskState.load(str(tmp_path / "new.json"))
+    with pytest.raises(ValueError, match="memory is empty"):
+        push_task_to_hub(gp_model(), REPO, local_dir=str(tmp_path / "local"))
+    assert not (tmp_path / "local").exists()
