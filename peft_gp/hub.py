@@ -450,17 +450,12 @@ def push_task_folder(
         raise GPHubError(f"{error} {retry}", local_dir=local_dir) from None
     api = HfApi(token=token)
     message = commit_message or f"Task {task_id + 1} ({state.task_names[task_id]}): adapter, GP memory and model card"
-    operations = []
-    for root, _, files in os.walk(local_dir):
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            relative = os.path.relpath(path, local_dir).replace(os.sep, "/")
-            in_repo = relative if subfolder is None or relative == MODEL_CARD_NAME else f"{subfolder}/{relative}"
-            operations.append(CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=path))
 
     with hub_errors(f"Creating the Hub repo {repo_id!r}", retry, local_dir, token):
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
         repo_id = getattr(repo_url, "repo_id", None) or repo_id
+    with hub_errors(f"Checking the base model named in the model card of {local_dir!r}", retry, local_dir, token):
+        _drop_unknown_base_model(api, os.path.join(local_dir, MODEL_CARD_NAME))
     if not create_pr:
         with hub_errors(f"Checking branch {branch!r} of {repo_id!r}", retry, local_dir, token):
             exists = api.revision_exists(repo_id, branch)
@@ -471,6 +466,15 @@ def push_task_folder(
                 f"push with create_pr=True for review. The task is saved in {local_dir}.",
                 local_dir=local_dir,
             )
+    operations = []  # built after the card is final: an operation records its file's size and hash
+    for root, _, files in os.walk(local_dir):
+        for name in sorted(files):
+            if name.startswith(".tmp-"):  # left by an atomic write that was killed
+                continue
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, local_dir).replace(os.sep, "/")
+            in_repo = relative if subfolder is None or relative == MODEL_CARD_NAME else f"{subfolder}/{relative}"
+            operations.append(CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=path))
     with hub_errors(f"Uploading task {task_id + 1} to {repo_id!r}", retry, local_dir, token):
         commit = api.create_commit(repo_id, operations, commit_message=message, revision="main", create_pr=create_pr)
     if create_pr:
@@ -478,6 +482,20 @@ def push_task_folder(
     with hub_errors(f"Creating branch {branch!r} of {repo_id!r}", retry, local_dir, token):
         api.create_branch(repo_id, branch=branch, revision=commit.oid)
     return TaskPush(repo_id, task_id, branch, subfolder, commit, local_dir)
+
+
+def _drop_unknown_base_model(api, card_path: str) -> None:
+    # The Hub refuses a card whose base_model is not a repo it knows (e.g. a base model loaded from a local folder
+    # with a relative name): leave it out rather than fail the push. The local card is updated to match.
+    from huggingface_hub import ModelCard
+
+    if not os.path.isfile(card_path):
+        return
+    card = ModelCard.load(card_path)
+    base_model = card.data.base_model
+    if isinstance(base_model, str) and not api.repo_exists(base_model):
+        card.data.base_model = None
+        card.save(card_path)
 
 
 def push_task_to_hub(

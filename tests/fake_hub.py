@@ -61,10 +61,15 @@ class Request:
 class FakeHub:
     """The server state plus a thread running it; use as a context manager or call ``start``/``stop``."""
 
-    def __init__(self, token: str | None = None, namespace: str = "user"):
+    def __init__(self, token: str | None = None, namespace: str = "user", models: tuple[str, ...] = ()):
         self.token = token  # when set, requests without ``Authorization: Bearer <token>`` get a 401
         self.namespace = namespace
         self.repos: dict[str, Repo] = {}
+        for repo_id in models:  # other repos that exist on this Hub (e.g. base models named in model cards)
+            self.repos[repo_id] = Repo(repo_id, private=False)
+            first = Commit(_oid(repo_id.encode()), "initial commit", None, {})
+            self.repos[repo_id].commits[first.oid] = first
+            self.repos[repo_id].refs["main"] = first.oid
         self.requests: list[Request] = []
         self.unknown: list[str] = []
         self.fail_commits = 0  # the next N commit requests are cut off (connection closed without an answer)
@@ -182,6 +187,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._create_repo(request.body)
         if method == "POST" and parts == ["api", "validate-yaml"]:
             return self._reply(200, {})
+        if method == "GET" and len(parts) == 4 and parts[:2] == ["api", "models"]:
+            repo = self.state.repos.get("/".join(parts[2:4]))
+            if repo is None:
+                return self._error(404, "RepoNotFound", f"Repository {'/'.join(parts[2:4])} not found")
+            return self._revision_info(repo, "main")
         if len(parts) >= 5 and parts[:2] == ["api", "models"]:
             repo_id, action, rest = "/".join(parts[2:4]), parts[4], "/".join(parts[5:])
             repo = self.state.repos.get(repo_id)

@@ -283,3 +283,20 @@ def test_task_record_refuses_gaps_and_damaged_files(tmp_path):
     with pytest.raises(ValueError, match="memory is empty"):
         push_task_to_hub(gp_model(), REPO, local_dir=str(tmp_path / "local"))
     assert not (tmp_path / "local").exists()
+
+
+def test_card_names_the_base_model_only_if_the_hub_knows_it(hub_env, tmp_path):
+    model = finished_task(tmp_path)
+    with FakeHub(token=TOKEN, models=("org/tiny-bert",)) as server:
+        point_hub_at(hub_env, server.endpoint)
+        model.peft_config["default"].base_model_name_or_path = "org/tiny-bert"
+        push_task_to_hub(model, REPO, local_dir=str(tmp_path / "known"))
+        card = ModelCard(server.files(REPO, "task-01")["README.md"].decode())
+        assert card.data.base_model == "org/tiny-bert" and "for `org/tiny-bert`" in card.text
+
+        GPTrainer(model=model, args=training_args(tmp_path / "t2"), train_dataset=task_dataset(1, 8)).train()
+        model.peft_config["default"].base_model_name_or_path = "models/my-local-bert"  # a relative local name
+        push_task_to_hub(model, REPO, local_dir=str(tmp_path / "unknown"))
+        pushed = server.files(REPO, "task-02")["README.md"]
+        assert ModelCard(pushed.decode()).data.base_model is None
+        assert pushed == (tmp_path / "unknown" / "README.md").read_bytes()
