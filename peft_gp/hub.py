@@ -220,11 +220,9 @@ def save_task(
 
 
 def _draw_accuracy_matrix(state: GPTaskState, path: str) -> bool:
+    """Draw ``R[t][k]`` as a heatmap PNG (matplotlib's object API: no pyplot, no global backend change)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         return False
     rows = state.accuracy_matrix
@@ -233,7 +231,8 @@ def _draw_accuracy_matrix(state: GPTaskState, path: str) -> bool:
     for t, row in enumerate(rows):
         for k, value in enumerate(row):
             grid[t][k] = math.nan if value is None else value
-    figure, axes = plt.subplots(figsize=(1.2 + 0.6 * size, 1.0 + 0.5 * len(rows)))
+    figure = Figure(figsize=(1.2 + 0.6 * size, 1.0 + 0.5 * len(rows)))
+    axes = figure.subplots()
     image = axes.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis")
     labels = [state.task_names[i] if i < state.tasks_seen else f"task {i + 1}" for i in range(size)]
     axes.set_xticks(range(size), labels, rotation=45, ha="right")
@@ -246,7 +245,6 @@ def _draw_accuracy_matrix(state: GPTaskState, path: str) -> bool:
                 axes.text(k, t, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
     figure.colorbar(image, ax=axes, label="accuracy")
     figure.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(figure)
     return True
 
 

@@ -115,6 +115,7 @@ def test_two_tasks_pushed_then_resumed_from_task_branch(hub, tmp_path):
     assert card.data.library_name == "peft"
     assert {"peft", "peft-gp", "continual-learning"} <= set(card.data.tags)
     assert "| many tokens | 0.850 | 0.800 |" in card.text and "![accuracy matrix](gp_accuracy_matrix.png)" in card.text
+    assert "| backward_transfer | -0.0500 |" in card.text and "| forgetting | 0.0500 |" in card.text
     assert "| `gp_threshold` | `1.0` |" in card.text and "| 2 | `task-02` | many tokens | 2, 3 |" in card.text
 
     # Someone else picks the sequence up after task 1
