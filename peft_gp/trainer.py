@@ -62,6 +62,13 @@ class GPTrainer(Trainer):
         gp_push_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if gp_push_to_hub and getattr(training_args, "push_to_hub", False):  # refused before Trainer creates the repo
+            raise ValueError(
+                "Both TrainingArguments(push_to_hub=True) and gp_push_to_hub are set: the Trainer would also push the "
+                "whole output_dir (task folders included) to main at every save. Keep gp_push_to_hub (one commit and "
+                "branch per task) and set push_to_hub=False (hub_model_id, hub_token, hub_private_repo still apply)."
+            )
         super().__init__(*args, **kwargs)
         if gp_push_to_hub is True:
             gp_push_to_hub = self.args.hub_model_id

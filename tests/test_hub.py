@@ -264,6 +264,12 @@ def test_task_ids_must_match_the_memory(hub, tmp_path):
     assert task_branch(0) == "task-01" and task_branch(11) == "task-12"
     with pytest.raises(ValueError, match="hub_model_id"):
         GPTrainer(model=model, args=training_args(tmp_path), train_dataset=task_dataset(0, 4), gp_push_to_hub=True)
+    args = training_args(tmp_path, push_to_hub=True, hub_model_id=REPO)
+    with pytest.raises(ValueError, match="set push_to_hub=False"):
+        GPTrainer(model=model, args=args, train_dataset=task_dataset(0, 4), gp_push_to_hub=True)
+    assert not hub.calls("POST", "/api/repos/create")  # refused before the Trainer made the repo
+    with pytest.raises(ValueError, match=r"may not set \['local_dir'\]"):
+        GPTrainer(model=model, args=training_args(tmp_path), gp_push_to_hub=REPO, gp_push_kwargs={"local_dir": "x"})
 
 
 def test_task_record_refuses_gaps_and_damaged_files(tmp_path):
