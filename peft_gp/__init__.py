@@ -1,11 +1,13 @@
 """peft_gp: gradient projection (PEGP) for parameter-efficient continual learning on the Hugging Face stack."""
 
 from .collect import update_memory
-from .config import GPConfigMixin, GPLoraConfig
-from .loading import from_pretrained, install_save_hook, load_memory, save_memory
+from .config import GPAdapterConfig, GPConfigMixin, GPLoraConfig
+from .hub import GPHubError, push_task_to_hub
+from .loading import from_pretrained, install_save_hook, load_memory, load_task_state, save_memory
 from .memory import GP_MEMORY_NAME, GPMemory, GPMemoryError
 from .projector import GPProjector
 from .state import get_memory
+from .task_state import GP_TASKS_NAME, GPTaskState, get_task_state
 from .trainer import GPTrainer
 
 __version__ = "0.1.0"
@@ -14,15 +16,22 @@ install_save_hook()
 
 __all__ = [
     "GP_MEMORY_NAME",
+    "GP_TASKS_NAME",
+    "GPAdapterConfig",
     "GPConfigMixin",
+    "GPHubError",
     "GPLoraConfig",
     "GPMemory",
     "GPMemoryError",
     "GPProjector",
+    "GPTaskState",
     "GPTrainer",
     "from_pretrained",
     "get_memory",
+    "get_task_state",
     "load_memory",
+    "load_task_state",
+    "push_task_to_hub",
     "save_memory",
     "update_memory",
 ]

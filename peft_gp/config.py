@@ -7,6 +7,8 @@ from typing import Literal
 
 from peft import LoraConfig
 
+from .tuners.bottleneck import BottleneckConfig, GPPeftType, register_bottleneck
+
 PROJECTION_MODES = ("gradient", "update")
 MODULES_TO_SAVE_POLICIES = ("project", "freeze", "train")
 
@@ -107,7 +109,21 @@ class GPLoraConfig(GPConfigMixin, LoraConfig):
             raise ValueError("GPLoraConfig does not support lora_bias=True yet: set lora_bias=False.")
 
 
-GP_CONFIG_CLASSES = {"LORA": GPLoraConfig}
+@dataclass
+class GPAdapterConfig(GPConfigMixin, BottleneckConfig):
+    """A bottleneck adapter trained with gradient projection (PEGP eq. 5 and 14).
+
+    Parallel (AdaptFormer) by default, beside each layer's feed-forward block; ``adapter_style="sequential"`` puts a
+    Houlsby adapter after it. ``W_down`` is protected against the adapter inputs, ``W_up`` against the bottleneck
+    activations, biases on a constant-1 feature, so with exact projection old-task outputs do not change. PEFT has no
+    bottleneck adapter: importing peft_gp registers it, and loading one needs ``import peft_gp`` first.
+    Use it wherever a PEFT config goes: ``get_peft_model(model, GPAdapterConfig(bottleneck_size=16))``.
+    """
+
+
+register_bottleneck(GPAdapterConfig)
+
+GP_CONFIG_CLASSES = {"LORA": GPLoraConfig, GPPeftType.GP_ADAPTER: GPAdapterConfig}
 
 
 def is_gp_config(config: object) -> bool:

@@ -17,9 +17,11 @@ from peft.utils import CONFIG_NAME
 from torch import nn
 
 from .config import GP_CONFIG_CLASSES, is_gp_config
+from .hub import hub_errors
 from .memory import GP_MEMORY_NAME, GPMemory, GPMemoryError
 from .paradigms.base import unwrap_peft_model
 from .state import get_memory, set_memory
+from .task_state import GP_TASKS_NAME, GPTaskState, get_task_state, has_task_state, set_task_state
 
 
 def adapter_directory(save_directory: str, adapter_name: str) -> str:
@@ -46,6 +48,9 @@ def _save_pretrained_with_memory(original):
         for adapter_name in selected:
             if is_gp_config(self.peft_config[adapter_name]):
                 save_memory(self, save_directory, adapter_name)
+                if has_task_state(self, adapter_name):
+                    path = os.path.join(adapter_directory(save_directory, adapter_name), GP_TASKS_NAME)
+                    get_task_state(self, adapter_name).save(path)
 
     save_pretrained._peft_gp_wrapped = True
     return save_pretrained
@@ -57,18 +62,28 @@ def install_save_hook() -> None:
         PeftModel.save_pretrained = _save_pretrained_with_memory(PeftModel.save_pretrained)
 
 
-def _resolve_file(model_id: str, filename: str, revision: str | None, subfolder: str | None) -> str | None:
-    """Local path of ``filename`` in a folder or Hub repo, or ``None`` if it is not there."""
+def _resolve_file(
+    model_id: str, filename: str, revision: str | None, subfolder: str | None, optional: bool = False
+) -> str | None:
+    """Local path of ``filename`` in a folder or Hub repo, or ``None`` if it is not there.
+
+    A file the Hub says is missing gives ``None``; so does one that is neither reachable nor cached when
+    ``optional`` (otherwise the network error propagates: "missing" and "unreachable" need different fixes).
+    """
     local = os.path.join(model_id, subfolder or "", filename)
     if os.path.isdir(model_id):
         return local if os.path.isfile(local) else None
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
     try:
         return hf_hub_download(model_id, filename, subfolder=subfolder or None, revision=revision)
-    except EntryNotFoundError:
+    except RemoteEntryNotFoundError:
         return None
+    except LocalEntryNotFoundError:
+        if optional:
+            return None
+        raise
 
 
 def load_gp_config(model_id: str, revision: str | None = None, subfolder: str | None = None):
@@ -113,6 +128,22 @@ def load_memory(
     return memory
 
 
+def load_task_state(
+    model: nn.Module,
+    model_id: str,
+    adapter_name: str | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+) -> GPTaskState | None:
+    """Read ``gp_tasks.json`` (task names, classes seen, accuracy matrix) and attach it; ``None`` if there is none."""
+    path = _resolve_file(model_id, GP_TASKS_NAME, revision, subfolder, optional=True)
+    if path is None:
+        return None
+    state = GPTaskState.load(path)
+    set_task_state(model, state, adapter_name)
+    return state
+
+
 def from_pretrained(
     base_model: nn.Module,
     model_id: str,
@@ -122,7 +153,7 @@ def from_pretrained(
     subfolder: str | None = None,
     **kwargs,
 ) -> PeftModel:
-    """Load a peft_gp adapter with its GP config and memory, ready for inference or to train the next task.
+    """Load a peft_gp adapter with its GP config, memory and task record, ready for inference or the next task.
 
     Args:
         base_model: the base ``transformers`` model the adapter was trained on.
@@ -130,20 +161,27 @@ def from_pretrained(
             ``gp_memory.safetensors``.
         adapter_name: name to give the loaded adapter.
         is_trainable: ``True`` to continue training (the next task); ``False`` for inference.
-        revision: Hub revision (branch, tag or commit).
+        revision: Hub revision (branch, tag or commit), e.g. ``"task-03"`` for a checkpoint pushed by
+            ``peft_gp.hub.push_task_to_hub`` after the third task.
         subfolder: subfolder of ``model_id`` holding the files.
         kwargs: passed on to ``PeftModel.from_pretrained``.
+
+    The task record (``gp_tasks.json``) is attached when present: ``peft_gp.get_task_state(model)``. Hub failures
+    (network down, no access, unknown revision) raise ``peft_gp.hub.GPHubError`` saying what to fix.
     """
-    config = load_gp_config(model_id, revision=revision, subfolder=subfolder)
-    hub_kwargs = {key: value for key, value in (("revision", revision), ("subfolder", subfolder)) if value}
-    model = PeftModel.from_pretrained(
-        base_model,
-        model_id,
-        adapter_name=adapter_name,
-        is_trainable=is_trainable,
-        config=config,
-        **hub_kwargs,
-        **kwargs,
-    )
-    load_memory(model, model_id, adapter_name=adapter_name, revision=revision, subfolder=subfolder)
+    where = f"{model_id!r}" + (f" at revision {revision!r}" if revision else "")
+    with hub_errors(f"Loading {where} from the Hub"):
+        config = load_gp_config(model_id, revision=revision, subfolder=subfolder)
+        hub_kwargs = {key: value for key, value in (("revision", revision), ("subfolder", subfolder)) if value}
+        model = PeftModel.from_pretrained(
+            base_model,
+            model_id,
+            adapter_name=adapter_name,
+            is_trainable=is_trainable,
+            config=config,
+            **hub_kwargs,
+            **kwargs,
+        )
+        load_memory(model, model_id, adapter_name=adapter_name, revision=revision, subfolder=subfolder)
+        load_task_state(model, model_id, adapter_name=adapter_name, revision=revision, subfolder=subfolder)
     return model

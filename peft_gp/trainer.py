@@ -13,11 +13,13 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .collect import summarize_report, update_memory
-from .loading import load_memory
+from .hub import TaskPush, push_task_to_hub, task_branch
+from .loading import load_memory, load_task_state
 from .memory import GP_MEMORY_NAME, GPMemory, GPMemoryError
 from .paradigms.base import gp_config_of, unwrap_peft_model
 from .projector import GPProjector, raw_optimizer
 from .state import get_memory
+from .task_state import get_task_state
 
 TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer's own name for it
 
@@ -37,6 +39,14 @@ class GPTrainer(Trainer):
         gp_adapter_name: the adapter to train and protect (default: the active one).
         gp_log_per_layer: log each layer's basis size (``gp_basis/<layer>``) after a memory update, besides the
             summary (``gp_capacity_mean``, ``gp_capacity_max``, ``gp_captured_energy_mean``).
+        gp_task_name: name of the task this ``train()`` call trains (model card, ``gp_tasks.json``, commit message);
+            set ``trainer.gp_task_name`` again before the next task. Default: ``task-01``, ``task-02``, ...
+        gp_push_to_hub: after each task (``train()`` and the memory update), push it with
+            ``peft_gp.hub.push_task_to_hub`` to this repo id (``True``: ``args.hub_model_id``) as one commit with the
+            branch ``task-XX``. It is saved first to ``<output_dir>/task-XX``; a failed push raises
+            ``peft_gp.hub.GPHubError`` after that save. ``args.hub_private_repo`` and ``args.hub_token`` apply.
+        gp_push_kwargs: more arguments for ``push_task_to_hub`` (``create_pr``, ``subfolder_per_task``,
+            ``accuracy_matrix``, ``plot_path``, ``extra_files``, ...).
     """
 
     _tag_names = ["peft", "peft-gp", "continual-learning"]
@@ -47,9 +57,33 @@ class GPTrainer(Trainer):
         gp_update_memory: bool = True,
         gp_adapter_name: str | None = None,
         gp_log_per_layer: bool = True,
+        gp_task_name: str | None = None,
+        gp_push_to_hub: str | bool = False,
+        gp_push_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if gp_push_to_hub and getattr(training_args, "push_to_hub", False):  # refused before Trainer creates the repo
+            raise ValueError(
+                "Both TrainingArguments(push_to_hub=True) and gp_push_to_hub are set: the Trainer would also push the "
+                "whole output_dir (task folders included) to main at every save. Keep gp_push_to_hub (one commit and "
+                "branch per task) and set push_to_hub=False (hub_model_id, hub_token, hub_private_repo still apply)."
+            )
         super().__init__(*args, **kwargs)
+        if gp_push_to_hub is True:
+            gp_push_to_hub = self.args.hub_model_id
+            if not gp_push_to_hub:
+                raise ValueError(
+                    "gp_push_to_hub=True takes the repo id from TrainingArguments.hub_model_id, which is not set. "
+                    "Pass gp_push_to_hub='user/repo' or set hub_model_id."
+                )
+        reserved = {"model", "repo_id", "task_id", "task_name", "local_dir"} & set(gp_push_kwargs or {})
+        if reserved:
+            raise ValueError(f"gp_push_kwargs may not set {sorted(reserved)}: GPTrainer sets them for each task.")
+        self.gp_task_name = gp_task_name
+        self.gp_push_to_hub = gp_push_to_hub or None
+        self.gp_push_kwargs = dict(gp_push_kwargs or {})
+        self.gp_last_push: TaskPush | None = None
         if self.is_fsdp_enabled or self.is_deepspeed_enabled or self.args.fsdp or self.args.deepspeed:
             raise NotImplementedError(
                 "GPTrainer does not support FSDP or DeepSpeed yet: they shard the adapter parameters and their "
@@ -86,7 +120,35 @@ class GPTrainer(Trainer):
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.gp_update_memory:
             self.update_memory()
+            if self.gp_push_to_hub:
+                self.push_task_to_hub()
         return output
+
+    def push_task_to_hub(self, **overrides: Any) -> TaskPush | None:
+        """Push the last stored task to ``gp_push_to_hub`` (saved first to ``<output_dir>/task-XX``).
+
+        Called by ``train()`` when ``gp_push_to_hub`` is set; call it yourself after ``update_memory`` otherwise.
+        ``overrides`` update ``gp_push_kwargs`` for this push. Only the main process pushes (others return ``None``).
+        """
+        repo_id = overrides.pop("repo_id", None) or self.gp_push_to_hub
+        if not repo_id:
+            raise ValueError("No repo to push to: pass repo_id=, or build the trainer with gp_push_to_hub='org/repo'.")
+        if not self.args.should_save:
+            return None
+        task_id = self.gp_memory.tasks_seen - 1
+        options = {"private": bool(self.args.hub_private_repo), "token": self.args.hub_token}
+        options.update(self.gp_push_kwargs)
+        options.update(overrides)
+        self.gp_last_push = push_task_to_hub(
+            self.model,
+            repo_id,
+            task_id,
+            get_task_state(self.model, self.gp_adapter_name).task_names[task_id],
+            local_dir=os.path.join(self.args.output_dir, task_branch(task_id)),
+            adapter_name=self.gp_adapter_name,
+            **options,
+        )
+        return self.gp_last_push
 
     def _last_complete_checkpoint(self) -> str:
         # Trainer writes a checkpoint folder file by file; a run killed mid-save leaves a partial last folder.
@@ -128,6 +190,7 @@ class GPTrainer(Trainer):
         dataset = self.train_dataset if dataset is None else dataset
         if dataset is None:
             raise ValueError("update_memory needs a dataset: pass one, or give the trainer a train_dataset.")
+        classes = _task_classes(dataset)
         size = len(dataset)
         if size == 0:
             raise GPMemoryError(
@@ -145,6 +208,11 @@ class GPTrainer(Trainer):
             max_samples=samples,
             stacklevel=3,
         )
+        task_id = self.gp_memory.tasks_seen - 1
+        state = get_task_state(self.model, self.gp_adapter_name)
+        for missing in range(state.tasks_seen, task_id):  # tasks stored without this trainer
+            state.record(missing)
+        state.record(task_id, self.gp_task_name, classes)
         logs = {"gp_tasks_seen": float(self.gp_memory.tasks_seen), **summarize_report(report)}
         if self.gp_log_per_layer:
             logs.update({f"gp_basis/{name}": float(entry["basis_size"]) for name, entry in report.items()})
@@ -175,8 +243,22 @@ class GPTrainer(Trainer):
                 f"Cannot resume from {resume_from_checkpoint}: {error} Training without it would not protect the "
                 "earlier tasks."
             ) from error
+        load_task_state(self.model, resume_from_checkpoint, adapter_name=self.gp_adapter_name, subfolder=subfolder)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:
             logs.update(self.gp_projector.pop_stats())
         super().log(logs, *args, **kwargs)
+
+
+def _task_classes(dataset) -> list | None:
+    """The labels of a classification task's dataset (``labels`` or ``label`` column), else ``None``."""
+    if not isinstance(dataset, datasets.Dataset):
+        return None
+    column = next((name for name in ("labels", "label") if name in dataset.column_names), None)
+    if column is None:
+        return None
+    values = dataset.unique(column)
+    if not all(isinstance(value, (int, str)) and not isinstance(value, bool) for value in values):
+        return None  # token labels (language modelling) or multi-label rows: not classes
+    return values

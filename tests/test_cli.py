@@ -11,6 +11,7 @@ import yaml
 
 from peft_gp.cli import main, parse_value
 from peft_gp.continual import RunConfig, accuracy_matrix_summary
+from peft_gp.continual.paradigms import LORA_DEFAULTS
 from tests.continual_fixtures import save_tiny_text_model, text_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,4 +102,5 @@ def test_console_script_and_example_configs():
     assert {p.stem for p in configs} >= {"bbc_news_cil", "fortunes20_cil", "split_fashion_mnist_vit", "smollm2_tasks"}
     for path in configs:  # every example parses into a valid RunConfig (keys and values)
         RunConfig.from_yaml(path)
-    assert RunConfig.from_yaml(ROOT / "configs" / "bbc_news_cil.yaml") == RunConfig()
+    bbc = RunConfig.from_yaml(ROOT / "configs" / "bbc_news_cil.yaml")  # the embedded default, written out
+    assert bbc.paradigm_kwargs == LORA_DEFAULTS and bbc.replace(paradigm_kwargs={}) == RunConfig()

@@ -167,6 +167,22 @@ def test_image_stream_with_a_vit_built_from_its_config(tmp_path):
     assert run.main.tasks[1]["gp_groups"] > 0  # LoRA and the classifier head are protected
 
 
+PARADIGM_KWARGS = {"adapter": {"bottleneck_size": 8}, "prefix": {"num_virtual_tokens": 4},
+                   "prompt": {"num_virtual_tokens": 4}}  # fmt: skip
+
+
+@pytest.mark.parametrize("paradigm", sorted(set(PARADIGMS) - {"lora"}))
+def test_every_other_registered_paradigm_runs(paradigm, tiny_dirs, tmp_path):
+    config = tiny_config(tiny_dirs, tmp_path, paradigm=paradigm, paradigm_kwargs=PARADIGM_KWARGS.get(paradigm, {}),
+                         compare_baseline=True, classes_per_task=[3, 3], epochs=6, plots=False)  # fmt: skip
+    run = run_sequence(config, **SILENT)
+    for result in run.results.values():
+        check_matrix(result.accuracy_matrix, 2)
+        assert result.accuracy_matrix[0][0] > 0.5  # the first task is learned
+    assert peft_gp.get_memory(run.results["gp"].model).tasks_seen == 2
+    assert run.info["same_initial_weights"] is True
+
+
 def test_paradigm_registry_is_a_mapping_of_factories():
     assert "lora" in PARADIGMS
     config = PARADIGMS["lora"]({"r": 4}, {"gp_threshold": 0.9}, "SEQ_CLS")

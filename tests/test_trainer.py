@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 import peft_gp
-from peft_gp import GPLoraConfig, GPTrainer
+from peft_gp import GPAdapterConfig, GPLoraConfig, GPTrainer
 
 from .conftest import tiny_bert
 
@@ -32,11 +32,14 @@ def task_dataset(task_id: int, size: int) -> Dataset:
     return Dataset.from_dict(rows)
 
 
-def gp_model(**gp):
+def gp_model(paradigm: str = "lora", **gp):
     settings = {"gp_threshold": 1.0, "gp_projection": "update", **gp}
-    config = GPLoraConfig(
-        task_type="SEQ_CLS", r=16, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"], **settings
-    )
+    if paradigm == "adapter":
+        config = GPAdapterConfig(task_type="SEQ_CLS", bottleneck_size=64, **settings)
+    else:
+        config = GPLoraConfig(
+            task_type="SEQ_CLS", r=16, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"], **settings
+        )
     return get_peft_model(tiny_bert(), config)
 
 
@@ -74,10 +77,14 @@ def mean_loss(model, dataset: Dataset) -> float:
         return model(**batch).loss.item()
 
 
-@pytest.mark.parametrize("accumulation, max_grad_norm", [(1, 1.0), (2, 0.3)], ids=["plain", "accum2-clipped"])
-def test_second_task_keeps_old_logits_and_learns(tmp_path, accumulation, max_grad_norm):
+@pytest.mark.parametrize(
+    "paradigm, accumulation, max_grad_norm",
+    [("lora", 1, 1.0), ("lora", 2, 0.3), ("adapter", 1, 1.0)],
+    ids=["plain", "accum2-clipped", "adapter"],
+)
+def test_second_task_keeps_old_logits_and_learns(tmp_path, paradigm, accumulation, max_grad_norm):
     old_task, new_task = task_dataset(0, 8), task_dataset(1, 16)
-    model = gp_model()
+    model = gp_model(paradigm)
     args = training_args(
         tmp_path,
         gradient_accumulation_steps=accumulation,
@@ -148,9 +155,10 @@ def test_update_memory_can_be_deferred_and_uses_gp_memory_samples(tmp_path):
     assert report["classifier"]["basis_size"] <= 3
 
 
-def test_checkpoints_hold_memory_and_resume_continues_with_same_bases(tmp_path):
+@pytest.mark.parametrize("paradigm", ["lora", "adapter"])
+def test_checkpoints_hold_memory_and_resume_continues_with_same_bases(tmp_path, paradigm):
     old_task, new_task = task_dataset(0, 8), task_dataset(1, 16)
-    model = gp_model()
+    model = gp_model(paradigm)
     GPTrainer(model=model, args=training_args(tmp_path / "task1"), train_dataset=old_task).train()
     task1_bases = {name: basis.clone() for name, basis in peft_gp.get_memory(model).bases.items()}
     before = logits_on(model, old_task)

@@ -49,7 +49,8 @@ class RunConfig:
             (only the current task's classes, as in the paper's class-incremental runs) or ``none``. Default:
             ``seen`` for ``class``, ``current`` for ``task``, ``none`` for ``domain``.
         paradigm: Which PEFT method (a key of ``peft_gp.continual.PARADIGMS``: ``lora``, and those peft_gp adds).
-        paradigm_kwargs: Extra arguments of the paradigm's PEFT config (``r``, ``target_modules``, ...).
+        paradigm_kwargs: Arguments of the paradigm's PEFT config (``r``, ``target_modules``, ...) on top of the
+            paradigm's defaults (LoRA: ``r=8, lora_alpha=16, lora_dropout=0``).
         gp: Train with gradient projection (``GPTrainer``); ``False`` trains the same sequence without it.
         compare_baseline: Also run the sequence without GP, from the same initial weights, and compare.
         gp_threshold, gp_threshold_increment, gp_projection, gp_memory_samples, gp_modules_to_save: The GP settings
@@ -81,7 +82,7 @@ class RunConfig:
     max_length: int = 64
     head_masking: str | None = None
     paradigm: str = "lora"
-    paradigm_kwargs: dict[str, Any] = field(default_factory=lambda: {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0})
+    paradigm_kwargs: dict[str, Any] = field(default_factory=dict)
     gp: bool = True
     compare_baseline: bool = False
     gp_threshold: float = 0.97

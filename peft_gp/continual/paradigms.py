@@ -19,9 +19,13 @@ from .config import RunConfigError
 ParadigmFactory = Callable[[dict[str, Any], "dict[str, Any] | None", "str | None"], PeftConfig]
 
 
+LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
+
+
 def lora_config(options: dict[str, Any], gp: dict[str, Any] | None, task_type: str | None) -> PeftConfig:
-    """``GPLoraConfig`` with GP, plain PEFT ``LoraConfig`` without (``target_modules`` default: PEFT's per model)."""
-    kwargs = {"task_type": task_type, **options}
+    """``GPLoraConfig`` with GP, plain PEFT ``LoraConfig`` without; ``LORA_DEFAULTS`` unless ``options`` say
+    otherwise (``target_modules`` default: PEFT's own for the model type)."""
+    kwargs = {"task_type": task_type, **LORA_DEFAULTS, **options}
     return peft_gp.GPLoraConfig(**kwargs, **gp) if gp is not None else LoraConfig(**kwargs)
 
 

@@ -254,7 +254,9 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _method_label(config: RunConfig, gp: bool) -> str:
-    name = {"lora": "LoRA"}.get(config.paradigm, config.paradigm)
+    name = {"lora": "LoRA", "adapter": "Adapter", "prefix": "Prefix", "prompt": "Prompt"}.get(
+        config.paradigm, config.paradigm
+    )
     return f"GP-{name}" if gp else f"{name} (no GP)"
 
 

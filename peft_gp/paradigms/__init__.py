@@ -4,4 +4,4 @@ from .base import ProjectedGroup, resolve_groups
 
 __all__ = ["ProjectedGroup", "resolve_groups"]
 
-from . import lora  # noqa: E402,F401  (registers the LoRA handler)
+from . import adapter, lora  # noqa: E402,F401  (registers the handlers)

@@ -1,0 +1,25 @@
+"""Bottleneck adapter (PEGP eq. 5, 14): ``W_down`` against the adapter inputs ``x``, ``W_up`` against its activations.
+
+Both projections are ``nn.Linear`` with optional biases, which join their weights on a constant-1 feature, so with
+exact projection the adapter's output on old-task inputs does not change.
+"""
+
+from __future__ import annotations
+
+from peft import PeftModel
+
+from ..tuners.bottleneck import BottleneckLayer, GPPeftType
+from .base import ProjectedGroup, _module_key, register_paradigm
+
+
+@register_paradigm(GPPeftType.GP_ADAPTER.value)
+def adapter_groups(model: PeftModel, adapter_name: str, config) -> list[ProjectedGroup]:
+    groups = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, BottleneckLayer) or adapter_name not in module.gp_adapter_down:
+            continue
+        name = _module_key(model, module_name)
+        down, up = module.gp_adapter_down[adapter_name], module.gp_adapter_up[adapter_name]
+        groups.append(ProjectedGroup(f"{name}.gp_adapter_down", down.weight, down.bias, down))
+        groups.append(ProjectedGroup(f"{name}.gp_adapter_up", up.weight, up.bias, up))
+    return groups
