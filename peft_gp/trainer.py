@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from typing import Any
 
 import datasets
 import torch
 from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -94,6 +96,7 @@ class GPTrainer(Trainer):
         self.gp_adapter_name = gp_adapter_name or peft_model.active_adapter
         self.gp_config = gp_config_of(peft_model, self.gp_adapter_name)
         self.gp_update_memory = gp_update_memory
+        self.gp_memory_seconds = 0.0  # duration of the last memory update
         self.gp_log_per_layer = gp_log_per_layer
         self.gp_projector = GPProjector(peft_model, self.gp_adapter_name)
         self._gp_owns_optimizer = self.optimizer is None
@@ -185,8 +188,10 @@ class GPTrainer(Trainer):
         """Store a finished task: grow the bases from ``gp_memory_samples`` examples of ``dataset``.
 
         ``dataset`` defaults to ``train_dataset``; it goes through this trainer's collator and column removal, as in
-        evaluation. Returns the per-layer growth report and logs basis sizes and captured energy.
+        evaluation. Shows a progress bar over its batches (unless ``args.disable_tqdm``), keeps its duration in
+        ``gp_memory_seconds``, and returns the per-layer growth report; logs basis sizes and captured energy.
         """
+        start = time.perf_counter()
         dataset = self.train_dataset if dataset is None else dataset
         if dataset is None:
             raise ValueError("update_memory needs a dataset: pass one, or give the trainer a train_dataset.")
@@ -201,9 +206,12 @@ class GPTrainer(Trainer):
             generator = torch.Generator().manual_seed(self.args.seed)
             indices = sorted(torch.randperm(size, generator=generator)[:samples].tolist())
             dataset = dataset.select(indices) if hasattr(dataset, "select") else Subset(dataset, indices)
+        batches = self._memory_dataloader(dataset)
+        if not self.args.disable_tqdm and self.is_local_process_zero():
+            batches = tqdm(batches, desc="GP memory update", leave=False)
         report = update_memory(
             self.model,
-            self._memory_dataloader(dataset),
+            batches,
             adapter_name=self.gp_adapter_name,
             max_samples=samples,
             stacklevel=3,
@@ -213,7 +221,12 @@ class GPTrainer(Trainer):
         for missing in range(state.tasks_seen, task_id):  # tasks stored without this trainer
             state.record(missing)
         state.record(task_id, self.gp_task_name, classes)
-        logs = {"gp_tasks_seen": float(self.gp_memory.tasks_seen), **summarize_report(report)}
+        self.gp_memory_seconds = time.perf_counter() - start
+        logs = {
+            "gp_tasks_seen": float(self.gp_memory.tasks_seen),
+            "gp_memory_seconds": self.gp_memory_seconds,
+            **summarize_report(report),
+        }
         if self.gp_log_per_layer:
             logs.update({f"gp_basis/{name}": float(entry["basis_size"]) for name, entry in report.items()})
         self.log(logs)

@@ -214,26 +214,6 @@ def _task_type(tasks: Sequence[Task]) -> str | None:
 # ---- training and evaluation --------------------------------------------------------------------------------------
 
 
-class _RunnerGPTrainer(peft_gp.GPTrainer):
-    """``GPTrainer`` that times the memory update and shows a progress bar over its batches."""
-
-    gp_memory_seconds = 0.0
-
-    def update_memory(self, dataset=None):
-        start = time.perf_counter()
-        report = super().update_memory(dataset)
-        self.gp_memory_seconds = time.perf_counter() - start
-        return report
-
-    def _memory_dataloader(self, dataset):
-        loader = super()._memory_dataloader(dataset)
-        if self.args.disable_tqdm:
-            return loader
-        from tqdm.auto import tqdm
-
-        return tqdm(loader, desc="GP memory update", leave=False)
-
-
 @torch.no_grad()
 def evaluate_task(model: nn.Module, dataset, allowed: Sequence[int], batch_size: int = 64) -> float:
     """Accuracy on ``dataset`` with the prediction restricted to the ``allowed`` label ids."""
@@ -307,7 +287,7 @@ def train_stream(
                 dataloader_pin_memory=torch.cuda.is_available(),
             )
             kwargs = dict(model=model, args=args, train_dataset=task.train, compute_loss_func=loss)
-            trainer = _RunnerGPTrainer(**kwargs, gp_log_per_layer=False) if gp else Trainer(**kwargs)
+            trainer = peft_gp.GPTrainer(**kwargs, gp_log_per_layer=False) if gp else Trainer(**kwargs)
             trainer.remove_callback(PrinterCallback)
             if config.progress:  # the bar, without a printed dict of logs per epoch
                 trainer.remove_callback(ProgressCallback)
