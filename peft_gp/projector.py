@@ -120,11 +120,16 @@ class GPProjector:
     # ---- the projection ----------------------------------------------------------------------------------------
 
     @staticmethod
-    def _joined(group: ProjectedGroup, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        weight = tensors[0].to(dtype)
+    def _blocks(group: ProjectedGroup, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        # the group's own block of each tensor (a view: writing to it writes to the tensor)
+        return [group.view(tensors[0]), *tensors[1:]]
+
+    @staticmethod
+    def _joined(group: ProjectedGroup, blocks: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        weight = blocks[0].to(dtype)
         if group.bias is None:
             return weight
-        return torch.cat([weight, tensors[1].to(dtype).unsqueeze(-1)], dim=-1)
+        return torch.cat([weight, blocks[1].to(dtype).unsqueeze(-1)], dim=-1)
 
     @staticmethod
     def _split(group: ProjectedGroup, joined: torch.Tensor) -> list[torch.Tensor]:
@@ -148,6 +153,7 @@ class GPProjector:
             grads = [p.grad for p in group.parameters]
             if any(g is None for g in grads):
                 continue
+            grads = self._blocks(group, grads)
             if group.frozen:
                 for grad in grads:
                     grad.zero_()
@@ -172,7 +178,9 @@ class GPProjector:
         self._project_gradients()
         update_mode = self.config.gp_projection == "update"
         self._snapshots = [
-            [p.detach().clone() for p in group.parameters] if group.frozen or update_mode else None
+            [block.detach().clone() for block in self._blocks(group, group.parameters)]
+            if group.frozen or update_mode
+            else None
             for group in self.groups
         ]
 
@@ -181,7 +189,7 @@ class GPProjector:
         if self._snapshots is None:
             return
         for group, basis, old in zip(self.groups, self._bases, self._snapshots):
-            params = group.parameters
+            params = self._blocks(group, [param.detach() for param in group.parameters])
             if old is None:
                 continue
             if group.frozen:
@@ -190,7 +198,7 @@ class GPProjector:
                 continue
             if basis is None:
                 continue
-            deltas = [param.detach() - before for param, before in zip(params, old)]
+            deltas = [param - before for param, before in zip(params, old)]
             for param, before, delta in zip(params, old, self._project(group, basis, deltas)):
                 param.copy_(before + delta.to(param.dtype))
         self._snapshots = None

@@ -1,7 +1,7 @@
 """Per-paradigm handlers: which parameters are projected and which activations feed each basis."""
 
-from .base import ProjectedGroup, resolve_groups
+from .base import FeatureSource, ProjectedGroup, resolve_groups
 
-__all__ = ["ProjectedGroup", "resolve_groups"]
+__all__ = ["FeatureSource", "ProjectedGroup", "resolve_groups"]
 
-from . import lora  # noqa: E402,F401  (registers the LoRA handler)
+from . import lora, prefix, prompt  # noqa: E402,F401  (register the handlers)
