@@ -226,8 +226,39 @@ def _wrap_forward(cls: type) -> None:
     cls.forward = forward
 
 
+def _setup_prompt_encoder_without_vocabulary(original):
+    # PEFT looks for word embeddings by the config's vocab_size even for prefix tuning, which needs none: models
+    # without a vocabulary (ViT) then fail. For GP prefix configs, let that search find nothing instead.
+    @functools.wraps(original)
+    def setup(self, adapter_name: str):
+        from .config import GPPrefixTuningConfig, GPPromptTuningConfig
+
+        base_config = getattr(self.base_model, "config", None)
+        config = self.peft_config[adapter_name]
+        if base_config is None or hasattr(base_config.get_text_config(), "vocab_size"):
+            return original(self, adapter_name)
+        if isinstance(config, GPPromptTuningConfig):
+            raise NotImplementedError(
+                f"GPPromptTuningConfig needs input token embeddings, and {type(self.base_model).__name__} has no "
+                "vocabulary (PEFT's prompt tuning does not support vision models such as ViT). Use "
+                "GPPrefixTuningConfig(task_type='SEQ_CLS', ...) or GPLoraConfig for them."
+            )
+        if not isinstance(config, GPPrefixTuningConfig):
+            return original(self, adapter_name)
+        base_config.vocab_size = -1
+        try:
+            return original(self, adapter_name)
+        finally:
+            del base_config.vocab_size
+
+    setup._peft_gp_wrapped = True
+    return setup
+
+
 def install_prefix_forward() -> None:
     """Route the forward of PEFT models whose active adapter is a ``GPPrefixTuningConfig`` through peft_gp."""
+    if not getattr(PeftModel._setup_prompt_encoder, "_peft_gp_wrapped", False):
+        PeftModel._setup_prompt_encoder = _setup_prompt_encoder_without_vocabulary(PeftModel._setup_prompt_encoder)
     for cls in (
         PeftModel,
         PeftModelForSequenceClassification,

@@ -107,6 +107,14 @@ class GPLoraConfig(GPConfigMixin, LoraConfig):
             raise ValueError("GPLoraConfig does not support lora_bias=True yet: set lora_bias=False.")
 
 
+def _check_task_type(config) -> None:
+    if config.task_type is None:
+        raise ValueError(
+            f"{type(config).__name__} needs a task_type (e.g. 'SEQ_CLS', also for ViT image classification, or "
+            "'CAUSAL_LM'): PEFT builds prompt-learning models per task type and fails without one."
+        )
+
+
 @dataclass
 class GPPromptTuningConfig(GPConfigMixin, PromptTuningConfig):
     """A ``PromptTuningConfig`` whose prompt trains with gradient projection (PEGP eq. 1 and 10).
@@ -116,6 +124,10 @@ class GPPromptTuningConfig(GPConfigMixin, PromptTuningConfig):
     paper's first-layer attention logits) of old inputs do not change. Decoder-only and encoder models
     (``CAUSAL_LM``, ``SEQ_CLS``, ...); encoder-decoder models are refused.
     """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_task_type(self)
 
 
 @dataclass
@@ -149,6 +161,7 @@ class GPPrefixTuningConfig(GPConfigMixin, PrefixTuningConfig):
                 "GPPrefixTuningConfig does not support prefix_projection=True: the MLP reparametrisation cannot be "
                 "projected through its gradients. Set prefix_projection=False (the prefix is then trained directly)."
             )
+        _check_task_type(self)
         for name in ("gp_per_head", "gp_protect_values"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
