@@ -179,8 +179,10 @@ def prefix_forward(model: PeftModel, *args, **kwargs):
     """PEFT's forward for a ``GPPrefixTuningConfig`` adapter: the base model runs with each layer's prefix active."""
     from peft.utils import TaskType
 
-    if args:
+    if len(args) > 1 or (args and "input_ids" in kwargs):
         raise TypeError("Pass the inputs of a GP prefix-tuning model as keyword arguments (input_ids=..., ...).")
+    if args:
+        kwargs["input_ids"] = args[0]
     adapter_name = model.active_adapter
     config = model.peft_config[adapter_name]
     _use_prefix_attention(model)

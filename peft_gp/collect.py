@@ -193,7 +193,8 @@ def update_memory(
         warnings.warn(
             f"The memory now fills the whole feature space of {len(newly_full)} projected group(s), e.g. "
             f"{newly_full[:3]}: these parameters can no longer learn. Lower gp_threshold, or raise the LoRA rank "
-            "(lora_B's features live in r dimensions), to keep learning there.",
+            "(lora_B's features live in r dimensions) or the number of virtual tokens (a value prefix's features "
+            "live in num_virtual_tokens dimensions), to keep learning there.",
             stacklevel=stacklevel,
         )
     return report

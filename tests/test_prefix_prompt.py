@@ -331,3 +331,88 @@ def test_gp_trainer_runs_two_tasks_of_prompt_learning(paradigm, tmp_path):
     drift = (_logits(model, old) - before).abs().max().item()
     if paradigm == "prefix":  # keys and values protected: exact
         assert drift <= 1e-4 * before.abs().max().item()
+
+
+# ---- the wiring: blocks of one parameter, captured features, padding ---------------------------------------------
+
+
+@pytest.mark.parametrize("values", [False, True])
+def test_prefix_gradient_projection_acts_on_each_block_only(values):
+    from peft_gp import maths
+
+    model, task_type, make_batch = _prefix_model("llama", gp_projection="gradient", gp_protect_values=values)
+    old = make_batch(0, task_type)
+    train_steps(model, old, 3)
+    peft_gp.update_memory(model, [old])
+    projector = GPProjector(model)
+    model.train()
+    model(**make_batch(1, task_type)).loss.backward()
+    weight = model.prompt_encoder["default"].embedding.weight
+    raw = weight.grad.clone()
+    projector.project_gradients()
+    memory = peft_gp.get_memory(model)
+    owned = torch.zeros_like(weight, dtype=torch.bool)
+    for group in projector.groups:
+        if group.weight is not weight:
+            continue
+        basis = memory.bases[group.name]
+        expected = maths.project_out(group.view(raw), basis)
+        torch.testing.assert_close(group.view(weight.grad), expected, rtol=1e-5, atol=1e-7)
+        assert (group.view(weight.grad) @ basis).abs().max().item() <= 1e-5 * raw.abs().max().item()
+        group.view(owned).fill_(True)
+    assert torch.equal(weight.grad[~owned], raw[~owned])  # value prefixes are left alone unless protected
+    assert owned.all().item() == values
+
+
+def test_prefix_memory_grams_are_those_of_the_real_queries_without_padding():
+    from peft_gp import maths
+    from peft_gp.collect import collect_grams
+
+    model, _, _ = _prefix_model("bert", gp_protect_values=True)
+    groups = resolve_groups(model)
+    ids = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 0]])
+    mask = (ids != 0).long()
+    padded, _ = collect_grams(model, groups, [{"input_ids": ids, "attention_mask": mask}])
+    separate, _ = collect_grams(
+        model, groups, [{"input_ids": ids[i : i + 1, : int(mask[i].sum())]} for i in range(ids.shape[0])]
+    )
+    for name in padded:
+        torch.testing.assert_close(padded[name], separate[name], rtol=1e-4, atol=1e-6)  # float32 attention
+
+    # key groups: the Gram is QᵀQ of the first layer's per-head queries (real tokens only)
+    seen = {}
+    module = model.__dict__["gp_prefix_modules"]["default"][0]
+    handle = register_capture(module, lambda queries, weights: seen.update(q=queries, w=weights))
+    _logits(model, {"input_ids": ids, "attention_mask": mask})
+    handle.remove()
+    head = next(g for g in groups if g.name.endswith("layer.0.attention.self.key_prefix.head2"))
+    torch.testing.assert_close(padded[head.name], maths.feature_gram(seen["q"][:, 2][mask.bool()]))
+    weights = seen["w"][:, 1][mask.bool()]
+    assert torch.all(weights.sum(-1) < 1) and torch.all(weights > 0)  # softmax shares on the prefix columns
+    value = next(g for g in groups if g.name.endswith("layer.0.attention.self.value_prefix.head1"))
+    torch.testing.assert_close(padded[value.name], maths.feature_gram(weights))
+
+
+def test_prompt_memory_holds_the_token_embeddings_and_the_prompt_rows():
+    from peft_gp import maths
+    from peft_gp.collect import collect_grams
+
+    model, _, _ = _prompt_model("gpt2", tokens=4)
+    groups = resolve_groups(model)
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    mask = (ids != 0).long()
+    grams, _ = collect_grams(model, groups, [{"input_ids": ids, "attention_mask": mask}])
+    tokens = model.word_embeddings(ids[mask.bool()]).detach()
+    prompt = model.prompt_encoder["default"].embedding.weight.detach()
+    expected = maths.feature_gram(tokens) + ids.shape[0] * maths.feature_gram(prompt)
+    torch.testing.assert_close(grams["prompt_encoder.embedding"], expected)
+
+
+def test_memory_of_per_head_bases_does_not_fit_a_shared_basis_config(tmp_path):
+    model, task_type, make_batch = _prefix_model("gpt2")
+    old = make_batch(0, task_type)
+    peft_gp.update_memory(model, [old])
+    model.save_pretrained(tmp_path)
+    other, _, _ = _prefix_model("gpt2", gp_per_head=False)
+    with pytest.raises(peft_gp.GPMemoryError, match="key_prefix"):
+        peft_gp.load_memory(other, str(tmp_path))

@@ -21,7 +21,7 @@ class PromptFeatures(FeatureSource):
         def hook(module, args, output):
             emit(output, True)
             batch = output.shape[0] if output.dim() >= 3 else 1
-            emit(self.prompt.detach()[self.rows] * math.sqrt(batch), False)
+            emit(self.prompt.detach()[self.rows].double() * math.sqrt(batch), False)  # counted once per example
 
         return self.word_embeddings.register_forward_hook(hook)
 
