@@ -186,6 +186,8 @@ def test_prefix_refusals_are_clear():
         GPPrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True)
     with pytest.raises(ValueError, match="task_type"):
         GPPrefixTuningConfig(num_virtual_tokens=4)
+    with pytest.raises(TypeError, match="gp_per_head"):
+        GPPrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4, gp_per_head="yes")
     t5 = get_peft_model(tiny_t5(), GPPrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4))
     with pytest.raises(NotImplementedError, match="encoder-decoder"):
         resolve_groups(t5)
