@@ -1,7 +1,8 @@
 """peft_gp: gradient projection (PEGP) for parameter-efficient continual learning on the Hugging Face stack."""
 
+from .attention import install_prefix_forward
 from .collect import update_memory
-from .config import GPAdapterConfig, GPConfigMixin, GPLoraConfig
+from .config import GPAdapterConfig, GPConfigMixin, GPLoraConfig, GPPrefixTuningConfig, GPPromptTuningConfig
 from .hub import GPHubError, push_task_to_hub
 from .loading import from_pretrained, install_save_hook, load_memory, load_task_state, save_memory
 from .memory import GP_MEMORY_NAME, GPMemory, GPMemoryError
@@ -13,6 +14,7 @@ from .trainer import GPTrainer
 __version__ = "0.1.0"
 
 install_save_hook()
+install_prefix_forward()
 
 __all__ = [
     "GP_MEMORY_NAME",
@@ -23,6 +25,8 @@ __all__ = [
     "GPLoraConfig",
     "GPMemory",
     "GPMemoryError",
+    "GPPrefixTuningConfig",
+    "GPPromptTuningConfig",
     "GPProjector",
     "GPTaskState",
     "GPTrainer",

@@ -77,23 +77,40 @@ def collect_grams(
             cached = current["cache"].get(key)
             gram = cached[1] if cached is not None and cached[0] is inputs else None
             if gram is None:
-                original = inputs
-                mask = current["mask"]
-                if mask is not None and inputs.dim() >= 3 and tuple(inputs.shape[:2]) == tuple(mask.shape):
-                    inputs = inputs[mask]
-                rows = group.features(inputs.detach())
-                if not torch.isfinite(rows).all():
-                    if not distributed:
-                        raise GPMemoryError(non_finite_message(group.name))
-                    non_finite.append(group.name)  # raised on every rank after the all-reduce, not here
+                gram = gram_of(group, inputs, masked=True)
+                if gram is None:
                     return
-                gram = maths.feature_gram(rows)
-                current["cache"][key] = (original, gram)
+                current["cache"][key] = (inputs, gram)
             grams[group.name] += gram
 
         return hook
 
-    handles = [group.feature_module.register_forward_hook(make_hook(group)) for group in groups]
+    def gram_of(group: ProjectedGroup, inputs: torch.Tensor, masked: bool) -> torch.Tensor | None:
+        mask = current["mask"]
+        if masked and mask is not None and inputs.dim() >= 3 and tuple(inputs.shape[:2]) == tuple(mask.shape):
+            inputs = inputs[mask]
+        rows = group.features(inputs.detach())
+        if not torch.isfinite(rows).all():
+            if not distributed:
+                raise GPMemoryError(non_finite_message(group.name))
+            non_finite.append(group.name)  # raised on every rank after the all-reduce, not here
+            return None
+        return maths.feature_gram(rows)
+
+    def make_emit(group: ProjectedGroup):
+        def emit(features: torch.Tensor, masked: bool = True) -> None:
+            gram = gram_of(group, features, masked)
+            if gram is not None:
+                grams[group.name] += gram
+
+        return emit
+
+    handles = [
+        group.source.attach(make_emit(group))
+        if group.source is not None
+        else group.feature_module.register_forward_hook(make_hook(group))
+        for group in groups
+    ]
     was_training = peft_model.training
     peft_model.eval()
     seen = 0
@@ -176,7 +193,8 @@ def update_memory(
         warnings.warn(
             f"The memory now fills the whole feature space of {len(newly_full)} projected group(s), e.g. "
             f"{newly_full[:3]}: these parameters can no longer learn. Lower gp_threshold, or raise the LoRA rank "
-            "(lora_B's features live in r dimensions), to keep learning there.",
+            "(lora_B's features live in r dimensions) or the number of virtual tokens (a value prefix's features "
+            "live in num_virtual_tokens dimensions), to keep learning there.",
             stacklevel=stacklevel,
         )
     return report

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-from peft import LoraConfig
+from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 
 from .tuners.bottleneck import BottleneckConfig, GPPeftType, register_bottleneck
 
@@ -123,7 +123,75 @@ class GPAdapterConfig(GPConfigMixin, BottleneckConfig):
 
 register_bottleneck(GPAdapterConfig)
 
-GP_CONFIG_CLASSES = {"LORA": GPLoraConfig, GPPeftType.GP_ADAPTER: GPAdapterConfig}
+def _check_task_type(config) -> None:
+    if config.task_type is None:
+        raise ValueError(
+            f"{type(config).__name__} needs a task_type (e.g. 'SEQ_CLS', also for ViT image classification, or "
+            "'CAUSAL_LM'): PEFT builds prompt-learning models per task type and fails without one."
+        )
+
+
+@dataclass
+class GPPromptTuningConfig(GPConfigMixin, PromptTuningConfig):
+    """A ``PromptTuningConfig`` whose prompt trains with gradient projection (PEGP eq. 1 and 10).
+
+    The first layer sees ``[p; x]``. From the second task on, every change of the prompt rows ``p`` is kept orthogonal
+    to the old tasks' input token embeddings ``x`` and to the old prompt rows, so the inner products ``x pᵀ`` (the
+    paper's first-layer attention logits) of old inputs do not change. Decoder-only and encoder models
+    (``CAUSAL_LM``, ``SEQ_CLS``, ...); encoder-decoder models are refused.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_task_type(self)
+
+
+@dataclass
+class GPPrefixTuningConfig(GPConfigMixin, PrefixTuningConfig):
+    """A ``PrefixTuningConfig`` whose prefix trains with gradient projection (PEGP eq. 3 and 12).
+
+    Layer ``l``'s key prefix is protected against the old tasks' queries at layer ``l``, so their attention weights on
+    the prefix do not change; optionally the value prefix too (null space of those weights), which keeps the old
+    outputs exactly. peft_gp injects the prefix through a registered attention function, so it works where PEFT's
+    cache route fails (BERT-like encoders, sequence classification with Llama, ViT features).
+
+    Args:
+        gp_per_head: one basis per (key/value) head, which protects every head's attention scores exactly; ``False``
+            uses one basis over the concatenated heads, which keeps only the sum over heads of the key condition.
+        gp_protect_values: also project the value prefix along the prefix-token axis onto the null space of the old
+            attention weights on the prefix (not in the paper; exact protection, less room to learn).
+    """
+
+    gp_per_head: bool = field(
+        default=True, metadata={"help": "One basis per attention head (exact) instead of one over all heads."}
+    )
+    gp_protect_values: bool = field(
+        default=False,
+        metadata={"help": "Also protect the value prefix (null space of the old attention weights on the prefix)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prefix_projection:
+            raise ValueError(
+                "GPPrefixTuningConfig does not support prefix_projection=True: the MLP reparametrisation cannot be "
+                "projected through its gradients. Set prefix_projection=False (the prefix is then trained directly)."
+            )
+        _check_task_type(self)
+        for name in ("gp_per_head", "gp_protect_values"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+
+    def gp_fields(self) -> dict:
+        return {**super().gp_fields(), "gp_per_head": self.gp_per_head, "gp_protect_values": self.gp_protect_values}
+
+
+GP_CONFIG_CLASSES = {
+    "LORA": GPLoraConfig,
+    GPPeftType.GP_ADAPTER: GPAdapterConfig,
+    "PROMPT_TUNING": GPPromptTuningConfig,
+    "PREFIX_TUNING": GPPrefixTuningConfig,
+}
 
 
 def is_gp_config(config: object) -> bool:

@@ -14,6 +14,7 @@ from dataclasses import fields
 
 from peft import PeftModel
 from peft.utils import CONFIG_NAME
+from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from .config import GP_CONFIG_CLASSES, is_gp_config
@@ -144,6 +145,18 @@ def load_task_state(
     return state
 
 
+def _make_prompt_trainable(model: PeftModel, adapter_name: str) -> None:
+    """What ``get_peft_model`` leaves trainable for a prompt-learning adapter: its prompt encoder and its
+    ``modules_to_save`` copies (a classifier head)."""
+    model.peft_config[adapter_name].inference_mode = False
+    for param in model.prompt_encoder[adapter_name].parameters():
+        param.requires_grad_(True)
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            for param in module.modules_to_save[adapter_name].parameters():
+                param.requires_grad_(True)
+
+
 def from_pretrained(
     base_model: nn.Module,
     model_id: str,
@@ -173,15 +186,19 @@ def from_pretrained(
     with hub_errors(f"Loading {where} from the Hub"):
         config = load_gp_config(model_id, revision=revision, subfolder=subfolder)
         hub_kwargs = {key: value for key, value in (("revision", revision), ("subfolder", subfolder)) if value}
+        # PEFT refuses is_trainable=True for prompt learning: load for inference, then make the prompt trainable
+        prompt_learning = config.is_prompt_learning
         model = PeftModel.from_pretrained(
             base_model,
             model_id,
             adapter_name=adapter_name,
-            is_trainable=is_trainable,
+            is_trainable=is_trainable and not prompt_learning,
             config=config,
             **hub_kwargs,
             **kwargs,
         )
+        if is_trainable and prompt_learning:
+            _make_prompt_trainable(model, adapter_name)
         load_memory(model, model_id, adapter_name=adapter_name, revision=revision, subfolder=subfolder)
         load_task_state(model, model_id, adapter_name=adapter_name, revision=revision, subfolder=subfolder)
     return model

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import maths
 from .paradigms import ProjectedGroup, resolve_groups
 from .paradigms.base import gp_config_of, unwrap_peft_model
 from .state import get_memory
@@ -32,6 +31,88 @@ def raw_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
             break
         optimizer = inner
     return optimizer
+
+
+class _Unit:
+    """What one projection step acts on: one group, or a run of groups (e.g. the heads of one prefix) that tile one
+    contiguous column block of a parameter with equal widths, projected together with one batched matmul against
+    their bases stacked and zero-padded to ``(groups, dim, k_max)`` (zero columns project nothing)."""
+
+    def __init__(self, groups: list[ProjectedGroup]) -> None:
+        self.groups = groups
+        first = groups[0]
+        self.parameters = first.parameters
+        self.frozen = first.frozen
+        self.has_bias = first.bias is not None
+        self.basis: torch.Tensor | None = None
+        if len(groups) > 1:
+            self.start, self.width = first.index[1].start, first.index[1].stop - first.index[1].start
+            self.transpose = first.transpose
+
+    def blocks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Views of the unit's block of each tensor (writing to them writes to the tensors), feature axis last."""
+        if len(self.groups) == 1:
+            return [self.groups[0].view(tensors[0]), *tensors[1:]]
+        block = tensors[0][:, self.start : self.start + len(self.groups) * self.width]
+        block = block.unflatten(1, (len(self.groups), self.width)).transpose(0, 1)  # (groups, rows, width)
+        return [block.transpose(1, 2) if self.transpose else block]
+
+    def joined(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        weight = blocks[0].to(self.basis.dtype)
+        if not self.has_bias:
+            return weight
+        return torch.cat([weight, blocks[1].to(self.basis.dtype).unsqueeze(-1)], dim=-1)
+
+    def split(self, joined: torch.Tensor) -> list[torch.Tensor]:
+        return [joined] if not self.has_bias else [joined[..., :-1], joined[..., -1]]
+
+    def load_basis(self, memory) -> None:
+        dtype = self.parameters[0].dtype
+        compute_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        bases = [memory.bases[group.name].to(self.parameters[0].device, compute_dtype) for group in self.groups]
+        width = max(basis.shape[1] for basis in bases)
+        if width == 0:
+            self.basis = None
+        elif len(bases) == 1:
+            self.basis = bases[0]
+        else:
+            self.basis = torch.stack([nn.functional.pad(basis, (0, width - basis.shape[1])) for basis in bases])
+
+
+def _tiles(group: ProjectedGroup) -> bool:
+    index = group.index
+    return (
+        group.bias is None
+        and not group.frozen
+        and group.weight.dim() == 2
+        and isinstance(index, tuple)
+        and len(index) == 2
+        and index[0] == slice(None)
+        and isinstance(index[1], slice)
+        and index[1].step in (None, 1)
+        and index[1].start is not None
+        and index[1].stop is not None
+    )
+
+
+def _units(groups: list[ProjectedGroup]) -> list[_Unit]:
+    """Group consecutive column blocks of one parameter (equal width, same orientation) into batched units."""
+    units: list[list[ProjectedGroup]] = []
+    for group in groups:
+        run = units[-1] if units else None
+        if (
+            run is not None
+            and _tiles(group)
+            and _tiles(run[-1])
+            and group.weight is run[-1].weight
+            and group.transpose == run[-1].transpose
+            and group.index[1].start == run[-1].index[1].stop
+            and group.index[1].stop - group.index[1].start == run[0].index[1].stop - run[0].index[1].start
+        ):
+            run.append(group)
+        else:
+            units.append([group])
+    return [_Unit(run) for run in units]
 
 
 class GPProjector:
@@ -59,7 +140,7 @@ class GPProjector:
         self.memory = get_memory(peft_model, self.adapter_name)
         self._model = peft_model
         self.groups: list[ProjectedGroup] = resolve_groups(peft_model, self.adapter_name)
-        self._bases: list[torch.Tensor | None] = []
+        self._units: list[_Unit] = _units(self.groups)
         self._memory_state: tuple[int, int] | None = None
         self._handles: list = []
         self._optimizer: torch.optim.Optimizer | None = None
@@ -80,12 +161,8 @@ class GPProjector:
         memory = get_memory(self._model, self.adapter_name)
         if memory is not self.memory or self._memory_state != (id(memory), memory.version):
             self.memory = memory
-            self._bases = []
-            for group in self.groups:
-                basis = memory.bases[group.name]
-                device, dtype = group.weight.device, group.weight.dtype
-                compute_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-                self._bases.append(basis.to(device=device, dtype=compute_dtype) if basis.shape[1] else None)
+            for unit in self._units:
+                unit.load_basis(memory)
             self._memory_state = (id(memory), memory.version)
 
     def _check_not_sharded(self) -> None:
@@ -119,23 +196,6 @@ class GPProjector:
 
     # ---- the projection ----------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _joined(group: ProjectedGroup, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        weight = tensors[0].to(dtype)
-        if group.bias is None:
-            return weight
-        return torch.cat([weight, tensors[1].to(dtype).unsqueeze(-1)], dim=-1)
-
-    @staticmethod
-    def _split(group: ProjectedGroup, joined: torch.Tensor) -> list[torch.Tensor]:
-        if group.bias is None:
-            return [joined]
-        return [joined[..., :-1], joined[..., -1]]
-
-    def _project(self, group: ProjectedGroup, basis: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        joined = self._joined(group, tensors, basis.dtype)
-        return self._split(group, maths.project_out(joined, basis))
-
     @torch.no_grad()
     def project_gradients(self) -> None:
         """Project the ``.grad`` of every protected parameter in place (called before each optimizer step)."""
@@ -144,21 +204,22 @@ class GPProjector:
 
     def _project_gradients(self) -> None:
         total = removed = None
-        for group, basis in zip(self.groups, self._bases):
-            grads = [p.grad for p in group.parameters]
+        for unit in self._units:
+            grads = [p.grad for p in unit.parameters]
             if any(g is None for g in grads):
                 continue
-            if group.frozen:
+            grads = unit.blocks(grads)
+            if unit.frozen:
                 for grad in grads:
                     grad.zero_()
                 continue
-            if basis is None:
+            if unit.basis is None:
                 continue
-            joined = self._joined(group, grads, basis.dtype)
-            inside = (joined @ basis) @ basis.T
+            joined = unit.joined(grads)
+            inside = (joined @ unit.basis) @ unit.basis.mT
             total = joined.square().sum() if total is None else total + joined.square().sum()
             removed = inside.square().sum() if removed is None else removed + inside.square().sum()
-            for grad, new in zip(grads, self._split(group, joined - inside)):
+            for grad, new in zip(grads, unit.split(joined - inside)):
                 grad.copy_(new)
         if total is not None:  # kept on the device: no sync until the next log
             self._stats["grad_sq"] = self._stats["grad_sq"] + total.float()
@@ -172,26 +233,27 @@ class GPProjector:
         self._project_gradients()
         update_mode = self.config.gp_projection == "update"
         self._snapshots = [
-            [p.detach().clone() for p in group.parameters] if group.frozen or update_mode else None
-            for group in self.groups
+            [block.detach().clone() for block in unit.blocks(unit.parameters)]
+            if unit.frozen or (update_mode and unit.basis is not None)
+            else None
+            for unit in self._units
         ]
 
     @torch.no_grad()
     def _after_step(self) -> None:
         if self._snapshots is None:
             return
-        for group, basis, old in zip(self.groups, self._bases, self._snapshots):
-            params = group.parameters
+        for unit, old in zip(self._units, self._snapshots):
             if old is None:
                 continue
-            if group.frozen:
+            params = unit.blocks([param.detach() for param in unit.parameters])
+            if unit.frozen:
                 for param, before in zip(params, old):
                     param.copy_(before)
                 continue
-            if basis is None:
-                continue
-            deltas = [param.detach() - before for param, before in zip(params, old)]
-            for param, before, delta in zip(params, old, self._project(group, basis, deltas)):
+            joined = unit.joined([param - before for param, before in zip(params, old)])
+            deltas = unit.split(joined - (joined @ unit.basis) @ unit.basis.mT)
+            for param, before, delta in zip(params, old, deltas):
                 param.copy_(before + delta.to(param.dtype))
         self._snapshots = None
 

@@ -14,31 +14,55 @@ from torch import nn
 from ..config import is_gp_config
 
 
+class FeatureSource:
+    """Where a group's features come from when they are not a module's first input (queries, attention weights).
+
+    ``attach(emit)`` starts calling ``emit(features, masked)`` during forward passes and returns a handle with
+    ``remove()``; ``features`` has the feature axis last, and with ``masked=True`` its first two axes are laid out as
+    the batch's ``(batch, sequence)`` so that padding can be left out.
+    """
+
+    def attach(self, emit: Callable[[torch.Tensor, bool], None]):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
 @dataclass(eq=False)
 class ProjectedGroup:
-    """Parameters whose update is projected against one basis, and the module whose input feeds that basis.
+    """Parameters whose update is projected against one basis, and where the features of that basis come from.
 
     ``weight`` has the input-feature axis last (``(out, d_in)``, as ``nn.Linear``). With a ``bias`` the basis lives
     in ``d_in + 1`` dimensions: the bias is the weight of a constant-1 feature, so ``[W | b]`` is projected as one
-    matrix and the protection stays exact for every old input.
+    matrix and the protection stays exact for every old input. A group may also own a block of a larger parameter
+    (``index``, e.g. one head's slice of a prefix) and project it along its first axis (``transpose``).
 
     Attributes:
         name: key of the basis in the memory (module path inside the base model, adapter name left out).
-        weight: the projected weight.
+        weight: the parameter holding the projected block.
         bias: the projected bias, if any.
         feature_module: the module whose first positional input holds the features of this basis.
         frozen: from the second task on, the group is kept fixed instead of projected.
+        index: basic index of the block inside ``weight`` (``None``: all of it).
+        transpose: project the block along its first axis (the features index its rows).
+        source: the features come from this source instead of ``feature_module``'s input.
     """
 
     name: str
     weight: nn.Parameter
     bias: nn.Parameter | None
-    feature_module: nn.Module
+    feature_module: nn.Module | None
     frozen: bool = False
+    index: tuple | None = None
+    transpose: bool = False
+    source: FeatureSource | None = None
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The projected block of ``tensor`` (the weight, its gradient or update), feature axis last; a view."""
+        block = tensor if self.index is None else tensor[self.index]
+        return block.T if self.transpose else block
 
     @property
     def dim(self) -> int:
-        return self.weight.shape[-1] + (1 if self.bias is not None else 0)
+        return self.view(self.weight).shape[-1] + (1 if self.bias is not None else 0)
 
     @property
     def parameters(self) -> list[nn.Parameter]:
