@@ -92,19 +92,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--task-examples", type=int, default=512, help="examples in the task whose epoch is timed")
     parser.add_argument("--trainer", action="store_true", help="also time Trainer vs GPTrainer steps")
     parser.add_argument("--virtual-tokens", type=int, default=10, help="prompt/prefix length of prompt learning")
+    parser.add_argument("--bottleneck", type=int, default=16, help="bottleneck width of the adapter")
     parser.add_argument(
         "--paradigms",
-        default="lora,prompt,prefix",
-        help="comma-separated subset of lora, prompt, prefix (without lora only prompt learning is timed)",
+        default="lora,adapter,prompt,prefix",
+        help="comma-separated subset of lora, adapter, prompt, prefix (without lora the others are timed alone)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=str(RESULTS / "step_overhead.json"))
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error(f"--steps must be at least 2 (medians and quartiles of step times), got {args.steps}")
-    unknown = set(args.paradigms.split(",")) - {"lora", "prompt", "prefix"}
+    unknown = set(args.paradigms.split(",")) - {"lora", "adapter", "prompt", "prefix"}
     if unknown:
-        parser.error(f"--paradigms takes lora, prompt, prefix; got {sorted(unknown)}")
+        parser.error(f"--paradigms takes lora, adapter, prompt, prefix; got {sorted(unknown)}")
     return args
 
 
@@ -213,11 +214,14 @@ def trainer_rounds(models: dict, dataset: Dataset, args) -> dict[str, list[float
     return times
 
 
-PROMPT_PLAIN, PREFIX_PLAIN = "Prompt (plain)", "Prefix (no GP)"
+PROMPT_PLAIN, PREFIX_PLAIN, ADAPTER_PLAIN = "Prompt (plain)", "Prefix (no GP)", "Adapter (no GP)"
 
 
-def prompt_learning_rows(base, task_batches, timed_batch, args) -> dict:
-    """Prompt and prefix tuning on the same batch: each GP model against its unprotected baseline, interleaved.
+def paradigm_rows(base, task_batches, timed_batch, args) -> dict:
+    """Adapter, prompt and prefix tuning on one batch: each GP model against its unprotected baseline, interleaved.
+
+    PEFT has no bottleneck adapter, so the adapter baseline is ``GPAdapterConfig`` without a memory (the same tuner,
+    no projection); the adapters sit beside each layer's feed-forward block (``--bottleneck`` wide).
 
     The prompt baseline is PEFT's ``PromptTuningConfig``. PEFT's own prefix tuning does not run on BERT-like encoders
     with transformers 5 (it passes the renamed cache argument), so the prefix baseline is ``GPPrefixTuningConfig``
@@ -230,6 +234,17 @@ def prompt_learning_rows(base, task_batches, timed_batch, args) -> dict:
     common = {"task_type": "SEQ_CLS", "num_virtual_tokens": args.virtual_tokens}
     gp = {"gp_threshold": args.gp_threshold, "gp_projection": "update", "gp_memory_samples": args.gp_memory_samples}
     plans = []
+    if "adapter" in paradigms:
+        adapter = {"task_type": "SEQ_CLS", "bottleneck_size": args.bottleneck}
+        plans += [
+            (ADAPTER_PLAIN, peft_gp.GPAdapterConfig(**adapter, **gp), None),
+            (
+                "GP-Adapter gradient",
+                peft_gp.GPAdapterConfig(**adapter, **{**gp, "gp_projection": "gradient"}),
+                ADAPTER_PLAIN,
+            ),
+            ("GP-Adapter update", peft_gp.GPAdapterConfig(**adapter, **gp), ADAPTER_PLAIN),
+        ]
     if "prompt" in paradigms:
         plans += [
             (PROMPT_PLAIN, PromptTuningConfig(**common), None),
@@ -276,7 +291,8 @@ def prompt_learning_rows(base, task_batches, timed_batch, args) -> dict:
             opt_times[name].append(opt)
     print()
     print(
-        f"prompt learning ({args.virtual_tokens} virtual tokens) | ms/step median (IQR) | paired vs baseline | "
+        f"{f'adapter (r={args.bottleneck}), prompt learning ({args.virtual_tokens} tokens)':<28} | "
+        "ms/step median (IQR) | paired vs baseline | "
         "projection ms (% of step) | memory update s"
     )
     rows = []
@@ -324,15 +340,15 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=5)
     if "lora" not in args.paradigms.split(","):  # prompt learning alone
-        prompt_learning = prompt_learning_rows(base, task_batches, timed_batch, args)
-        worst = max(r["projection_share_of_step"] for r in prompt_learning["rows"])
+        other_paradigms = paradigm_rows(base, task_batches, timed_batch, args)
+        worst = max(r["projection_share_of_step"] for r in other_paradigms["rows"])
         print(f"target: projection <= 5% of the step: {100 * worst:.2f}% ({'met' if worst <= 0.05 else 'NOT met'})")
         record = {
             "benchmark": "gp_step_overhead",
             "date": now(),
             "machine": machine_record(load_start),
             "settings": vars(args),
-            "prompt_learning": prompt_learning,
+            "other_paradigms": other_paradigms,
             "total_seconds": round(time.perf_counter() - began, 1),
         }
         write_record(args.output, record)
@@ -423,7 +439,7 @@ def main(argv=None) -> dict:
     full_groups = len(full)
     full_kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(Counter(g.rsplit(".", 1)[-1] for g in full).items()))
 
-    prompt_learning = prompt_learning_rows(base, task_batches, timed_batch, args)
+    other_paradigms = paradigm_rows(base, task_batches, timed_batch, args)
 
     trainer_times = {}
     if args.trainer:
@@ -515,11 +531,11 @@ def main(argv=None) -> dict:
     worst_step = (
         max(
             [r["paired_ratio_vs_plain"] for r in rows]
-            + [r["paired_ratio_vs_baseline"] for r in prompt_learning.get("rows", [])]
+            + [r["paired_ratio_vs_baseline"] for r in other_paradigms.get("rows", [])]
         )
         - 1
     )
-    worst_hook = max(r["projection_share_of_step"] for r in rows + prompt_learning.get("rows", []))
+    worst_hook = max(r["projection_share_of_step"] for r in rows + other_paradigms.get("rows", []))
     one_epoch = max(shares["first_task_vs_1_epoch"], shares["second_task_vs_1_epoch"])
     print(
         f"targets: GP overhead <= 5% of the step: projection {100 * worst_hook:.2f}% "
@@ -540,7 +556,7 @@ def main(argv=None) -> dict:
         "settings": vars(args),
         "plain_loop": rows,
         "trainer": trainer_rows,
-        "prompt_learning": prompt_learning,
+        "other_paradigms": other_paradigms,
         "memory_update": {
             "examples": examples,
             "first_task_seconds": round(first["seconds"], 3),

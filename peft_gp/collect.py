@@ -192,9 +192,9 @@ def update_memory(
     if newly_full:
         warnings.warn(
             f"The memory now fills the whole feature space of {len(newly_full)} projected group(s), e.g. "
-            f"{newly_full[:3]}: these parameters can no longer learn. Lower gp_threshold, or raise the LoRA rank "
-            "(lora_B's features live in r dimensions) or the number of virtual tokens (a value prefix's features "
-            "live in num_virtual_tokens dimensions), to keep learning there.",
+            f"{newly_full[:3]}: these parameters can no longer learn. Lower gp_threshold, or widen the space: the "
+            "LoRA rank (lora_B's features live in r dimensions), the adapter's bottleneck_size (W_up's live in "
+            "bottleneck_size + 1) or the number of virtual tokens (a value prefix's live in num_virtual_tokens).",
             stacklevel=stacklevel,
         )
     return report

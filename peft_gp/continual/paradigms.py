@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from peft import LoraConfig, PeftConfig
+from peft import LoraConfig, PeftConfig, PromptTuningConfig
 
 import peft_gp
 
@@ -29,25 +29,28 @@ def lora_config(options: dict[str, Any], gp: dict[str, Any] | None, task_type: s
     return peft_gp.GPLoraConfig(**kwargs, **gp) if gp is not None else LoraConfig(**kwargs)
 
 
-def _gp_only(class_name: str) -> ParadigmFactory:
-    """A paradigm whose only config is peft_gp's own (no plain PEFT class): the baseline uses it with ``Trainer``."""
+def _paired(gp_class: type, plain_class: type | None) -> ParadigmFactory:
+    """``gp_class`` with GP; without, ``plain_class`` (PEFT's own) or, where PEFT has none, ``gp_class`` itself (the
+    baseline then trains the same config with a plain ``Trainer``: no memory, no projection)."""
 
     def factory(options: dict[str, Any], gp: dict[str, Any] | None, task_type: str | None) -> PeftConfig:
-        config_class = getattr(peft_gp, class_name)
         kwargs = {"task_type": task_type, **options} if task_type else dict(options)
-        return config_class(**kwargs, **(gp or {}))
+        if gp is None and plain_class is not None:
+            return plain_class(**kwargs)
+        return gp_class(**kwargs, **(gp or {}))
 
-    factory.__doc__ = f"``peft_gp.{class_name}`` (the baseline trains the same config without projection)."
+    factory.__doc__ = f"``peft_gp.{gp_class.__name__}`` with GP; the baseline's config without it."
     return factory
 
 
-PARADIGMS: dict[str, ParadigmFactory] = {"lora": lora_config}
+PARADIGMS: dict[str, ParadigmFactory] = {
+    "lora": lora_config,
+    "adapter": _paired(peft_gp.GPAdapterConfig, None),  # PEFT has no bottleneck adapter
+    # PEFT's own prefix tuning fails on BERT-like encoders with transformers 5: the baseline uses peft_gp's route
+    "prefix": _paired(peft_gp.GPPrefixTuningConfig, None),
+    "prompt": _paired(peft_gp.GPPromptTuningConfig, PromptTuningConfig),
+}
 """Paradigm name -> config factory. Register a new one with ``PARADIGMS["name"] = factory``."""
-
-for _name, _class in (("adapter", "GPAdapterConfig"), ("prefix", "GPPrefixTuningConfig"), ("prompt",
-                      "GPPromptTuningConfig")):  # fmt: skip
-    if hasattr(peft_gp, _class):  # added as peft_gp grows these paradigms
-        PARADIGMS[_name] = _gp_only(_class)
 
 
 def make_peft_config(
