@@ -162,6 +162,29 @@ def quartiles_ms(values: list[float]) -> tuple[float, float]:
     return 1000 * q[0], 1000 * q[2]
 
 
+def interleaved_steps(models, optimizers, batch, args, progress: bool = False):
+    """Warmup, then ``args.steps`` timed steps per model: round robin, one step at a time, in a rotating order, so
+    that load drifts hit every configuration alike. Returns (step seconds, optimizer.step() seconds) per model."""
+    names = list(models)
+    step_times: dict[str, list[float]] = {name: [] for name in names}
+    opt_times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.warmup):
+        for name in names:
+            train_step(models[name], optimizers[name], batch)
+    for step in range(args.steps):
+        for name in names[step % len(names) :] + names[: step % len(names)]:
+            total, opt = train_step(models[name], optimizers[name], batch)
+            step_times[name].append(total)
+            opt_times[name].append(opt)
+        if progress and ((step + 1) % max(1, args.steps // 4) == 0 or step + 1 == args.steps):
+            print(
+                f"  {step + 1}/{args.steps} steps each: "
+                + ", ".join(f"{n} {median_ms(step_times[n]):.0f} ms" for n in names),
+                flush=True,
+            )
+    return step_times, opt_times
+
+
 class StepTimer(TrainerCallback):
     """Wall time of every optimizer step of a Trainer (forward, backward, clipping, step, scheduler)."""
 
@@ -279,16 +302,7 @@ def paradigm_rows(base, task_batches, timed_batch, args) -> dict:
             assert peft_gp.GPProjector(model).attach(optimizer).active, "the GP memory should hold one task"
         models[name], optimizers[name], baselines[name] = model, optimizer, baseline
     names = list(models)
-    step_times: dict[str, list[float]] = {name: [] for name in names}
-    opt_times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(args.warmup):
-        for name in names:
-            train_step(models[name], optimizers[name], timed_batch)
-    for step in range(args.steps):
-        for name in names[step % len(names) :] + names[: step % len(names)]:
-            total, opt = train_step(models[name], optimizers[name], timed_batch)
-            step_times[name].append(total)
-            opt_times[name].append(opt)
+    step_times, opt_times = interleaved_steps(models, optimizers, timed_batch, args)
     print()
     print(
         f"{f'adapter (r={args.bottleneck}), prompt learning ({args.virtual_tokens} tokens)':<28} | "
@@ -401,24 +415,8 @@ def main(argv=None) -> dict:
     )
 
     # ---- interleaved plain-loop step timing -----------------------------------------------------------------------
-    # round robin, one step at a time, in a rotating order: load drifts hit every configuration alike
-    step_times: dict[str, list[float]] = {name: [] for name in models}
-    opt_times: dict[str, list[float]] = {name: [] for name in models}
+    step_times, opt_times = interleaved_steps(models, optimizers, timed_batch, args, progress=True)
     names = list(models)
-    for _ in range(args.warmup):
-        for name in names:
-            train_step(models[name], optimizers[name], timed_batch)
-    for step in range(args.steps):
-        for name in names[step % len(names) :] + names[: step % len(names)]:
-            total, opt = train_step(models[name], optimizers[name], timed_batch)
-            step_times[name].append(total)
-            opt_times[name].append(opt)
-        if (step + 1) % max(1, args.steps // 4) == 0 or step + 1 == args.steps:
-            print(
-                f"  {step + 1}/{args.steps} steps each: "
-                + ", ".join(f"{n} {median_ms(step_times[n]):.0f} ms" for n in names),
-                flush=True,
-            )
     for name, projector in projectors.items():
         removed = projector.pop_stats().get("gp_grad_removed")
         memory_updates[name]["grad_removed_share"] = removed
