@@ -309,3 +309,40 @@ def test_card_names_the_base_model_only_if_the_hub_knows_it(hub_env, tmp_path):
         pushed = server.files(REPO, "task-02")["README.md"]
         assert ModelCard(pushed.decode()).data.base_model is None
         assert pushed == (tmp_path / "unknown" / "README.md").read_bytes()
+
+
+def test_runner_pushes_every_task_with_the_accuracy_matrix_so_far(hub, tmp_path):
+    from peft_gp.continual import RunConfig, run_sequence
+    from peft_gp.continual.runner import load_model
+
+    from .continual_fixtures import save_tiny_text_model, text_dataset
+
+    save_tiny_text_model(tmp_path / "model")
+    text_dataset().save_to_disk(str(tmp_path / "data"))
+    config = RunConfig(
+        name="tiny",
+        model=str(tmp_path / "model"),
+        dataset=str(tmp_path / "data"),
+        classes_per_task=[3, 3],
+        max_length=8,
+        epochs=2,
+        batch_size=8,
+        gp_memory_samples=16,
+        output_dir=str(tmp_path / "run"),
+        progress=False,
+        plots=False,
+        push_to_hub=REPO,
+        hub_private=True,
+    )
+    run = run_sequence(config, say=lambda *_: None)
+    assert {"task-01", "task-02"} <= set(hub.repos[REPO].refs)
+    assert [record["hub_revision"] for record in run.main.tasks] == ["task-01", "task-02"]
+    resumed = peft_gp.from_pretrained(load_model(config, 6, image=False), REPO, revision="task-02")
+    state = peft_gp.get_task_state(resumed)
+    assert state.task_names == [task["name"] for task in run.stream]
+    expected = [row[: k + 1] for k, row in enumerate(run.accuracy_matrix)]
+    assert state.accuracy_matrix == [[pytest.approx(v) for v in row] for row in expected]
+    assert peft_gp.get_memory(resumed).tasks_seen == 2
+    assert (tmp_path / "run" / "hub" / "task-02" / "gp_memory.safetensors").is_file()
+    with pytest.raises(Exception, match="repo id"):
+        RunConfig(push_to_hub="no-slash")

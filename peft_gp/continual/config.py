@@ -62,6 +62,10 @@ class RunConfig:
         plots: Write PNG plots (needs ``matplotlib``).
         save_adapters: Save each method's trained adapter (``save_pretrained``; with GP, ``gp_memory.safetensors``
             beside it) to ``adapter_gp`` / ``adapter_baseline`` in the output folder.
+        push_to_hub: A Hub repo id: after each task of the GP run, push the adapter, memory, task record and a model
+            card with the accuracy matrix so far as one commit with a branch per task (``peft_gp.push_task_to_hub``;
+            the local copy goes to ``hub/task-XX`` in the output folder first).
+        hub_private: Create that repo private.
     """
 
     name: str = "bbc_news_cil"
@@ -100,6 +104,8 @@ class RunConfig:
     progress: bool = True
     plots: bool = True
     save_adapters: bool = False
+    push_to_hub: str | None = None
+    hub_private: bool = False
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -118,6 +124,8 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise RunConfigError(f"{name} must be a positive number, got {value!r}.")
+        if self.push_to_hub is not None and (not isinstance(self.push_to_hub, str) or "/" not in self.push_to_hub):
+            raise RunConfigError(f"push_to_hub must be a Hub repo id like 'me/my-run', got {self.push_to_hub!r}.")
         if not 0.0 < self.test_size < 1.0:
             raise RunConfigError(f"test_size must be in (0, 1), got {self.test_size!r}.")
         if not isinstance(self.paradigm_kwargs, dict):

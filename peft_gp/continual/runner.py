@@ -318,6 +318,20 @@ def train_stream(
                 record["gp_capacity_mean"] = round(sum(capacity.values()) / max(len(capacity), 1), 4)
                 record["gp_full_groups"] = len(memory.full_groups())
                 record["gp_groups"] = len(capacity)
+            if gp and config.push_to_hub:
+                from ..hub import push_task_to_hub, task_branch
+
+                push = push_task_to_hub(
+                    model,
+                    config.push_to_hub,
+                    task_id=task_id,
+                    task_name=task.name,
+                    local_dir=str(config.run_dir / "hub" / task_branch(task_id)),
+                    private=config.hub_private,
+                    classes=list(task.classes),
+                    accuracy_matrix=[r[: k + 1] for k, r in enumerate(matrix)],
+                )
+                record["hub_revision"] = push.revision
             records.append(record)
             extra = ""
             if gp:
