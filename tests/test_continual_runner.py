@@ -67,6 +67,12 @@ def test_run_writes_consistent_outputs_and_gp_keeps_old_tasks(tiny_dirs, tmp_pat
         check_matrix(result.accuracy_matrix, 3)
         assert result.metrics == pytest.approx(accuracy_matrix_summary(result.accuracy_matrix))
         assert [r["task_id"] for r in result.tasks] == [0, 1, 2] and all(r["train_seconds"] > 0 for r in result.tasks)
+        # the task-incremental view of the same models: a prediction right over all seen classes is right over the
+        # task's own classes too, and after the first task both views restrict to the same classes
+        til = result.task_il_matrix
+        check_matrix(til, 3)
+        assert all(til[t][k] >= result.accuracy_matrix[t][k] for t in range(3) for k in range(t + 1))
+        assert til[0][0] == result.accuracy_matrix[0][0]
     gp, plain = run.results["gp"], run.baseline
     assert all(r["memory_update_seconds"] > 0 for r in gp.tasks)
     # the first task is learned, and plain LoRA forgets it while GP keeps more of it
@@ -77,6 +83,7 @@ def test_run_writes_consistent_outputs_and_gp_keeps_old_tasks(tiny_dirs, tmp_pat
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved["results"]["gp"]["accuracy_matrix"] == gp.accuracy_matrix
     assert saved["results"]["gp"]["metrics"] == pytest.approx(accuracy_matrix_summary(gp.accuracy_matrix))
+    assert saved["results"]["gp"]["task_il_metrics"] == pytest.approx(accuracy_matrix_summary(gp.task_il_matrix))
     assert RunConfig.from_dict(saved["config"]) == config
     assert [t["class_names"] for t in saved["stream"]] == [t["class_names"] for t in run.stream]
     summary = (tmp_path / "run" / "summary.md").read_text()

@@ -47,6 +47,9 @@ INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
 class MethodResult:
     """One method's run over the stream: the accuracy matrix (fractions), its metrics, per-task records.
 
+    ``task_il_matrix`` is the same evaluation with the task id given (the argmax over each task's own classes), from
+    the same forward passes; in the task-incremental scenario it equals ``accuracy_matrix``.
+
     Each task record holds ``train_seconds`` (``train()``, including GP's memory update), ``memory_update_seconds``,
     the training loss, the accuracy row and GP statistics. ``model`` is the trained PEFT model (not serialised).
     """
@@ -58,9 +61,15 @@ class MethodResult:
     tasks: list[dict[str, Any]]
     seconds: float
     model: nn.Module | None = field(default=None, repr=False, compare=False)
+    task_il_matrix: list[list[float | None]] | None = None
+
+    @property
+    def task_il_metrics(self) -> dict[str, float] | None:
+        """The metrics of ``task_il_matrix`` (``None`` when it was not recorded)."""
+        return accuracy_matrix_summary(self.task_il_matrix) if self.task_il_matrix else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        record = {
             "method": self.method,
             "label": self.label,
             "accuracy_matrix": self.accuracy_matrix,
@@ -68,6 +77,10 @@ class MethodResult:
             "tasks": self.tasks,
             "seconds": self.seconds,
         }
+        if self.task_il_matrix is not None:
+            record["task_il_matrix"] = self.task_il_matrix
+            record["task_il_metrics"] = self.task_il_metrics
+        return record
 
 
 @dataclass
@@ -217,16 +230,25 @@ def _task_type(tasks: Sequence[Task]) -> str | None:
 @torch.no_grad()
 def evaluate_task(model: nn.Module, dataset, allowed: Sequence[int], batch_size: int = 64) -> float:
     """Accuracy on ``dataset`` with the prediction restricted to the ``allowed`` label ids."""
+    return evaluate_views(model, dataset, [allowed], batch_size)[0]
+
+
+@torch.no_grad()
+def evaluate_views(model: nn.Module, dataset, views: Sequence[Sequence[int]], batch_size: int = 64) -> list[float]:
+    """Accuracies on ``dataset`` for several restrictions of the prediction (one forward pass): e.g. the classes seen
+    so far (class-incremental) and the task's own classes (task-incremental)."""
     model.eval()
     device = next(model.parameters()).device
-    correct = total = 0
+    correct = [0] * len(views)
+    total = 0
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=default_data_collator)
     for batch in loader:
         inputs = {k: v.to(device) for k, v in batch.items() if k in INPUT_KEYS}
-        predictions = masked_predictions(model(**inputs).logits, allowed)
-        correct += (predictions.cpu() == batch["labels"]).sum().item()
+        logits = model(**inputs).logits
+        for i, allowed in enumerate(views):
+            correct[i] += (masked_predictions(logits, allowed).cpu() == batch["labels"]).sum().item()
         total += batch["labels"].shape[0]
-    return correct / total
+    return [c / total for c in correct]
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -265,6 +287,7 @@ def train_stream(
     loss = MaskedCrossEntropy()
     label = _method_label(config, gp)
     matrix: list[list[float | None]] = []
+    task_il_matrix: list[list[float | None]] = []
     records = []
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
@@ -295,12 +318,14 @@ def train_stream(
             start = time.perf_counter()
             output = trainer.train()
             seconds = time.perf_counter() - start
-            row = [
-                evaluate_task(model, tasks[k].test, prediction_classes(tasks, task_id, k, config.scenario),
-                              config.eval_batch_size)
+            both = [
+                evaluate_views(model, tasks[k].test, [prediction_classes(tasks, task_id, k, config.scenario),
+                                                      tasks[k].classes], config.eval_batch_size)
                 for k in range(task_id + 1)
             ]  # fmt: skip
+            row = [scenario_view for scenario_view, _ in both]
             matrix.append(row + [None] * (len(tasks) - task_id - 1))
+            task_il_matrix.append([own for _, own in both] + [None] * (len(tasks) - task_id - 1))
             record: dict[str, Any] = {
                 "task_id": task_id,
                 "name": task.name,
@@ -350,6 +375,7 @@ def train_stream(
         tasks=records,
         seconds=round(time.perf_counter() - began, 2),
         model=model,
+        task_il_matrix=task_il_matrix,
     )
     return result, initial
 
