@@ -1,0 +1,81 @@
+"""``benchmarks/fortunes_cil.py --quick`` end to end, on a synthetic fortunes folder and a tiny BERT (no Debian
+``fortunes`` package, no MiniLM needed): it runs every paradigm and method, and its record is consistent."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from peft_gp.continual.metrics import accuracy_matrix_summary
+from peft_gp.continual.sources import FORTUNES_TOPICS
+
+from .continual_fixtures import CLASS_NAMES, save_tiny_text_model, words
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark():
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))  # the script imports benchmarks/common.py
+    spec = importlib.util.spec_from_file_location("fortunes_cil", BENCHMARKS / "fortunes_cil.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_fortunes(folder: Path, quotes: int = 10) -> Path:
+    """One file per topic, quotes separated by ``%`` lines; topic i uses the words of fixture class i mod 6."""
+    rng = random.Random(0)
+    folder.mkdir()
+    for i, topic in enumerate(FORTUNES_TOPICS):
+        vocabulary = words(i % len(CLASS_NAMES))
+        body = "\n%\n".join(" ".join(rng.choices(vocabulary, k=4)) for _ in range(quotes))
+        (folder / topic).write_text(body + "\n%\n")
+    return folder
+
+
+def test_fortunes_quick_runs_every_paradigm_and_records_both_views(tmp_path):
+    benchmark = load_benchmark()
+    data = write_fortunes(tmp_path / "fortunes")
+    model = save_tiny_text_model(tmp_path / "model")
+    output = tmp_path / "fortunes.json"
+    record = benchmark.main(["--quick", "--data-dir", str(data), "--model", str(model), "--max-length", "8",
+                             "--output", str(output)])  # fmt: skip
+    saved = json.loads(output.read_text())
+    assert saved["summary"] == record["summary"] and saved["targets"] == record["targets"]
+    assert set(saved["machine"]) >= {"cpu_count", "torch", "peft_gp"} and saved["date"]
+    assert len(saved["streams"]["0"]) == 3
+    assert all(len(t["classes"]) == 2 for t in saved["streams"]["0"])
+    for paradigm in benchmark.PARADIGMS:
+        methods = saved["runs"][paradigm]
+        assert set(methods) == set(benchmark.METHODS)
+        for method in ("plain", "gradient", "update"):
+            (run,) = methods[method]
+            cil, til = run["cil_matrix"], run["til_matrix"]
+            assert len(cil) == len(til) == 3
+            assert run["cil"] == pytest.approx(accuracy_matrix_summary(cil))
+            assert run["til"] == pytest.approx(accuracy_matrix_summary(til))
+            # right over all seen classes implies right over the task's own; the first task has no others
+            assert all(til[t][k] >= cil[t][k] for t in range(3) for k in range(t + 1))
+            assert til[0][0] == cil[0][0]
+        (joint,) = methods["joint"]
+        assert len(joint["cil_final"]) == len(joint["til_final"]) == 3
+        assert all(t >= c for t, c in zip(joint["til_final"], joint["cil_final"]))
+    checks = saved["targets"]
+    assert len(checks) == 3 * 2 * len(benchmark.PARADIGMS)  # 3 targets x (gradient, update) per paradigm
+    for check in checks:
+        entry = saved["summary"][check["paradigm"]]
+        if check["target"].startswith("CIL"):
+            delta = entry[check["method"]]["cil"]["average_accuracy"][0] - entry["plain"]["cil"]["average_accuracy"][0]
+            assert check["met"] == (delta >= 0)
+
+
+def test_fortunes_quick_refuses_a_missing_data_folder(tmp_path):
+    benchmark = load_benchmark()
+    with pytest.raises(SystemExit, match="apt-get install -y fortunes fortunes-min"):
+        benchmark.main(["--quick", "--data-dir", str(tmp_path / "none"), "--model", "unused"])
