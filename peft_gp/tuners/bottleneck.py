@@ -224,7 +224,12 @@ class BottleneckLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(*args, **kwargs)
         out = self.base_layer(*args, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
-        x = (args[0] if args else next(iter(kwargs.values()))) if self.adapter_style == "parallel" else hidden
+        if self.adapter_style == "sequential":
+            x = hidden
+        elif args:
+            x = args[0]
+        else:  # called with keywords only: the hidden states by their usual names, else the first keyword
+            x = kwargs.get("hidden_states", kwargs.get("x", next(iter(kwargs.values()))))
         delta = self.delta(x)
         if delta is None:
             return out
