@@ -84,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="(32)")
     parser.add_argument("--lr", type=float, default=None, help=f"learning rate for every paradigm ({LEARNING_RATES})")
     parser.add_argument("--virtual-tokens", type=int, default=None, help="prefix/prompt virtual tokens (10)")
+    parser.add_argument("--no-group-by-length", action="store_true",
+                        help="random batches padded to --max-length (default: batches of similar length, cut)")
     parser.add_argument("--gp-threshold", type=float, default=0.97)
     parser.add_argument("--gp-memory-samples", type=int, default=None, help="examples per memory update (256)")
     parser.add_argument("--data-dir", default=str(FORTUNES_DIR), help="folder of the 20 topic files")
@@ -142,6 +144,7 @@ def run_config(args: argparse.Namespace, paradigm: str, seed: int) -> RunConfig:
         batch_size=args.batch_size,
         learning_rate=args.lr if args.lr is not None else LEARNING_RATES[paradigm],
         seed=seed,
+        group_by_length=not args.no_group_by_length,
         progress=False,
         plots=False,
     )

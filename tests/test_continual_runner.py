@@ -201,3 +201,48 @@ def test_model_without_the_requested_head_is_named():
     config = RunConfig(model_config={"model_type": "clip"})
     with pytest.raises(RunConfigError, match="has no sequence-classification head"):
         load_model(config, 3, image=False)
+
+
+def test_collate_batch_cuts_only_trailing_padding_and_keeps_logits():
+    from peft_gp.continual.runner import collate_batch
+
+    rows = [
+        {"input_ids": [5, 6, 7, 0, 0, 0], "attention_mask": [1, 1, 1, 0, 0, 0], "labels": 1, "length": 3},
+        {"input_ids": [5, 6, 0, 0, 0, 0], "attention_mask": [1, 1, 0, 0, 0, 0], "labels": 0, "length": 2},
+    ]
+    batch = collate_batch(rows)
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}  # "length" (and any other column) dropped
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 6, 0]]
+    left = [{"input_ids": [0, 0, 5], "attention_mask": [0, 0, 1], "labels": 0}]
+    assert collate_batch(left)["input_ids"].shape == (1, 3)  # left padding is kept: positions must not move
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(
+        BertConfig(vocab_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                   max_position_embeddings=8, num_labels=2)
+    ).eval()  # fmt: skip
+    full = {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        cut = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert torch.allclose(cut, model(**full).logits, atol=1e-5)
+
+
+def test_length_grouped_sampler_is_a_permutation_of_similar_length_batches():
+    from peft_gp.continual.runner import LengthGroupedSampler
+
+    lengths = [int(x) for x in torch.randint(1, 65, (200,), generator=torch.Generator().manual_seed(0))]
+    sampler = LengthGroupedSampler(lengths, batch_size=10, seed=0)
+    first, second = list(sampler), list(sampler)
+    assert sorted(first) == list(range(200)) and first != second  # every example once, a new order each epoch
+    batches = [first[k : k + 10] for k in range(0, 200, 10)]
+    spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
+    random_spread = [max(lengths[k : k + 10]) - min(lengths[k : k + 10]) for k in range(0, 200, 10)]
+    assert sum(spread) < 0.5 * sum(random_spread)
+
+
+def test_grouped_run_still_keeps_old_tasks(tiny_dirs, tmp_path):
+    config = tiny_config(tiny_dirs, tmp_path, group_by_length=True, plots=False, compare_baseline=True)
+    run = run_sequence(config, **SILENT)
+    gp, plain = run.results["gp"], run.baseline
+    check_matrix(gp.accuracy_matrix, 3)
+    assert gp.metrics["forgetting"] <= plain.metrics["forgetting"]
+    assert [t["train_examples"] for t in gp.tasks] == [t["train_examples"] for t in plain.tasks]

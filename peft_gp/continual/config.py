@@ -57,6 +57,9 @@ class RunConfig:
             (see ``peft_gp.GPConfigMixin``).
         epochs, batch_size, eval_batch_size, learning_rate, weight_decay, seed: Training settings (one
             ``TrainingArguments`` per task; the optimizer state starts fresh for every task).
+        group_by_length: Batch texts of similar length together (transformers' ``group_by_length`` sampling). Every
+            batch is cut to its longest example, so short texts train faster; off by default because it changes
+            which examples share a batch.
         output_dir: Where the JSON, Markdown summary and plots go (default ``peft-gp-runs/<name>``).
         progress: Progress bars for training and for the memory update.
         plots: Write PNG plots (needs ``matplotlib``).
@@ -100,6 +103,7 @@ class RunConfig:
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
     seed: int = 0
+    group_by_length: bool = False
     output_dir: str | None = None
     progress: bool = True
     plots: bool = True

@@ -233,6 +233,29 @@ def evaluate_task(model: nn.Module, dataset, allowed: Sequence[int], batch_size:
     return evaluate_views(model, dataset, [allowed], batch_size)[0]
 
 
+def collate_batch(features: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """``default_data_collator`` over the model inputs and ``labels``, with the trailing padding columns that no
+    example of the batch uses cut off: a batch of short texts costs its longest text, not ``max_length``. (Only
+    right padding is cut, so positions never move.)"""
+    keep = (*INPUT_KEYS, "labels")
+    batch = default_data_collator([{k: v for k, v in f.items() if k in keep} for f in features])
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > 0:
+        used = mask.bool().any(0).nonzero()
+        width = int(used.max()) + 1 if used.numel() else mask.shape[1]
+        if width < mask.shape[1]:
+            for key in ("input_ids", "attention_mask", "token_type_ids"):
+                if key in batch and tuple(batch[key].shape) == tuple(mask.shape):
+                    batch[key] = batch[key][:, :width]
+    return batch
+
+
+def _text_lengths(dataset) -> list[int] | None:
+    if "attention_mask" not in getattr(dataset, "column_names", ()):
+        return None
+    return [int(sum(m)) for m in dataset["attention_mask"]]
+
+
 @torch.no_grad()
 def evaluate_views(model: nn.Module, dataset, views: Sequence[Sequence[int]], batch_size: int = 64) -> list[float]:
     """Accuracies on ``dataset`` for several restrictions of the prediction (one forward pass): e.g. the classes seen
@@ -241,7 +264,10 @@ def evaluate_views(model: nn.Module, dataset, views: Sequence[Sequence[int]], ba
     device = next(model.parameters()).device
     correct = [0] * len(views)
     total = 0
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=default_data_collator)
+    lengths = _text_lengths(dataset)
+    if lengths is not None:  # longest first: batches of similar length, cut by collate_batch (same accuracies)
+        dataset = dataset.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_batch)
     for batch in loader:
         inputs = {k: v.to(device) for k, v in batch.items() if k in INPUT_KEYS}
         logits = model(**inputs).logits
@@ -293,6 +319,7 @@ def train_stream(
     with tempfile.TemporaryDirectory() as scratch:
         for task in tasks:
             task_id = task.task_id
+            grouped = config.group_by_length and "attention_mask" in task.train.column_names
             loss.allowed = training_classes(tasks, task_id, config.masking)
             args = TrainingArguments(
                 output_dir=scratch,
@@ -308,9 +335,13 @@ def train_stream(
                 disable_tqdm=not config.progress,
                 dataloader_num_workers=0,
                 dataloader_pin_memory=torch.cuda.is_available(),
+                remove_unused_columns=not grouped,  # collate_batch drops the extra columns (grouping: "length")
             )
-            kwargs = dict(model=model, args=args, train_dataset=task.train, compute_loss_func=loss)
-            trainer = peft_gp.GPTrainer(**kwargs, gp_log_per_layer=False) if gp else Trainer(**kwargs)
+            train = task.train.add_column("length", _text_lengths(task.train)) if grouped else task.train
+            kwargs = dict(model=model, args=args, train_dataset=train, compute_loss_func=loss,
+                          data_collator=collate_batch)  # fmt: skip
+            trainer_class = _trainer_class(gp, grouped)
+            trainer = trainer_class(**kwargs, gp_log_per_layer=False) if gp else trainer_class(**kwargs)
             trainer.remove_callback(PrinterCallback)
             if config.progress:  # the bar, without a printed dict of logs per epoch
                 trainer.remove_callback(ProgressCallback)
@@ -378,6 +409,37 @@ def train_stream(
         task_il_matrix=task_il_matrix,
     )
     return result, initial
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Each epoch: a random permutation cut into groups of up to 4 batches, each group sorted by length, so a batch
+    holds texts of similar length (transformers' ``get_length_grouped_indices`` with small mega-batches: its own
+    sampler uses mega-batches of 50 batches, one random batch each on a task of a few hundred examples)."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, batches_per_group: int = 4):
+        self.lengths, self.batch_size, self.batches_per_group = list(lengths), batch_size, batches_per_group
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, self.batches_per_group, self.generator))
+
+
+class _LengthGrouped:
+    """Trainer mixin: training batches from a ``LengthGroupedSampler`` over the dataset's ``length`` column."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return LengthGroupedSampler(dataset["length"], self.args.train_batch_size, self.args.seed)
+
+
+def _trainer_class(gp: bool, grouped: bool) -> type:
+    base = peft_gp.GPTrainer if gp else Trainer
+    return type(f"LengthGrouped{base.__name__}", (_LengthGrouped, base), {}) if grouped else base
 
 
 class _QuietProgress(ProgressCallback):
