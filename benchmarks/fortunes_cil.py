@@ -42,6 +42,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bbc_news_cil.py: spinning OpenMP waits stall under load
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -91,7 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=str(FORTUNES_DIR), help="folder of the 20 topic files")
     parser.add_argument("--model", default="minilm", help="model folder or built-in alias (default minilm)")
     parser.add_argument("--output", default=None, help="JSON record (default benchmarks/results/fortunes_cil.json)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="merge shard records (same settings; e.g. one per paradigm and seed) into --output")
     args = parser.parse_args(argv)
+    args.output_given = args.output is not None
     preset = QUICK if args.quick else FULL
     for name in ("tasks", "train_per_class", "test_per_class", "epochs", "max_length", "batch_size", "seeds",
                  "virtual_tokens"):  # fmt: skip
@@ -261,8 +265,82 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+SHARD_KEYS = ("paradigms", "methods", "seeds", "output", "merge", "quick")  # settings that may differ between shards
+
+
+def merge(paths: list[str], output: str | None) -> dict:
+    """One record from shard records (e.g. one per paradigm and seed, run in different sessions or machines):
+    their runs side by side, the summary and targets recomputed. Shards must share every other setting."""
+    shards = []
+    for path in paths:
+        try:
+            shards.append((path, json.loads(Path(path).read_text())))
+        except (OSError, json.JSONDecodeError) as error:
+            raise SystemExit(f"--merge: cannot read {path}: {error}") from error
+    if not shards:
+        raise SystemExit("--merge needs at least one JSON record written by this script")
+    reference_path, reference = shards[0]
+    runs: dict = {}
+    streams: dict = {}
+    seen: set = set()
+    for path, shard in shards:
+        if shard.get("benchmark") != "fortunes20_class_incremental":
+            raise SystemExit(f"--merge: {path} is not a record of this benchmark")
+        differ = sorted(k for k in set(shard["settings"]) | set(reference["settings"])
+                        if k not in SHARD_KEYS and shard["settings"].get(k) != reference["settings"].get(k)
+                        and k not in ("learning_rates", "paradigm_kwargs"))  # fmt: skip
+        if differ:
+            raise SystemExit(f"--merge: {path} and {reference_path} differ in {differ}: merge only like with like")
+        for seed, stream in shard["streams"].items():
+            if streams.setdefault(seed, stream) != stream:
+                raise SystemExit(f"--merge: seed {seed} has different task streams in {path}")
+        for paradigm, methods in shard["runs"].items():
+            for method, per_seed in methods.items():
+                for run in per_seed:
+                    key = (paradigm, method, run["seed"])
+                    if key in seen:
+                        raise SystemExit(f"--merge: {paradigm} {method} seed {run['seed']} appears twice ({path})")
+                    seen.add(key)
+                    runs.setdefault(paradigm, {}).setdefault(method, []).append(run)
+    for methods in runs.values():
+        for per_seed in methods.values():
+            per_seed.sort(key=lambda r: r["seed"])
+    settings = dict(reference["settings"])
+    for key in ("learning_rates", "paradigm_kwargs"):
+        settings[key] = {p: v for _, shard in shards for p, v in shard["settings"].get(key, {}).items()}
+    record = report(runs, streams, settings, total=sum(shard["total_seconds"] for _, shard in shards))
+    record["shards"] = [{"file": Path(path).name, "date": shard["date"], "machine": shard["machine"],
+                         "total_seconds": shard["total_seconds"]} for path, shard in shards]  # fmt: skip
+    write_record(output or RESULTS / "fortunes_cil.json", record)
+    return record
+
+
+def report(runs: dict, streams: dict, settings: dict, total: float, load_start: float | None = None) -> dict:
+    """Print the table and the targets; the JSON record of ``runs``."""
+    summary = summarise(runs)
+    checks = targets(summary)
+    print()
+    print(table(summary))
+    print("\ntargets (issue #9, means over seeds):")
+    for c in checks:
+        value = c["value"]
+        value = "n/a" if value is None else (f"{value:.0%}" if "cut" in c["target"] else f"{value:+.1f}")
+        print(f"  {c['paradigm']:8s} {c['method']:8s} {c['target']:<36s} {value:>7s}  "
+              f"{'met' if c['met'] else 'NOT met'}")  # fmt: skip
+    record = {"benchmark": "fortunes20_class_incremental", "date": now()}
+    if load_start is not None:
+        print(f"\ntotal {total:.0f}s; 1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end "
+              f"on {os.cpu_count()} CPUs")  # fmt: skip
+        record["machine"] = machine_record(load_start)
+    record.update(settings=settings, streams=streams, summary=summary, targets=checks, runs=runs,
+                  total_seconds=round(total, 1))  # fmt: skip
+    return record
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.output if args.output_given else None)
     quiet()
     load_start = round(os.getloadavg()[0], 2)
     began = time.perf_counter()
@@ -289,33 +367,11 @@ def main(argv=None) -> dict:
                 cil, til = (100 * record[view]["average_accuracy"] for view in ("cil", "til"))
                 print(f"  {paradigm:8s} {method:8s} CIL acc {cil:5.1f}  TIL acc {til:5.1f}  {record['seconds']:.0f}s",
                       flush=True)  # fmt: skip
-    summary = summarise(runs)
-    checks = targets(summary)
     total = time.perf_counter() - began
-    print()
-    print(table(summary))
-    print("\ntargets (issue #9, means over seeds):")
-    for c in checks:
-        value = c["value"]
-        value = "n/a" if value is None else (f"{value:.0%}" if "cut" in c["target"] else f"{value:+.1f}")
-        print(f"  {c['paradigm']:8s} {c['method']:8s} {c['target']:<36s} {value:>7s}  "
-              f"{'met' if c['met'] else 'NOT met'}")  # fmt: skip
-    print(f"\ntotal {total:.0f}s; 1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end on "
-          f"{os.cpu_count()} CPUs")  # fmt: skip
-    settings = {k: v for k, v in vars(args).items() if not k.endswith("_list")}
+    settings = {k: v for k, v in vars(args).items() if not k.endswith("_list") and k not in ("merge", "output_given")}
     settings["learning_rates"] = {p: run_config(args, p, 0).learning_rate for p in args.paradigm_list}
     settings["paradigm_kwargs"] = {p: paradigm_kwargs(p, args) for p in args.paradigm_list}
-    record = {
-        "benchmark": "fortunes20_class_incremental",
-        "date": now(),
-        "machine": machine_record(load_start),
-        "settings": settings,
-        "streams": streams,
-        "summary": summary,
-        "targets": checks,
-        "runs": runs,
-        "total_seconds": round(total, 1),
-    }
+    record = report(runs, {str(k): v for k, v in streams.items()}, settings, total, load_start)
     write_record(args.output, record)
     return record
 

@@ -75,6 +75,24 @@ def test_fortunes_quick_runs_every_paradigm_and_records_both_views(tmp_path):
             assert check["met"] == (delta >= 0)
 
 
+    # shards (here: one per paradigm) merge back into the same summary and targets
+    shards = []
+    for paradigm in benchmark.PARADIGMS:
+        shard = dict(saved, runs={paradigm: saved["runs"][paradigm]})
+        shards.append(tmp_path / f"{paradigm}.json")
+        shards[-1].write_text(json.dumps(shard))
+    merged = benchmark.main(["--merge", *map(str, shards), "--output", str(tmp_path / "merged.json")])
+    assert merged["summary"] == saved["summary"] and merged["targets"] == saved["targets"]
+    assert [s["file"] for s in merged["shards"]] == [p.name for p in shards]
+    with pytest.raises(SystemExit, match="appears twice"):
+        benchmark.main(["--merge", str(shards[0]), str(shards[0]), "--output", str(tmp_path / "x.json")])
+    other = dict(saved, settings=dict(saved["settings"], epochs=2.0))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match=r"differ in \['epochs'\]"):
+        benchmark.main(["--merge", str(shards[0]), str(tmp_path / "other.json"), "--output", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_fortunes_quick_refuses_a_missing_data_folder(tmp_path):
     benchmark = load_benchmark()
     with pytest.raises(SystemExit, match="apt-get install -y fortunes fortunes-min"):
