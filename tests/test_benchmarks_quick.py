@@ -97,3 +97,45 @@ def test_fortunes_quick_refuses_a_missing_data_folder(tmp_path):
     benchmark = load_benchmark()
     with pytest.raises(SystemExit, match="apt-get install -y fortunes fortunes-min"):
         benchmark.main(["--quick", "--data-dir", str(tmp_path / "none"), "--model", "unused"])
+
+
+def write_idx(path: Path, array) -> None:
+    import gzip
+
+    import numpy as np
+
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(gzip.compress(header + array.tobytes()))
+
+
+def test_split_fashion_mnist_quick_pretrains_then_compares(tmp_path):
+    """The vision benchmark on synthetic IDX files (a bright band per class): pretraining, both PEFT runs, record."""
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("split_fmnist", BENCHMARKS / "split_fashion_mnist_vit.py")
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "fmnist"
+    folder.mkdir()
+    for prefix, per_class in (("train", 20), ("t10k", 10)):
+        labels = np.repeat(np.arange(10), per_class)
+        images = rng.integers(0, 60, size=(len(labels), 28, 28))
+        for i, label in enumerate(labels):
+            images[i, 2 * label : 2 * label + 3] = 250
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    output = tmp_path / "vit.json"
+    record = benchmark.main(["--quick", "--data-dir", str(folder), "--output", str(output)])
+    saved = json.loads(output.read_text())
+    assert saved["methods"] == record["methods"] and set(saved["methods"]) == {"plain LoRA", "GP-LoRA"}
+    assert [len(t["classes"]) for t in saved["stream"]] == [4, 2, 2, 2]
+    for method in saved["methods"].values():
+        assert len(method["cil_matrix"]) == len(method["til_matrix"]) == 3
+        assert method["til"] == pytest.approx(accuracy_matrix_summary(method["til_matrix"]))
+        assert 0.0 <= method["pretraining_task_accuracy_after"] <= 1.0
+    with pytest.raises(SystemExit, match="dataset-fashion-mnist"):
+        benchmark.main(["--quick", "--data-dir", str(tmp_path / "none"), "--output", str(tmp_path / "x.json")])
