@@ -58,8 +58,8 @@ class RunConfig:
         epochs, batch_size, eval_batch_size, learning_rate, weight_decay, seed: Training settings (one
             ``TrainingArguments`` per task; the optimizer state starts fresh for every task).
         group_by_length: Batch texts of similar length together (transformers' ``group_by_length`` sampling). Every
-            batch is cut to its longest example, so short texts train faster; off by default because it changes
-            which examples share a batch.
+            batch is cut to its longest example anyway; grouping makes short texts train faster. Off by default: it
+            changes which examples share a batch (mostly one class where classes differ in length).
         output_dir: Where the JSON, Markdown summary and plots go (default ``peft-gp-runs/<name>``).
         progress: Progress bars for training and for the memory update.
         plots: Write PNG plots (needs ``matplotlib``).
