@@ -87,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--virtual-tokens", type=int, default=None, help="prefix/prompt virtual tokens (10)")
     parser.add_argument("--no-group-by-length", action="store_true",
                         help="random batches padded to --max-length (default: batches of similar length, cut)")
+    parser.add_argument("--head-masking", default="seen", choices=("seen", "current", "none"),
+                        help="which logits the loss sees while training a task (default seen: all classes so far)")
     parser.add_argument("--gp-threshold", type=float, default=0.97)
     parser.add_argument("--gp-memory-samples", type=int, default=None, help="examples per memory update (256)")
     parser.add_argument("--data-dir", default=str(FORTUNES_DIR), help="folder of the 20 topic files")
@@ -149,6 +151,7 @@ def run_config(args: argparse.Namespace, paradigm: str, seed: int) -> RunConfig:
         learning_rate=args.lr if args.lr is not None else LEARNING_RATES[paradigm],
         seed=seed,
         group_by_length=not args.no_group_by_length,
+        head_masking=args.head_masking,
         progress=False,
         plots=False,
     )
