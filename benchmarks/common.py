@@ -56,8 +56,11 @@ def quiet() -> None:
     """Silence transformers' progress and upstream deprecation noise, and peft_gp's full-layer warnings."""
     import warnings
 
+    import datasets
+
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message="The memory (now )?fills the whole feature space", category=UserWarning)
 
