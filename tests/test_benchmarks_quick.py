@@ -167,3 +167,25 @@ def test_smollm2_quick_compares_on_a_decoder(tmp_path):
         benchmark.main(["--quick", "--data-dir", str(tmp_path / "none"), "--output", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match="at most 20 topics"):
         benchmark.main(["--tasks", "7", "--topics-per-task", "3", "--output", str(tmp_path / "x.json")])
+
+
+def test_memory_scaling_quick_records_sizes_and_peak_memory(tmp_path):
+    """The memory-cost benchmark at tiny sizes: both sweeps, file sizes that grow with d, one peak-memory pair."""
+    spec = importlib.util.spec_from_file_location("memory_scaling", BENCHMARKS / "memory_scaling.py")
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    output = tmp_path / "scaling.json"
+    record = benchmark.main(["--quick", "--output", str(output)])
+    saved = json.loads(output.read_text())
+    assert saved["by_samples"] == record["by_samples"]
+    assert [r["samples"] for r in saved["by_samples"]] == [8, 16]
+    small, large = saved["by_hidden"]
+    assert (small["hidden"], large["hidden"]) == (32, 64)
+    assert large["gp_memory_bytes"] > small["gp_memory_bytes"] > 0  # bases are d x k per layer
+    for row in saved["by_samples"] + saved["by_hidden"]:
+        assert row["update_seconds"] >= row["gp_own_seconds"] >= 0 and 0 < row["basis_mean_fill"] <= 1
+    assert small["peak_rss_gp_bytes"] > 0 and small["peak_rss_ratio"] > 0 and "peak_rss_ratio" not in large
+    with pytest.raises(SystemExit, match="multiples of 32"):
+        benchmark.main(["--quick", "--hidden", "48", "--output", str(tmp_path / "x.json")])
