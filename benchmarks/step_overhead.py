@@ -26,6 +26,7 @@ How to run (from the repository root; about 3 minutes on 2 CPU cores)::
 
     .venv/bin/python benchmarks/step_overhead.py            # or: make bench
     .venv/bin/python benchmarks/step_overhead.py --steps 40 --trainer
+    .venv/bin/python benchmarks/step_overhead.py --quick --trainer   # seconds: tiny settings, numbers mean nothing
 
 Results go to ``benchmarks/results/step_overhead.json``: machine info (platform, CPU count, torch version), date,
 the tables and the raw step times.
@@ -100,7 +101,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=str(RESULTS / "step_overhead.json"))
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny settings (batch 4 x 16 tokens, 2 timed steps, 8 examples): checks the code only")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.max_length, args.warmup, args.steps = 4, 16, 1, 2
+        args.task_examples, args.gp_memory_samples, args.trainer_rounds, args.trainer_steps = 8, 8, 2, 2
+        if args.output == str(RESULTS / "step_overhead.json"):
+            args.output = str(RESULTS / "step_overhead_quick.json")
     if args.steps < 2:
         parser.error(f"--steps must be at least 2 (medians and quartiles of step times), got {args.steps}")
     unknown = set(args.paradigms.split(",")) - {"lora", "adapter", "prompt", "prefix"}

