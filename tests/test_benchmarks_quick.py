@@ -19,10 +19,11 @@ from .continual_fixtures import CLASS_NAMES, save_tiny_text_model, words
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def load_benchmark():
+def load_benchmark(name: str = "fortunes_cil"):
+    """``benchmarks/<name>.py`` as a module (the scripts are not a package)."""
     if str(BENCHMARKS) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS))  # the script imports benchmarks/common.py
-    spec = importlib.util.spec_from_file_location("fortunes_cil", BENCHMARKS / "fortunes_cil.py")
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -113,11 +114,7 @@ def test_split_fashion_mnist_quick_pretrains_then_compares(tmp_path):
     """The vision benchmark on synthetic IDX files (a bright band per class): pretraining, both PEFT runs, record."""
     import numpy as np
 
-    spec = importlib.util.spec_from_file_location("split_fmnist", BENCHMARKS / "split_fashion_mnist_vit.py")
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("split_fashion_mnist_vit")
     rng = np.random.default_rng(0)
     folder = tmp_path / "fmnist"
     folder.mkdir()
@@ -143,11 +140,7 @@ def test_split_fashion_mnist_quick_pretrains_then_compares(tmp_path):
 
 def test_smollm2_quick_compares_on_a_decoder(tmp_path):
     """The decoder benchmark on a tiny random Llama and synthetic topics: both runs, the cost, the memory file."""
-    spec = importlib.util.spec_from_file_location("smollm2_tasks", BENCHMARKS / "smollm2_tasks.py")
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("smollm2_tasks")
     data = write_fortunes(tmp_path / "fortunes")
     model = save_tiny_text_model(tmp_path / "llama", arch="llama")
     output = tmp_path / "decoder.json"
@@ -171,11 +164,7 @@ def test_smollm2_quick_compares_on_a_decoder(tmp_path):
 
 def test_memory_scaling_quick_records_sizes_and_peak_memory(tmp_path):
     """The memory-cost benchmark at tiny sizes: both sweeps, file sizes that grow with d, one peak-memory pair."""
-    spec = importlib.util.spec_from_file_location("memory_scaling", BENCHMARKS / "memory_scaling.py")
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("memory_scaling")
     output = tmp_path / "scaling.json"
     record = benchmark.main(["--quick", "--output", str(output)])
     saved = json.loads(output.read_text())
@@ -197,11 +186,7 @@ def test_memory_scaling_quick_records_sizes_and_peak_memory(tmp_path):
 )
 def test_step_overhead_quick_times_every_configuration(tmp_path):
     """The step-cost benchmark at tiny settings: every paradigm's GP model against its baseline, Trainer too."""
-    spec = importlib.util.spec_from_file_location("step_overhead", BENCHMARKS / "step_overhead.py")
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("step_overhead")
     output = tmp_path / "steps.json"
     benchmark.main(["--quick", "--trainer", "--output", str(output)])
     saved = json.loads(output.read_text())
