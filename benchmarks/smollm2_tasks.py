@@ -9,6 +9,12 @@ What it measures
     ``q_proj``/``v_proj``; PEFT keeps the head trainable. The tasks are classification heads on the decoder, not
     phrased as generation.
 
+    GP trains the head without projection (``gp_modules_to_save="train"``): with the task id given and the other
+    tasks' logits masked (set to -inf), a task's loss has no gradient on other tasks' head rows, so old tasks'
+    predictions do not depend on the head's later updates. Projecting it (``"project"``) would only restrict the new
+    rows, and more than on an encoder: the Llama head scores every position before the last token is picked, so its
+    memory holds the features of all tokens (in a first run the GP model did not learn its second task).
+
     The sequence runs twice from the same initial weights (checked): ``GP-LoRA`` (``GPLoraConfig`` + ``GPTrainer``,
     memory after each task, the head projected too) and ``LoRA (no GP)`` (``LoraConfig`` + ``transformers.Trainer``).
     Printed: both accuracy matrices, the final average accuracy, average incremental accuracy, BWT and forgetting,
@@ -73,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gp-threshold", type=float, default=0.97)
     parser.add_argument("--gp-projection", choices=["gradient", "update"], default="update")
     parser.add_argument("--gp-memory-samples", type=int, default=None, help="examples per memory update (128)")
+    parser.add_argument("--gp-modules-to-save", choices=["project", "freeze", "train"], default="train",
+                        help="the shared head under GP (default train: see the module docstring)")
     parser.add_argument("--data-dir", default=str(FORTUNES_DIR), help="folder of the topic files")
     parser.add_argument("--model", default="smollm2", help="model folder or built-in alias (default smollm2)")
     parser.add_argument("--output", default=None, help="JSON record (default benchmarks/results/smollm2_tasks.json)")
@@ -111,6 +119,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         gp_threshold=args.gp_threshold,
         gp_projection=args.gp_projection,
         gp_memory_samples=args.gp_memory_samples,
+        gp_modules_to_save=args.gp_modules_to_save,
         epochs=args.epochs,
         batch_size=args.batch_size,
         eval_batch_size=args.batch_size,
