@@ -52,6 +52,16 @@ def machine_record(load_start: float) -> dict:
     }
 
 
+def fill_preset(args, preset: dict, aliases: dict[str, str] | None = None) -> None:
+    """Set every flag left at ``None`` from ``preset`` (``--quick`` or the full settings); ``aliases`` maps a preset
+    key to its flag's attribute. Preset keys without a flag are skipped."""
+    aliases = aliases or {}
+    for key, value in preset.items():
+        name = aliases.get(key, key)
+        if hasattr(args, name) and getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def quiet() -> None:
     """Silence transformers' progress and upstream deprecation noise, and peft_gp's full-layer warnings."""
     import warnings

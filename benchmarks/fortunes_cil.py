@@ -60,7 +60,7 @@ from peft_gp.continual.sources import FORTUNES_DIR, FORTUNES_TOPICS, fortunes  #
 from peft_gp.continual.tasks import Task, class_incremental_split  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_record, now, quiet, write_record  # noqa: E402
+from common import RESULTS, fill_preset, machine_record, now, quiet, write_record  # noqa: E402
 
 PARADIGMS = ("lora", "adapter", "prefix", "prompt")
 METHODS = ("plain", "gradient", "update", "joint")
@@ -101,13 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="merge shard records (same settings; e.g. one per paradigm and seed) into --output")
     args = parser.parse_args(argv)
     args.output_given = args.output is not None
-    preset = QUICK if args.quick else FULL
-    for name in ("tasks", "train_per_class", "test_per_class", "epochs", "max_length", "batch_size", "seeds",
-                 "virtual_tokens"):  # fmt: skip
-        if getattr(args, name) is None:
-            setattr(args, name, preset[name])
-    if args.gp_memory_samples is None:
-        args.gp_memory_samples = preset["memory_samples"]
+    fill_preset(args, QUICK if args.quick else FULL, {"memory_samples": "gp_memory_samples"})
     if args.output is None:
         args.output = str(RESULTS / ("fortunes_cil_quick.json" if args.quick else "fortunes_cil.json"))
     args.paradigm_list = _names(args.paradigms, PARADIGMS, "--paradigms")

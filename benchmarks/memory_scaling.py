@@ -51,7 +51,7 @@ from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 import peft_gp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_record, now, quiet, write_record  # noqa: E402
+from common import RESULTS, fill_preset, machine_record, now, quiet, write_record  # noqa: E402
 
 FULL = dict(samples="64,128,256,512", hidden="128,256,384,768", reference_hidden=384, reference_samples=256,
             layers=6, max_length=64, batch_size=32, peak_steps=10)  # fmt: skip
@@ -77,10 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--child", choices=("plain", "gp"), help=argparse.SUPPRESS)  # one peak-memory run
     parser.add_argument("--child-hidden", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    preset = QUICK if args.quick else FULL
-    for name, value in preset.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    fill_preset(args, QUICK if args.quick else FULL)
     args.sample_list = [int(s) for s in str(args.samples).split(",") if s.strip()]
     args.hidden_list = [int(s) for s in str(args.hidden).split(",") if s.strip()]
     bad = [h for h in args.hidden_list + [args.reference_hidden] if h % 32]

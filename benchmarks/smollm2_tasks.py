@@ -55,7 +55,7 @@ from peft_gp.continual.sources import FORTUNES_DIR, FORTUNES_TOPICS, fortunes  #
 from peft_gp.continual.tasks import Task, class_incremental_split  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_record, now, quiet, write_record  # noqa: E402
+from common import RESULTS, fill_preset, machine_record, now, quiet, write_record  # noqa: E402
 
 FULL = dict(tasks=4, topics_per_task=3, train_per_class=32, test_per_class=16, epochs=3.0, max_length=48,
             batch_size=16, memory_samples=128)  # fmt: skip
@@ -85,13 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2", help="model folder or built-in alias (default smollm2)")
     parser.add_argument("--output", default=None, help="JSON record (default benchmarks/results/smollm2_tasks.json)")
     args = parser.parse_args(argv)
-    preset = QUICK if args.quick else FULL
-    for name in ("tasks", "topics_per_task", "train_per_class", "test_per_class", "epochs", "max_length",
-                 "batch_size"):  # fmt: skip
-        if getattr(args, name) is None:
-            setattr(args, name, preset[name])
-    if args.gp_memory_samples is None:
-        args.gp_memory_samples = preset["memory_samples"]
+    fill_preset(args, QUICK if args.quick else FULL, {"memory_samples": "gp_memory_samples"})
     if args.output is None:
         args.output = str(RESULTS / ("smollm2_tasks_quick.json" if args.quick else "smollm2_tasks.json"))
     if args.tasks < 2 or args.topics_per_task < 2 or args.tasks * args.topics_per_task > len(FORTUNES_TOPICS):
