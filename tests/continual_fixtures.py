@@ -55,20 +55,19 @@ def save_tiny_text_model(folder: Path, arch: str = "bert") -> Path:
         config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
                              pad_token_id=vocab["[PAD]"], initializer_range=0.2)  # fmt: skip
-        LlamaModel(config).save_pretrained(folder)
-        fast.save_pretrained(folder)
-        return folder
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=16,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        initializer_range=0.2,  # random features that differ between inputs (0.02 makes the pooled output constant)
-    )
-    BertModel(config).save_pretrained(folder)
+        model = LlamaModel(config)
+    else:
+        model = BertModel(BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=16,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            initializer_range=0.2,  # random features that differ between inputs (0.02: constant pooled output)
+        ))
+    model.save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
