@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 	$(PY) benchmarks/bbc_news_cil.py
 
 test: $(VENV)/.installed
-	$(PY) -m ruff check peft_gp tests benchmarks
+	$(PY) -m ruff check peft_gp tests benchmarks notebooks
 	$(PY) -m pytest tests -q
 
 bench: $(VENV)/.installed

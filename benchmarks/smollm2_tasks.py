@@ -11,12 +11,13 @@ What it measures
 
     GP trains the head without projection (``gp_modules_to_save="train"``): with the task id given and the other
     tasks' logits masked (set to -inf), a task's loss has no gradient on other tasks' head rows, so old tasks'
-    predictions do not depend on the head's later updates. Projecting it (``"project"``) would only restrict the new
-    rows, and more than on an encoder: the Llama head scores every position before the last token is picked, so its
-    memory holds the features of all tokens (in a first run the GP model did not learn its second task).
+    predictions do not depend on the head's later updates (the runner's default for this scenario). Projecting it
+    (``"project"``) would only restrict the new rows. (The recorded run's first attempt projected it while peft_gp
+    still filled the head's memory with every token's features, not only the pooled last token's, and did not learn
+    its second task; the memory now holds only the pooled position.)
 
     The sequence runs twice from the same initial weights (checked): ``GP-LoRA`` (``GPLoraConfig`` + ``GPTrainer``,
-    memory after each task, the head projected too) and ``LoRA (no GP)`` (``LoraConfig`` + ``transformers.Trainer``).
+    memory after each task) and ``LoRA (no GP)`` (``LoraConfig`` + ``transformers.Trainer``).
     Printed: both accuracy matrices, the final average accuracy, average incremental accuracy, BWT and forgetting,
     then the cost: training time per task of both, GP's memory-update time per task and the size of
     ``gp_memory.safetensors``. JSON to ``benchmarks/results/smollm2_tasks.json``; the runner's outputs (with both

@@ -24,7 +24,7 @@ from .continual.config import RunConfig, RunConfigError, field_names
 
 RAW_STRING_FIELDS = {"name", "model", "label_column", "text_column", "image_column", "scenario", "paradigm",
                      "gp_projection", "gp_modules_to_save"}  # fmt: skip
-NULLABLE_STRING_FIELDS = {"model", "output_dir"}
+NULLABLE_STRING_FIELDS = {"model", "output_dir", "gp_modules_to_save"}
 
 
 def _flag(name: str) -> str:

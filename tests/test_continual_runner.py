@@ -18,7 +18,7 @@ from peft_gp.continual import (
     class_incremental_split,
     run_sequence,
 )
-from peft_gp.continual.runner import load_model
+from peft_gp.continual.runner import load_model, peft_config_for
 from tests.continual_fixtures import save_tiny_text_model, text_dataset
 
 SILENT = dict(say=lambda *_: None)
@@ -118,10 +118,14 @@ def test_in_memory_task_incremental_run_with_a_model_object(tmp_path):
     )  # fmt: skip
     config = RunConfig(name="mem", scenario="task", epochs=4, batch_size=4, learning_rate=5e-2, plots=False,
                        progress=False, output_dir=str(tmp_path / "out"), gp_memory_samples=8)  # fmt: skip
+    # the task id masks the loss to the task's classes: old rows of the head get no gradient, so it trains freely
+    assert peft_config_for(config, tasks, model, gp=True).gp_modules_to_save == "train"
+    assert RunConfig(name="c", scenario="class", head_masking="current").modules_to_save_policy == "project"
     run = run_sequence(config, tasks=tasks, model=model, **SILENT)
     check_matrix(run.accuracy_matrix, 2)
     assert run.metrics == pytest.approx(accuracy_matrix_summary(run.accuracy_matrix))
     assert config.masking == "current"
+    assert run.accuracy_matrix[1][0] == run.accuracy_matrix[0][0]  # task 1 kept exactly with the head unprojected
     assert not (tmp_path / "out" / "accuracy_matrix.png").exists() and (tmp_path / "out" / "summary.md").is_file()
 
 

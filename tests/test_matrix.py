@@ -229,3 +229,51 @@ def test_padding_tokens_do_not_enter_the_memory():
     expected = maths.feature_gram(inputs[0][mask.bool()])
     torch.testing.assert_close(grams[groups[0].name], expected, rtol=1e-12, atol=1e-12)
     assert torch.linalg.matrix_rank(grams[groups[0].name]).item() == 5  # 5 real tokens, not 10 positions
+
+
+@pytest.mark.filterwarnings("ignore:The memory now fills")  # LoRA's r-dim spaces fill on purpose (threshold 1)
+def test_decoder_classifier_head_memory_holds_only_the_pooled_positions():
+    """A Llama classifier scores every position but keeps the last non-pad one: only that row enters the head's
+    memory (all tokens would fill it and freeze the head), and projecting against it still keeps old outputs."""
+    from transformers import LlamaForSequenceClassification
+
+    from .conftest import tiny_llama
+
+    config = tiny_llama().config
+    config.num_labels, config.pad_token_id = 4, 0
+    torch.manual_seed(0)
+    model = get_peft_model(
+        LlamaForSequenceClassification(config),
+        GPLoraConfig(task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"], gp_threshold=1.0),
+    )
+    ids = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 0, 0, 0], [0, 0, 10, 11, 12], [13, 14, 15, 16, 17]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.tensor([0, 1, 0, 1])}
+    head = next(group for group in resolve_groups(model) if group.name == "score")
+    inputs = []
+    copy = model.base_model.model.score.modules_to_save["default"]
+    handle = copy.register_forward_hook(lambda m, args, out: inputs.append(args[0].detach()))
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    grams, _ = collect_grams(model, [head], [batch])
+    pooled = inputs[0][torch.arange(4), torch.tensor([2, 1, 4, 4])]
+    torch.testing.assert_close(grams["score"], maths.feature_gram(head.features(pooled)), rtol=1e-12, atol=1e-12)
+    assert torch.linalg.matrix_rank(grams["score"]).item() == 4  # 4 examples, not 14 real tokens
+
+    train_steps(model, batch, 5)
+    peft_gp.update_memory(model, [batch])
+    model.eval()
+    with torch.no_grad():
+        before = model(**batch).logits.clone()
+    weight = copy.weight.detach().clone()
+    new_ids = torch.randint(20, 60, (4, 5), generator=torch.Generator().manual_seed(1))
+    new = {"input_ids": new_ids, "attention_mask": torch.ones_like(new_ids), "labels": torch.tensor([2, 3, 2, 3])}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    GPProjector(model).attach(optimizer)
+    train_steps(model, new, 10, optimizer=optimizer)
+    model.eval()
+    with torch.no_grad():
+        after = model(**batch).logits
+    assert (after - before).abs().max().item() <= 1e-4 * before.abs().max().item()
+    assert (copy.weight.detach() - weight).abs().max().item() > 1e-3, "the head did not train: the test proves nothing"

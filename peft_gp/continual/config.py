@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import MODULES_TO_SAVE_POLICIES
+
 SCENARIOS = ("class", "task", "domain")
 HEAD_MASKING = ("seen", "current", "none")
 
@@ -54,7 +56,10 @@ class RunConfig:
         gp: Train with gradient projection (``GPTrainer``); ``False`` trains the same sequence without it.
         compare_baseline: Also run the sequence without GP, from the same initial weights, and compare.
         gp_threshold, gp_threshold_increment, gp_projection, gp_memory_samples, gp_modules_to_save: The GP settings
-            (see ``peft_gp.GPConfigMixin``).
+            (see ``peft_gp.GPConfigMixin``). ``gp_modules_to_save`` defaults to ``train`` when the loss sees only
+            the task's own classes and the task id picks them at test time (``task`` scenario, ``current`` masking:
+            old classes' head rows get no gradient, so projecting the head would only slow the new task down),
+            else to ``project``.
         epochs, batch_size, eval_batch_size, learning_rate, weight_decay, seed: Training settings (one
             ``TrainingArguments`` per task; the optimizer state starts fresh for every task).
         group_by_length: Batch texts of similar length together (transformers' ``group_by_length`` sampling). Every
@@ -96,7 +101,7 @@ class RunConfig:
     gp_threshold_increment: float = 0.0
     gp_projection: str = "update"
     gp_memory_samples: int = 256
-    gp_modules_to_save: str = "project"
+    gp_modules_to_save: str | None = None
     epochs: float = 5.0
     batch_size: int = 32
     eval_batch_size: int = 64
@@ -116,6 +121,11 @@ class RunConfig:
             raise RunConfigError(f"scenario must be one of {SCENARIOS}, got {self.scenario!r}.")
         if self.head_masking is not None and self.head_masking not in HEAD_MASKING:
             raise RunConfigError(f"head_masking must be one of {HEAD_MASKING} (or null), got {self.head_masking!r}.")
+        if self.gp_modules_to_save is not None and self.gp_modules_to_save not in MODULES_TO_SAVE_POLICIES:
+            raise RunConfigError(
+                f"gp_modules_to_save must be one of {MODULES_TO_SAVE_POLICIES} (or null: the scenario's default), "
+                f"got {self.gp_modules_to_save!r}."
+            )
         if self.n_tasks is not None and (isinstance(self.n_tasks, bool) or int(self.n_tasks) != self.n_tasks):
             raise RunConfigError(f"n_tasks must be a whole number, got {self.n_tasks!r}.")
         if self.n_tasks is not None and self.n_tasks < 1:
@@ -145,6 +155,13 @@ class RunConfig:
         if self.head_masking is not None:
             return self.head_masking
         return {"class": "seen", "task": "current", "domain": "none"}[self.scenario]
+
+    @property
+    def modules_to_save_policy(self) -> str:
+        """The ``gp_modules_to_save`` in effect (the setting, or the scenario's default)."""
+        if self.gp_modules_to_save is not None:
+            return self.gp_modules_to_save
+        return "train" if self.scenario == "task" and self.masking == "current" else "project"
 
     @property
     def run_dir(self) -> Path:

@@ -296,6 +296,8 @@ def peft_config_for(config: RunConfig, tasks: Sequence[Task], base_model: nn.Mod
     if task_type is None and "modules_to_save" not in options:
         options["modules_to_save"] = [head]  # PEFT adds the head itself only for SEQ_CLS
     gp_settings = {name: getattr(config, name) for name in GP_FIELDS} if gp else None
+    if gp_settings is not None:
+        gp_settings["gp_modules_to_save"] = config.modules_to_save_policy
     return make_peft_config(config.paradigm, options, gp_settings, task_type)
 
 

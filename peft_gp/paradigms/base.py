@@ -76,6 +76,65 @@ class ProjectedGroup:
         return rows
 
 
+class _Handles:
+    def __init__(self, handles: list) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class PooledHeadFeatures(FeatureSource):
+    """The input of a decoder classifier head (Llama, GPT-2 ``*ForSequenceClassification``) at the pooled position.
+
+    Such a head scores every position and the model keeps one per example: the rightmost token that is not the pad
+    token (the last position with no pad token id, or when the model gets ``inputs_embeds``, as prompt tuning passes).
+    Only those rows reach the loss, so only they belong in the head's memory: all tokens' features would fill it and
+    keep the head from learning later tasks. A head that gets pooled ``(batch, d)`` input (BERT) passes through.
+    """
+
+    def __init__(self, model: nn.Module, head: nn.Module) -> None:
+        self.model, self.head = model, head
+        config = getattr(model, "config", None)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.pad_token_id = getattr(text_config, "pad_token_id", None)
+
+    def positions(self, length: int, input_ids: torch.Tensor | None) -> torch.Tensor | int:
+        """Per example, the position the model pools (as transformers' sequence classifiers pick it)."""
+        if self.pad_token_id is None or input_ids is None or input_ids.shape[-1] != length:
+            return length - 1
+        non_pad = (input_ids != self.pad_token_id).to(torch.int32)
+        return (torch.arange(length, device=input_ids.device, dtype=torch.int32) * non_pad).argmax(-1)
+
+    def attach(self, emit):
+        batch: dict = {}
+
+        def pre_hook(module, args, kwargs):
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            no_ids = kwargs.get("inputs_embeds") is not None or not isinstance(input_ids, torch.Tensor)
+            batch["input_ids"] = None if no_ids else input_ids
+
+        def hook(module, args, output):
+            inputs = args[0] if args else None
+            if not isinstance(inputs, torch.Tensor):
+                return
+            if inputs.dim() != 3:
+                emit(inputs, True)
+                return
+            index = self.positions(inputs.shape[1], batch.get("input_ids"))
+            if isinstance(index, torch.Tensor):
+                index = index.to(inputs.device)
+            emit(inputs[torch.arange(inputs.shape[0], device=inputs.device), index], False)
+
+        return _Handles(
+            [
+                self.model.register_forward_pre_hook(pre_hook, with_kwargs=True),
+                self.head.register_forward_hook(hook),
+            ]
+        )
+
+
 Handler = Callable[[PeftModel, str, object], list[ProjectedGroup]]
 _HANDLERS: dict[str, Handler] = {}
 
@@ -129,13 +188,18 @@ def modules_to_save_groups(model: PeftModel, adapter_name: str, policy: str) -> 
     groups = []
     if policy == "train":
         return groups
+    base = model.get_base_model()
+    pooled = type(base).__name__.endswith("ForSequenceClassification") and not getattr(
+        getattr(base, "config", None), "is_encoder_decoder", False
+    )
     for module_name, module in model.named_modules():
         if not isinstance(module, ModulesToSaveWrapper) or adapter_name not in module.modules_to_save:
             continue
         copy = module.modules_to_save[adapter_name]
         name = _module_key(model, module_name)
         if isinstance(copy, nn.Linear):
-            groups.append(ProjectedGroup(name, copy.weight, copy.bias, copy, frozen=policy == "freeze"))
+            source = PooledHeadFeatures(base, copy) if pooled else None
+            groups.append(ProjectedGroup(name, copy.weight, copy.bias, copy, frozen=policy == "freeze", source=source))
         elif policy == "freeze":
             for param_name, param in copy.named_parameters():
                 groups.append(ProjectedGroup(f"{name}.{param_name}", param, None, copy, frozen=True))
