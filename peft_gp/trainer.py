@@ -235,6 +235,11 @@ class GPTrainer(Trainer):
     def _memory_dataloader(self, dataset) -> DataLoader:
         # Each process takes every world_size-th example: no padding or duplicates (unlike evaluation loaders), so
         # the summed Gram matrices equal those of one process over the whole sample.
+        # Longest first, so that a collator that pads to the batch's longest text pads little: padding never enters
+        # the memory, so the order changes only the cost (the Gram matrices are sums over examples).
+        lengths = example_lengths(dataset)
+        if lengths is not None:
+            dataset = dataset.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
         world_size, rank = self.args.world_size, self.args.process_index
         if world_size > 1:
             indices = list(range(rank, len(dataset), world_size))
@@ -275,3 +280,15 @@ def _task_classes(dataset) -> list | None:
     if not all(isinstance(value, (int, str)) and not isinstance(value, bool) for value in values):
         return None  # token labels (language modelling) or multi-label rows: not classes
     return values
+
+
+def example_lengths(dataset) -> list[int] | None:
+    """Token counts of a ``datasets.Dataset``'s examples (``attention_mask`` sums, else ``input_ids`` lengths)."""
+    columns = getattr(dataset, "column_names", None) or ()
+    if not isinstance(dataset, datasets.Dataset):
+        return None
+    if "attention_mask" in columns:
+        return [int(sum(mask)) for mask in dataset["attention_mask"]]
+    if "input_ids" in columns:
+        return [len(ids) for ids in dataset["input_ids"]]
+    return None

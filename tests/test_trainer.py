@@ -155,6 +155,35 @@ def test_update_memory_can_be_deferred_and_uses_gp_memory_samples(tmp_path):
     assert report["classifier"]["basis_size"] <= 3
 
 
+def test_memory_batches_go_longest_first_and_give_the_same_grams(tmp_path):
+    """Sorting the memory sample by length only cuts padding (which never enters the memory): same Gram matrices."""
+    from torch.utils.data import DataLoader
+
+    from peft_gp.collect import collect_grams
+    from peft_gp.paradigms import resolve_groups
+
+    def cut(rows):  # pads to the batch's longest text only, as a padding collator does
+        batch = default_data_collator(rows)
+        width = int(batch["attention_mask"].sum(1).max())
+        return {key: value[:, :width] if value.dim() == 2 else value for key, value in batch.items()}
+
+    data = task_dataset(0, 10)
+    model = gp_model()
+    trainer = GPTrainer(model=model, args=training_args(tmp_path, per_device_eval_batch_size=3), data_collator=cut)
+    batches = list(trainer._memory_dataloader(data))
+    widths = [batch["input_ids"].shape[1] for batch in batches]
+    assert widths == sorted(widths, reverse=True) and widths[-1] < LENGTH, widths
+    in_order = list(DataLoader(data, batch_size=3, collate_fn=cut))
+    assert sum(b["input_ids"].numel() for b in batches) < sum(b["input_ids"].numel() for b in in_order)
+    groups = resolve_groups(model)
+    grams, seen = collect_grams(model, groups, batches)
+    reference, reference_seen = collect_grams(model, groups, in_order)
+    assert seen == reference_seen == 10
+    for name, gram in grams.items():
+        # float32 attention over different padding widths rounds differently: equal up to that rounding
+        torch.testing.assert_close(gram, reference[name], rtol=1e-5, atol=1e-5 * reference[name].abs().max().item())
+
+
 @pytest.mark.parametrize("paradigm", ["lora", "adapter"])
 def test_checkpoints_hold_memory_and_resume_continues_with_same_bases(tmp_path, paradigm):
     old_task, new_task = task_dataset(0, 8), task_dataset(1, 16)

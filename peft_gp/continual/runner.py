@@ -31,6 +31,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import peft_gp
 
+from ..trainer import example_lengths
 from .config import RunConfig, RunConfigError
 from .heads import MaskedCrossEntropy, check_head, masked_predictions, prediction_classes, training_classes
 from .metrics import accuracy_matrix_summary
@@ -250,12 +251,6 @@ def collate_batch(features: Sequence[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _text_lengths(dataset) -> list[int] | None:
-    if "attention_mask" not in getattr(dataset, "column_names", ()):
-        return None
-    return [int(sum(m)) for m in dataset["attention_mask"]]
-
-
 @torch.no_grad()
 def evaluate_views(model: nn.Module, dataset, views: Sequence[Sequence[int]], batch_size: int = 64) -> list[float]:
     """Accuracies on ``dataset`` for several restrictions of the prediction (one forward pass): e.g. the classes seen
@@ -264,7 +259,7 @@ def evaluate_views(model: nn.Module, dataset, views: Sequence[Sequence[int]], ba
     device = next(model.parameters()).device
     correct = [0] * len(views)
     total = 0
-    lengths = _text_lengths(dataset)
+    lengths = example_lengths(dataset)
     if lengths is not None:  # longest first: batches of similar length, cut by collate_batch (same accuracies)
         dataset = dataset.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_batch)
@@ -339,7 +334,7 @@ def train_stream(
                 dataloader_pin_memory=torch.cuda.is_available(),
                 remove_unused_columns=not grouped,  # collate_batch drops the extra columns (grouping: "length")
             )
-            train = task.train.add_column("length", _text_lengths(task.train)) if grouped else task.train
+            train = task.train.add_column("length", example_lengths(task.train)) if grouped else task.train
             kwargs = dict(model=model, args=args, train_dataset=train, compute_loss_func=loss,
                           data_collator=collate_batch)  # fmt: skip
             trainer_class = _trainer_class(gp, grouped)
