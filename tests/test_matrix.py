@@ -232,19 +232,24 @@ def test_padding_tokens_do_not_enter_the_memory():
 
 
 @pytest.mark.filterwarnings("ignore:The memory now fills")  # LoRA's r-dim spaces fill on purpose (threshold 1)
-def test_decoder_classifier_head_memory_holds_only_the_pooled_positions():
-    """A Llama classifier scores every position but keeps the last non-pad one: only that row enters the head's
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out")  # GPT-2's Conv1D
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_decoder_classifier_head_memory_holds_only_the_pooled_positions(arch):
+    """A decoder classifier scores every position but keeps the last non-pad one: only that row enters the head's
     memory (all tokens would fill it and freeze the head), and projecting against it still keeps old outputs."""
-    from transformers import LlamaForSequenceClassification
+    from transformers import GPT2ForSequenceClassification, LlamaForSequenceClassification
 
-    from .conftest import tiny_llama
+    from .conftest import tiny_gpt2, tiny_llama
 
-    config = tiny_llama().config
+    build, classifier, targets = {
+        "llama": (tiny_llama, LlamaForSequenceClassification, ["q_proj", "v_proj"]),
+        "gpt2": (tiny_gpt2, GPT2ForSequenceClassification, ["c_attn"]),
+    }[arch]
+    config = build().config
     config.num_labels, config.pad_token_id = 4, 0
     torch.manual_seed(0)
     model = get_peft_model(
-        LlamaForSequenceClassification(config),
-        GPLoraConfig(task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"], gp_threshold=1.0),
+        classifier(config), GPLoraConfig(task_type="SEQ_CLS", target_modules=targets, gp_threshold=1.0)
     )
     ids = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 0, 0, 0], [0, 0, 10, 11, 12], [13, 14, 15, 16, 17]])
     batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.tensor([0, 1, 0, 1])}
