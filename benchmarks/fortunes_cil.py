@@ -87,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="(32)")
     parser.add_argument("--lr", type=float, default=None, help=f"learning rate for every paradigm ({LEARNING_RATES})")
     parser.add_argument("--virtual-tokens", type=int, default=None, help="prefix/prompt virtual tokens (10)")
+    parser.add_argument("--prefix-protect-values", action="store_true",
+                        help="GP prefix also protects the value prefix (gp_protect_values; default: keys only)")
     parser.add_argument("--no-group-by-length", action="store_true",
                         help="random batches padded to --max-length (default: batches of similar length, cut)")
     parser.add_argument("--head-masking", default="current", choices=("seen", "current", "none"),
@@ -123,7 +125,8 @@ def paradigm_kwargs(paradigm: str, args: argparse.Namespace) -> dict:
     return {
         "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
         "adapter": {"bottleneck_size": 16},
-        "prefix": {"num_virtual_tokens": args.virtual_tokens},
+        "prefix": {"num_virtual_tokens": args.virtual_tokens}
+        | ({"gp_protect_values": True} if args.prefix_protect_values else {}),
         "prompt": {"num_virtual_tokens": args.virtual_tokens},
     }[paradigm]
 
@@ -289,6 +292,8 @@ def merge(paths: list[str], output: str | None) -> dict:
         differ = sorted(k for k in set(shard["settings"]) | set(reference["settings"])
                         if k not in SHARD_KEYS and shard["settings"].get(k) != reference["settings"].get(k)
                         and k not in ("learning_rates", "paradigm_kwargs"))  # fmt: skip
+        kwargs, first = shard["settings"].get("paradigm_kwargs", {}), reference["settings"].get("paradigm_kwargs", {})
+        differ += [f"paradigm_kwargs[{p!r}]" for p in sorted(set(kwargs) & set(first)) if kwargs[p] != first[p]]
         if differ:
             raise SystemExit(f"--merge: {path} and {reference_path} differ in {differ}: merge only like with like")
         for seed, stream in shard["streams"].items():
@@ -369,6 +374,7 @@ def main(argv=None) -> dict:
                       flush=True)  # fmt: skip
     total = time.perf_counter() - began
     settings = {k: v for k, v in vars(args).items() if not k.endswith("_list") and k not in ("merge", "output_given")}
+    del settings["prefix_protect_values"]  # recorded in paradigm_kwargs (and so checked by --merge per paradigm)
     settings["learning_rates"] = {p: run_config(args, p, 0).learning_rate for p in args.paradigm_list}
     settings["paradigm_kwargs"] = {p: paradigm_kwargs(p, args) for p in args.paradigm_list}
     record = report(runs, {str(k): v for k, v in streams.items()}, settings, total, load_start)

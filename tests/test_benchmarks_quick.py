@@ -91,6 +91,11 @@ def test_fortunes_quick_runs_every_paradigm_and_records_both_views(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match=r"differ in \['epochs'\]"):
         benchmark.main(["--merge", str(shards[0]), str(tmp_path / "other.json"), "--output", str(tmp_path / "x.json")])
+    kwargs = dict(saved["settings"]["paradigm_kwargs"], prefix={"num_virtual_tokens": 4, "gp_protect_values": True})
+    values = dict(saved, settings=dict(saved["settings"], paradigm_kwargs=kwargs))
+    (tmp_path / "values.json").write_text(json.dumps(values))
+    with pytest.raises(SystemExit, match=r"differ in \[\"paradigm_kwargs\['prefix'\]\"\]"):
+        benchmark.main(["--merge", str(shards[0]), str(tmp_path / "values.json"), "--output", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
 
 
