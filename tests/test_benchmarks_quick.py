@@ -95,8 +95,8 @@ def test_fortunes_quick_runs_every_paradigm_and_records_both_views(tmp_path):
     values = dict(saved, settings=dict(saved["settings"], paradigm_kwargs=kwargs))
     (tmp_path / "values.json").write_text(json.dumps(values))
     with pytest.raises(SystemExit, match=r"differ in \[\"paradigm_kwargs\['prefix'\]\"\]"):
-        benchmark.main(["--merge", str(shards[0]), str(tmp_path / "values.json"), "--output", str(tmp_path / "x.json")])
-    assert not (tmp_path / "x.json").exists()
+        benchmark.main(["--merge", str(shards[0]), str(tmp_path / "values.json"), "--output", str(tmp_path / "y")])
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "y").exists()
 
 
 def test_fortunes_quick_refuses_a_missing_data_folder(tmp_path):
