@@ -237,9 +237,7 @@ class GPTrainer(Trainer):
         # the summed Gram matrices equal those of one process over the whole sample.
         # Longest first, so that a collator that pads to the batch's longest text pads little: padding never enters
         # the memory, so the order changes only the cost (the Gram matrices are sums over examples).
-        lengths = example_lengths(dataset)
-        if lengths is not None:
-            dataset = dataset.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
+        dataset = longest_first(dataset)
         world_size, rank = self.args.world_size, self.args.process_index
         if world_size > 1:
             indices = list(range(rank, len(dataset), world_size))
@@ -284,11 +282,19 @@ def _task_classes(dataset) -> list | None:
 
 def example_lengths(dataset) -> list[int] | None:
     """Token counts of a ``datasets.Dataset``'s examples (``attention_mask`` sums, else ``input_ids`` lengths)."""
-    columns = getattr(dataset, "column_names", None) or ()
     if not isinstance(dataset, datasets.Dataset):
         return None
+    columns = dataset.column_names
     if "attention_mask" in columns:
         return [int(sum(mask)) for mask in dataset["attention_mask"]]
     if "input_ids" in columns:
         return [len(ids) for ids in dataset["input_ids"]]
     return None
+
+
+def longest_first(dataset):
+    """``dataset`` sorted by ``example_lengths``, longest first (unchanged where lengths are unknown)."""
+    lengths = example_lengths(dataset)
+    if lengths is None:
+        return dataset
+    return dataset.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))

@@ -31,7 +31,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import peft_gp
 
-from ..trainer import example_lengths
+from ..trainer import example_lengths, longest_first
 from .config import RunConfig, RunConfigError
 from .heads import MaskedCrossEntropy, check_head, masked_predictions, prediction_classes, training_classes
 from .metrics import accuracy_matrix_summary
@@ -259,9 +259,7 @@ def evaluate_views(model: nn.Module, dataset, views: Sequence[Sequence[int]], ba
     device = next(model.parameters()).device
     correct = [0] * len(views)
     total = 0
-    lengths = example_lengths(dataset)
-    if lengths is not None:  # longest first: batches of similar length, cut by collate_batch (same accuracies)
-        dataset = dataset.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
+    dataset = longest_first(dataset)  # batches of similar length, cut by collate_batch (same accuracies)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_batch)
     for batch in loader:
         inputs = {k: v.to(device) for k, v in batch.items() if k in INPUT_KEYS}
