@@ -209,12 +209,25 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def memory_share(run: dict) -> float | None:
+    """GP's memory updates over the training proper of the same run (one process, same load). The runner's
+    ``train_seconds`` include the memory update, so it is subtracted."""
+    tasks = run.get("tasks") or []
+    if not tasks or any(t.get("memory_update_seconds") is None for t in tasks):
+        return None
+    memory = sum(t["memory_update_seconds"] for t in tasks)
+    return memory / (sum(t["train_seconds"] for t in tasks) - memory)
+
+
 def summarise(runs: dict) -> dict:
-    """``{paradigm: {method: {view: {metric: [mean, std]}, "seconds": mean}}}`` over the seeds."""
+    """``{paradigm: {method: {view: {metric: [mean, std]}, "seconds": mean, "memory_share": [mean, std] | None}}}``
+    over the seeds."""
     summary: dict = {}
     for paradigm, methods in runs.items():
         for method, per_seed in methods.items():
             entry: dict = {"seeds": len(per_seed), "seconds": statistics.fmean(r["seconds"] for r in per_seed)}
+            shares = [memory_share(r) for r in per_seed]
+            entry["memory_share"] = None if None in shares else list(_mean_std(shares))
             for view in ("cil", "til"):
                 entry[view] = {
                     metric: list(_mean_std([r[view][metric] for r in per_seed]))
@@ -258,13 +271,14 @@ def _cell(pair: list[float] | None, scale: float = 100.0) -> str:
 
 def table(summary: dict) -> str:
     head = ("| paradigm | method | CIL acc | CIL forgetting | CIL BWT | TIL acc | TIL forgetting | TIL BWT "
-            "| time (s) |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+            "| time (s) | memory update / training (%) |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     lines = [head]
     for paradigm, methods in summary.items():
         for method, entry in methods.items():
             cells = [_cell(entry[view].get(metric)) for view in ("cil", "til")
                      for metric in ("average_accuracy", "forgetting", "backward_transfer")]  # fmt: skip
-            lines.append(f"| {paradigm} | {method} | " + " | ".join(cells) + f" | {entry['seconds']:.0f} |")
+            share = _cell(entry.get("memory_share"))
+            lines.append(f"| {paradigm} | {method} | " + " | ".join(cells) + f" | {entry['seconds']:.0f} | {share} |")
     return "\n".join(lines)
 
 

@@ -67,6 +67,12 @@ def test_fortunes_quick_runs_every_paradigm_and_records_both_views(tmp_path):
         (joint,) = methods["joint"]
         assert len(joint["cil_final"]) == len(joint["til_final"]) == 3
         assert all(t >= c for t, c in zip(joint["til_final"], joint["cil_final"]))
+        assert saved["summary"][paradigm]["plain"]["memory_share"] is None  # no memory, no share
+        (update,) = methods["update"]
+        memory = sum(t["memory_update_seconds"] for t in update["tasks"])
+        training = sum(t["train_seconds"] for t in update["tasks"]) - memory  # train_seconds include the update
+        assert memory > 0 and training > 0
+        assert saved["summary"][paradigm]["update"]["memory_share"][0] == pytest.approx(memory / training)
     checks = saved["targets"]
     assert len(checks) == 3 * 2 * len(benchmark.PARADIGMS)  # 3 targets x (gradient, update) per paradigm
     for check in checks:
