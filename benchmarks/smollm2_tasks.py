@@ -143,18 +143,23 @@ def stream(args: argparse.Namespace, config: RunConfig) -> list[Task]:
 
 
 def cost(run) -> dict:
-    """Training seconds per task of both methods, GP's memory-update seconds, and the memory file's size."""
+    """Training seconds per task of both methods, GP's memory-update seconds, and the memory file's size.
+
+    The runner's ``train_seconds`` of GP include its memory update; the ratio and the share use GP's training
+    proper (without it), and ``train_time_ratio_with_memory`` compares the whole of it."""
     gp, plain = run.main, run.baseline
     train_gp = [t["train_seconds"] for t in gp.tasks]
     train_plain = [t["train_seconds"] for t in plain.tasks]
     memory = [t.get("memory_update_seconds", 0.0) for t in gp.tasks]
+    training_gp = sum(train_gp) - sum(memory)
     memory_file = Path(run.paths["adapter_gp"]) / MEMORY_FILE
     return {
         "train_seconds_gp": train_gp,
         "train_seconds_plain": train_plain,
-        "train_time_ratio": sum(train_gp) / sum(train_plain),
+        "train_time_ratio": training_gp / sum(train_plain),
+        "train_time_ratio_with_memory": sum(train_gp) / sum(train_plain),
         "memory_update_seconds": memory,
-        "memory_update_share": sum(memory) / sum(train_gp),
+        "memory_update_share": sum(memory) / training_gp,
         "memory_file_bytes": memory_file.stat().st_size,
     }
 
@@ -177,9 +182,10 @@ def main(argv=None) -> dict:
     print()
     print(comparison_text(run))
     print(
-        f"\ncost: training GP/plain {spent['train_time_ratio']:.2f}x ({sum(spent['train_seconds_gp']):.0f}s / "
+        f"\ncost: training GP/plain {spent['train_time_ratio']:.2f}x without the memory updates, "
+        f"{spent['train_time_ratio_with_memory']:.2f}x with them ({sum(spent['train_seconds_gp']):.0f}s / "
         f"{sum(spent['train_seconds_plain']):.0f}s); memory updates {sum(spent['memory_update_seconds']):.1f}s = "
-        f"{100 * spent['memory_update_share']:.1f}% of GP training; {MEMORY_FILE} "
+        f"{100 * spent['memory_update_share']:.1f}% of GP's training proper; {MEMORY_FILE} "
         f"{spent['memory_file_bytes'] / 2**20:.2f} MiB"
     )
     total = time.perf_counter() - began

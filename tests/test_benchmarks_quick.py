@@ -167,6 +167,9 @@ def test_smollm2_quick_compares_on_a_decoder(tmp_path):
     spent = saved["cost"]
     assert len(spent["memory_update_seconds"]) == len(spent["train_seconds_plain"]) == 2
     assert spent["memory_file_bytes"] > 0 and spent["train_time_ratio"] > 0
+    training_gp = sum(spent["train_seconds_gp"]) - sum(spent["memory_update_seconds"])  # train_seconds include it
+    assert spent["memory_update_share"] == pytest.approx(sum(spent["memory_update_seconds"]) / training_gp)
+    assert spent["train_time_ratio_with_memory"] > spent["train_time_ratio"]
     with pytest.raises(SystemExit, match="fortunes-min"):
         benchmark.main(["--quick", "--data-dir", str(tmp_path / "none"), "--output", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match="at most 20 topics"):
