@@ -19,12 +19,20 @@ What it measures
     the projection active) and reports its peak resident set size (``ru_maxrss``); the ratio GP / plain compares
     the two processes, which load the same libraries.
 
-How to run (from the repository root; about 3 minutes on 2 CPU cores)::
+    Per paradigm (``--paradigms``), at the reference hidden size and sample count: the same update timing, file
+    sizes and peak-memory pair for LoRA, the bottleneck adapter (16 wide, beside each FFN), prefix tuning (keys
+    protected) and prompt tuning (10 virtual tokens each). Plain LoRA and prompt tuning are PEFT's own configs; the
+    adapter and prefix baselines are peft_gp's configs without a memory (PEFT has no bottleneck adapter, and its
+    prefix tuning does not run on BERT-like encoders with transformers 5). ``--skip-sweeps`` runs only this table.
+
+How to run (from the repository root; about 3 minutes on 2 CPU cores, longer under load)::
 
     .venv/bin/python benchmarks/memory_scaling.py
+    .venv/bin/python benchmarks/memory_scaling.py --skip-sweeps \
+        --output benchmarks/results/memory_scaling_paradigms.json     # the per-paradigm table only
     .venv/bin/python benchmarks/memory_scaling.py --quick     # tiny sizes, peak memory for one size only
 
-Results: a table per sweep, JSON to ``benchmarks/results/memory_scaling.json``.
+Results: a table per sweep and one per paradigm, JSON to ``benchmarks/results/memory_scaling.json``.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft import LoraConfig, PromptTuningConfig, get_peft_model  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 import peft_gp  # noqa: E402
@@ -58,6 +66,8 @@ FULL = dict(samples="64,128,256,512", hidden="128,256,384,768", reference_hidden
 QUICK = dict(samples="8,16", hidden="32,64", reference_hidden=32, reference_samples=16, layers=2, max_length=12,
              batch_size=8, peak_steps=2)  # fmt: skip
 VOCAB = 1000
+PARADIGMS = ("lora", "adapter", "prefix", "prompt")
+VIRTUAL_TOKENS = 10  # prefix and prompt tuning
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,10 +84,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gp-threshold", type=float, default=0.97)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="JSON record (default benchmarks/results/memory_scaling.json)")
+    parser.add_argument("--paradigms", default=",".join(PARADIGMS),
+                        help=f"comma-separated, of {PARADIGMS}: the per-paradigm table (empty: none)")  # fmt: skip
+    parser.add_argument("--skip-sweeps", action="store_true", help="only the per-paradigm table")
     parser.add_argument("--child", choices=("plain", "gp"), help=argparse.SUPPRESS)  # one peak-memory run
     parser.add_argument("--child-hidden", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child-paradigm", choices=PARADIGMS, default="lora", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     fill_preset(args, QUICK if args.quick else FULL)
+    args.paradigm_list = [p.strip() for p in args.paradigms.split(",") if p.strip()]
+    unknown = sorted(set(args.paradigm_list) - set(PARADIGMS))
+    if unknown:
+        raise SystemExit(f"--paradigms takes {', '.join(PARADIGMS)}; got {unknown}")
     args.sample_list = [int(s) for s in str(args.samples).split(",") if s.strip()]
     args.hidden_list = [int(s) for s in str(args.hidden).split(",") if s.strip()]
     bad = [h for h in args.hidden_list + [args.reference_hidden] if h % 32]
@@ -92,7 +110,7 @@ def base_model(hidden: int, args: argparse.Namespace) -> BertForSequenceClassifi
     torch.manual_seed(args.seed)
     config = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=args.layers,
                         num_attention_heads=max(1, hidden // 64), intermediate_size=4 * hidden,
-                        max_position_embeddings=args.max_length, num_labels=4)  # fmt: skip
+                        max_position_embeddings=args.max_length + VIRTUAL_TOKENS, num_labels=4)  # fmt: skip
     return BertForSequenceClassification(config).eval()
 
 
@@ -100,10 +118,22 @@ def lora_options() -> dict:
     return dict(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"])
 
 
-def gp_model(base, args: argparse.Namespace, samples: int):
-    config = peft_gp.GPLoraConfig(**lora_options(), gp_threshold=args.gp_threshold, gp_memory_samples=samples)
+def paradigm_config(paradigm: str, gp: bool, args: argparse.Namespace, samples: int):
+    """The PEFT config of ``paradigm``, GP or plain (adapter and prefix: peft_gp's config, used without a memory)."""
+    options = {"gp_threshold": args.gp_threshold, "gp_memory_samples": samples}
+    virtual = {"task_type": "SEQ_CLS", "num_virtual_tokens": VIRTUAL_TOKENS}
+    if paradigm == "lora":
+        return peft_gp.GPLoraConfig(**lora_options(), **options) if gp else LoraConfig(**lora_options())
+    if paradigm == "adapter":
+        return peft_gp.GPAdapterConfig(task_type="SEQ_CLS", bottleneck_size=16, **options)
+    if paradigm == "prefix":
+        return peft_gp.GPPrefixTuningConfig(**virtual, **options)
+    return peft_gp.GPPromptTuningConfig(**virtual, **options) if gp else PromptTuningConfig(**virtual)
+
+
+def gp_model(base, args: argparse.Namespace, samples: int, paradigm: str = "lora"):
     torch.manual_seed(args.seed)
-    return get_peft_model(copy.deepcopy(base), config)
+    return get_peft_model(copy.deepcopy(base), paradigm_config(paradigm, True, args, samples))
 
 
 def random_batches(samples: int, args: argparse.Namespace, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -125,9 +155,9 @@ def forward_seconds(model, batches) -> float:
     return time.perf_counter() - start
 
 
-def timed_update(base, args: argparse.Namespace, samples: int) -> tuple[dict, object]:
+def timed_update(base, args: argparse.Namespace, samples: int, paradigm: str = "lora") -> tuple[dict, object]:
     """Two updates (tasks of different random inputs); the second is timed. Returns the row and the model."""
-    model = gp_model(base, args, samples)
+    model = gp_model(base, args, samples, paradigm)
     peft_gp.update_memory(model, random_batches(samples, args, seed=1))
     second = random_batches(samples, args, seed=2)
     forward_seconds(model, second[:1])  # warm caches, as the update's first batch would be
@@ -161,12 +191,12 @@ def child(args: argparse.Namespace) -> None:
     base = base_model(args.child_hidden, args)
     samples = args.reference_samples
     if args.child == "gp":
-        model = gp_model(base, args, samples)
+        model = gp_model(base, args, samples, args.child_paradigm)
         for seed in (1, 2):
             peft_gp.update_memory(model, random_batches(samples, args, seed=seed))
     else:
         torch.manual_seed(args.seed)
-        model = get_peft_model(base, LoraConfig(**lora_options()))
+        model = get_peft_model(base, paradigm_config(args.child_paradigm, False, args, samples))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     if args.child == "gp":
@@ -179,37 +209,38 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
-def peak_rss(method: str, hidden: int, args: argparse.Namespace) -> int:
+def peak_rss(method: str, hidden: int, args: argparse.Namespace, paradigm: str = "lora") -> int:
     command = [sys.executable, __file__, "--child", method, "--child-hidden", str(hidden),
+               "--child-paradigm", paradigm,
                "--reference-samples", str(args.reference_samples), "--layers", str(args.layers),
                "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
                "--peak-steps", str(args.peak_steps), "--gp-threshold", str(args.gp_threshold),
                "--seed", str(args.seed)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"peak-memory run {method} d={hidden} failed:\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"peak-memory run {paradigm} {method} d={hidden} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.child:
-        child(args)
-        return {}
-    quiet()
-    load_start = round(os.getloadavg()[0], 2)
-    began = time.perf_counter()
-    reference = base_model(args.reference_hidden, args)
-    by_samples = [timed_update(reference, args, samples)[0] for samples in args.sample_list]
-    by_hidden = []
-    for hidden in args.hidden_list:
-        row, model = timed_update(base_model(hidden, args), args, args.reference_samples)
-        row = {"hidden": hidden, **row, **{f"{k.split('.')[0]}_bytes": v for k, v in file_sizes(model).items()}}
-        if not args.quick or hidden == args.hidden_list[0]:  # two child processes each: --quick measures one size
-            plain, gp = peak_rss("plain", hidden, args), peak_rss("gp", hidden, args)
-            row.update(peak_rss_plain_bytes=plain, peak_rss_gp_bytes=gp, peak_rss_ratio=round(gp / plain, 4))
-        by_hidden.append(row)
+MIB = 2**20
 
+
+def sizes(model) -> dict:
+    return {f"{k.split('.')[0]}_bytes": v for k, v in file_sizes(model).items()}
+
+
+def peak_pair(hidden: int, args: argparse.Namespace, paradigm: str = "lora") -> dict:
+    plain, gp = peak_rss("plain", hidden, args, paradigm), peak_rss("gp", hidden, args, paradigm)
+    return {"peak_rss_plain_bytes": plain, "peak_rss_gp_bytes": gp, "peak_rss_ratio": round(gp / plain, 4)}
+
+
+def peak_cells(r: dict) -> str:
+    if "peak_rss_ratio" not in r:
+        return "– | – |"
+    return f"{r['peak_rss_plain_bytes'] / MIB:.0f} / {r['peak_rss_gp_bytes'] / MIB:.0f} | {r['peak_rss_ratio']:.3f} |"
+
+
+def print_sweeps(by_samples: list[dict], by_hidden: list[dict], args: argparse.Namespace) -> None:
     print(f"memory update vs samples (d={args.reference_hidden}, {args.layers} layers, {args.max_length} tokens, "
           "second task):")  # fmt: skip
     print("| samples | update (s) | forward (s) | GP's own (s) | mean basis fill |")
@@ -221,12 +252,48 @@ def main(argv=None) -> dict:
     print("| d | update (s) | forward (s) | GP's own (s) | gp_memory (MiB) | adapter (MiB) "
           "| peak RSS plain / GP (MiB) | ratio |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
-    mib = 2**20
     for r in by_hidden:
         print(f"| {r['hidden']} | {r['update_seconds']:.2f} | {r['forward_seconds']:.2f} | "
-              f"{r['gp_own_seconds']:.2f} | {r['gp_memory_bytes'] / mib:.2f} | {r['adapter_model_bytes'] / mib:.2f} | "
-              + (f"{r['peak_rss_plain_bytes'] / mib:.0f} / {r['peak_rss_gp_bytes'] / mib:.0f} | "
+              f"{r['gp_own_seconds']:.2f} | {r['gp_memory_bytes'] / MIB:.2f} | {r['adapter_model_bytes'] / MIB:.2f} | "
+              + (f"{r['peak_rss_plain_bytes'] / MIB:.0f} / {r['peak_rss_gp_bytes'] / MIB:.0f} | "
                  f"{r['peak_rss_ratio']:.3f} |" if "peak_rss_ratio" in r else "– | – |"))  # fmt: skip
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.child:
+        child(args)
+        return {}
+    quiet()
+    load_start = round(os.getloadavg()[0], 2)
+    began = time.perf_counter()
+    reference = base_model(args.reference_hidden, args)
+    by_samples, by_hidden, by_paradigm = [], [], []
+    if not args.skip_sweeps:
+        by_samples = [timed_update(reference, args, samples)[0] for samples in args.sample_list]
+        for hidden in args.hidden_list:
+            row, model = timed_update(base_model(hidden, args), args, args.reference_samples)
+            row = {"hidden": hidden, **row, **sizes(model)}
+            if not args.quick or hidden == args.hidden_list[0]:  # two child processes each: --quick measures one
+                row.update(peak_pair(hidden, args))
+            by_hidden.append(row)
+    for paradigm in args.paradigm_list:
+        row, model = timed_update(reference, args, args.reference_samples, paradigm)
+        row = {"paradigm": paradigm, **row, **sizes(model)}
+        if not args.quick:  # the tests run the children of every paradigm in-process instead
+            row.update(peak_pair(args.reference_hidden, args, paradigm))
+        by_paradigm.append(row)
+    if not args.skip_sweeps:
+        print_sweeps(by_samples, by_hidden, args)
+    if by_paradigm:
+        print(f"\nby paradigm (d={args.reference_hidden}, {args.reference_samples} samples):")
+        print("| paradigm | update (s) | forward (s) | GP's own (s) | groups | mean basis fill | gp_memory (MiB) "
+              "| adapter (MiB) | peak RSS plain / GP (MiB) | ratio |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in by_paradigm:
+            print(f"| {r['paradigm']} | {r['update_seconds']:.2f} | {r['forward_seconds']:.2f} | "
+                  f"{r['gp_own_seconds']:.2f} | {r['groups']} | {100 * r['basis_mean_fill']:.0f}% | "
+                  f"{r['gp_memory_bytes'] / MIB:.2f} | {r['adapter_model_bytes'] / MIB:.3f} | " + peak_cells(r))
     total = time.perf_counter() - began
     print(f"total {total:.0f}s; 1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")
     record = {
@@ -236,10 +303,13 @@ def main(argv=None) -> dict:
         "settings": {k: v for k, v in vars(args).items() if not k.startswith("child")},
         "by_samples": by_samples,
         "by_hidden": by_hidden,
+        "by_paradigm": by_paradigm,
         "total_seconds": round(total, 1),
     }
     write_record(args.output, record)
     return record
+
+
 
 
 if __name__ == "__main__":

@@ -176,8 +176,9 @@ def test_smollm2_quick_compares_on_a_decoder(tmp_path):
         benchmark.main(["--tasks", "7", "--topics-per-task", "3", "--output", str(tmp_path / "x.json")])
 
 
-def test_memory_scaling_quick_records_sizes_and_peak_memory(tmp_path):
-    """The memory-cost benchmark at tiny sizes: both sweeps, file sizes that grow with d, one peak-memory pair."""
+def test_memory_scaling_quick_records_sizes_and_peak_memory(tmp_path, capsys):
+    """The memory-cost benchmark at tiny sizes: both sweeps, file sizes that grow with d, one peak-memory pair, the
+    per-paradigm table and every paradigm's peak-memory run."""
     benchmark = load_benchmark("memory_scaling")
     output = tmp_path / "scaling.json"
     record = benchmark.main(["--quick", "--output", str(output)])
@@ -190,6 +191,16 @@ def test_memory_scaling_quick_records_sizes_and_peak_memory(tmp_path):
     for row in saved["by_samples"] + saved["by_hidden"]:
         assert row["update_seconds"] >= row["gp_own_seconds"] >= 0 and 0 < row["basis_mean_fill"] <= 1
     assert small["peak_rss_gp_bytes"] > 0 and small["peak_rss_ratio"] > 0 and "peak_rss_ratio" not in large
+    rows = {r["paradigm"]: r for r in saved["by_paradigm"]}
+    assert list(rows) == list(benchmark.PARADIGMS)
+    for row in rows.values():
+        assert row["gp_memory_bytes"] > 0 and row["adapter_model_bytes"] > 0
+        assert row["update_seconds"] >= row["gp_own_seconds"] >= 0 and 0 < row["basis_mean_fill"] <= 1
+    assert rows["lora"]["gp_memory_bytes"] == small["gp_memory_bytes"]  # same model, samples and seed as d=32
+    for paradigm in benchmark.PARADIGMS:  # the peak-memory children (subprocesses in a full run), in-process
+        for method in ("plain", "gp"):  # gp asserts that its projection is active
+            benchmark.main(["--quick", "--child", method, "--child-hidden", "32", "--child-paradigm", paradigm])
+            assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["peak_rss_bytes"] > 0
     with pytest.raises(SystemExit, match="multiples of 32"):
         benchmark.main(["--quick", "--hidden", "48", "--output", str(tmp_path / "x.json")])
 
