@@ -255,8 +255,7 @@ def print_sweeps(by_samples: list[dict], by_hidden: list[dict], args: argparse.N
     for r in by_hidden:
         print(f"| {r['hidden']} | {r['update_seconds']:.2f} | {r['forward_seconds']:.2f} | "
               f"{r['gp_own_seconds']:.2f} | {r['gp_memory_bytes'] / MIB:.2f} | {r['adapter_model_bytes'] / MIB:.2f} | "
-              + (f"{r['peak_rss_plain_bytes'] / MIB:.0f} / {r['peak_rss_gp_bytes'] / MIB:.0f} | "
-                 f"{r['peak_rss_ratio']:.3f} |" if "peak_rss_ratio" in r else "– | – |"))  # fmt: skip
+              + peak_cells(r))
 
 
 def main(argv=None) -> dict:
@@ -308,8 +307,6 @@ def main(argv=None) -> dict:
     }
     write_record(args.output, record)
     return record
-
-
 
 
 if __name__ == "__main__":
