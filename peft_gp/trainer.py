@@ -18,6 +18,7 @@ from .collect import summarize_report, update_memory
 from .hub import TaskPush, push_task_to_hub, task_branch
 from .loading import load_memory, load_task_state
 from .memory import GP_MEMORY_NAME, GPMemory, GPMemoryError
+from .memory_data import longest_first, task_classes
 from .paradigms.base import gp_config_of, unwrap_peft_model
 from .projector import GPProjector, raw_optimizer
 from .state import get_memory
@@ -195,7 +196,7 @@ class GPTrainer(Trainer):
         dataset = self.train_dataset if dataset is None else dataset
         if dataset is None:
             raise ValueError("update_memory needs a dataset: pass one, or give the trainer a train_dataset.")
-        classes = _task_classes(dataset)
+        classes = task_classes(dataset)
         size = len(dataset)
         if size == 0:
             raise GPMemoryError(
@@ -265,36 +266,3 @@ class GPTrainer(Trainer):
         if "loss" in logs:
             logs.update(self.gp_projector.pop_stats())
         super().log(logs, *args, **kwargs)
-
-
-def _task_classes(dataset) -> list | None:
-    """The labels of a classification task's dataset (``labels`` or ``label`` column), else ``None``."""
-    if not isinstance(dataset, datasets.Dataset):
-        return None
-    column = next((name for name in ("labels", "label") if name in dataset.column_names), None)
-    if column is None:
-        return None
-    values = dataset.unique(column)
-    if not all(isinstance(value, (int, str)) and not isinstance(value, bool) for value in values):
-        return None  # token labels (language modelling) or multi-label rows: not classes
-    return values
-
-
-def example_lengths(dataset) -> list[int] | None:
-    """Token counts of a ``datasets.Dataset``'s examples (``attention_mask`` sums, else ``input_ids`` lengths)."""
-    if not isinstance(dataset, datasets.Dataset):
-        return None
-    columns = dataset.column_names
-    if "attention_mask" in columns:
-        return [int(sum(mask)) for mask in dataset["attention_mask"]]
-    if "input_ids" in columns:
-        return [len(ids) for ids in dataset["input_ids"]]
-    return None
-
-
-def longest_first(dataset):
-    """``dataset`` sorted by ``example_lengths``, longest first (unchanged where lengths are unknown)."""
-    lengths = example_lengths(dataset)
-    if lengths is None:
-        return dataset
-    return dataset.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))

@@ -31,7 +31,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import peft_gp
 
-from ..trainer import example_lengths, longest_first
+from ..memory_data import example_lengths, longest_first
 from .config import RunConfig, RunConfigError
 from .heads import MaskedCrossEntropy, check_head, masked_predictions, prediction_classes, training_classes
 from .metrics import accuracy_matrix_summary
