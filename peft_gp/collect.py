@@ -14,6 +14,7 @@ from .memory import GPMemoryError
 from .paradigms import ProjectedGroup, resolve_groups
 from .paradigms.base import gp_config_of, unwrap_peft_model
 from .state import get_memory
+from .task_state import get_task_state
 
 
 def _to_device(batch, device):
@@ -165,8 +166,14 @@ def update_memory(
     adapter_name: str | None = None,
     max_samples: int | None = None,
     stacklevel: int = 2,
+    task_name: str | None = None,
+    classes: list | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Store a finished task in the memory: the plain-PyTorch counterpart of ``GPTrainer.update_memory``.
+    """Store a finished task in the memory: the plain-PyTorch counterpart of ``GPCallback``'s update.
+
+    The task is also recorded in the task record (``peft_gp.get_task_state``, saved as ``gp_tasks.json``) under
+    ``task_name`` (default ``task-XX``). Called before the first task on a reference corpus (``task_name="reference"``,
+    "task 0"), it protects the pretrained model's behaviour on that corpus from the first task on.
 
     Args:
         model: the PEFT model built from a GP config.
@@ -174,6 +181,8 @@ def update_memory(
         adapter_name: the adapter whose memory grows (default: the active one).
         max_samples: how many examples to use (default: the config's ``gp_memory_samples``).
         stacklevel: for the warning about layers that became full (callers wrapping this function add theirs).
+        task_name: the stored task's name in the task record.
+        classes: the task's class labels, where labels are class ids (``None`` for generative tasks).
 
     Returns:
         Per projected group: ``basis_size``, ``dim``, ``added`` and captured energy before/after.
@@ -188,6 +197,7 @@ def update_memory(
     threshold = maths.threshold_for_task(config.gp_threshold, config.gp_threshold_increment, memory.tasks_seen)
     full_before = set(memory.full_groups())
     report = memory.update(grams, threshold)
+    record_task(peft_model, adapter_name, memory.tasks_seen - 1, task_name, classes)
     newly_full = [name for name in memory.full_groups() if name not in full_before]
     if newly_full:
         warnings.warn(
@@ -198,6 +208,14 @@ def update_memory(
             stacklevel=stacklevel,
         )
     return report
+
+
+def record_task(model: nn.Module, adapter_name: str, task_id: int, task_name: str | None, classes) -> None:
+    """Record task ``task_id`` in the task record, filling in tasks stored before the record existed."""
+    state = get_task_state(model, adapter_name)
+    for missing in range(state.tasks_seen, task_id):
+        state.record(missing)
+    state.record(task_id, task_name, classes)
 
 
 def summarize_report(report: dict[str, dict[str, float]]) -> dict[str, float]:

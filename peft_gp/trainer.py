@@ -216,12 +216,9 @@ class GPTrainer(Trainer):
             adapter_name=self.gp_adapter_name,
             max_samples=samples,
             stacklevel=3,
+            task_name=self.gp_task_name,
+            classes=classes,
         )
-        task_id = self.gp_memory.tasks_seen - 1
-        state = get_task_state(self.model, self.gp_adapter_name)
-        for missing in range(state.tasks_seen, task_id):  # tasks stored without this trainer
-            state.record(missing)
-        state.record(task_id, self.gp_task_name, classes)
         self.gp_memory_seconds = time.perf_counter() - start
         logs = {
             "gp_tasks_seen": float(self.gp_memory.tasks_seen),
