@@ -54,16 +54,19 @@ def collect_grams(
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Stream ``batches`` through ``model`` (eval mode, no grad) and return each group's float64 Gram matrix.
 
-    Padding tokens (``attention_mask == 0``) are left out wherever a feature tensor is laid out as the batch's
-    ``(batch, sequence)`` (not in encoder-decoder models, whose decoder length may coincide). Under
+    Padding tokens are left out wherever a feature tensor is laid out as the batch's ``(batch, sequence)``: those with
+    ``attention_mask == 0``; in encoder-decoder models the encoder's layers use ``attention_mask`` and the decoder's
+    their own inputs' mask (``decoder_attention_mask``, else the decoder inputs that ``labels`` shift in). Under
     ``torch.distributed`` each process passes its own shard and the Gram matrices are summed over processes
     (all-reduce), so every rank gets the same result. Returns the Gram matrices and the number of examples seen.
     """
     peft_model = unwrap_peft_model(model)
-    is_encoder_decoder = bool(getattr(getattr(peft_model.get_base_model(), "config", None), "is_encoder_decoder", 0))
+    base_model = peft_model.get_base_model()
+    is_encoder_decoder = bool(getattr(getattr(base_model, "config", None), "is_encoder_decoder", 0))
     device = next(p.device for p in peft_model.parameters())
     grams = {group.name: torch.zeros(group.dim, group.dim, dtype=torch.float64, device=device) for group in groups}
     current: dict = {"mask": None, "cache": {}}
+    masks: dict = {}  # encoder-decoder models: each stack's padding mask and the encoder's output
     distributed = _world_size() > 1
     non_finite: list[str] = []
 
@@ -88,6 +91,8 @@ def collect_grams(
 
     def gram_of(group: ProjectedGroup, inputs: torch.Tensor, masked: bool) -> torch.Tensor | None:
         mask = current["mask"]
+        if _is_tensor(inputs, masks.get("encoder_output")):  # cross-attention keys/values read the encoder's output
+            mask = masks.get("encoder")
         if masked and mask is not None and inputs.dim() >= 3 and tuple(inputs.shape[:2]) == tuple(mask.shape):
             inputs = inputs[mask]
         rows = group.features(inputs.detach())
@@ -106,7 +111,8 @@ def collect_grams(
 
         return emit
 
-    handles = [
+    handles = _side_mask_hooks(base_model, current, masks) if is_encoder_decoder else []
+    handles += [
         group.source.attach(make_emit(group))
         if group.source is not None
         else group.feature_module.register_forward_hook(make_hook(group))
@@ -127,8 +133,10 @@ def collect_grams(
                 size = keep
             batch = _to_device(batch, device)
             mask = batch.get("attention_mask")
-            current["mask"] = mask.bool() if isinstance(mask, torch.Tensor) and not is_encoder_decoder else None
-            current["cache"] = {}
+            current["mask"] = mask.bool() if isinstance(mask, torch.Tensor) else None
+            if is_encoder_decoder:
+                masks.update(encoder=current["mask"], decoder=decoder_mask(batch))
+            current["cache"], masks["encoder_output"] = {}, None
             model(**batch)
             current["cache"] = {}
             seen += size
@@ -158,6 +166,56 @@ def collect_grams(
             "(model.set_adapter(...)) and does the batch go through the adapted layers? Nothing was stored."
         )
     return grams, seen
+
+
+def decoder_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """Which decoder input positions of an encoder-decoder batch hold tokens (not padding).
+
+    ``decoder_attention_mask`` when given; else, as the decoder inputs are ``labels`` shifted right (T5, BART, and
+    ``DataCollatorForSeq2Seq``'s ``decoder_input_ids``), the start token and every position whose previous label is
+    not ``-100``.
+    """
+    mask = batch.get("decoder_attention_mask")
+    if isinstance(mask, torch.Tensor):
+        return mask.bool()
+    labels = batch.get("labels")
+    decoder_inputs = batch.get("decoder_input_ids")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        return None
+    if isinstance(decoder_inputs, torch.Tensor) and decoder_inputs.shape != labels.shape:
+        return None  # decoder inputs that are not the labels shifted right: no mask known
+    shifted = torch.ones_like(labels, dtype=torch.bool)
+    shifted[:, 1:] = labels[:, :-1] != -100
+    return shifted
+
+
+def _is_tensor(inputs: torch.Tensor, other) -> bool:
+    """``inputs`` is ``other`` or a same-shaped alias of it (an identity dropout or dtype cast passes it through)."""
+    if not isinstance(other, torch.Tensor):
+        return False
+    return inputs is other or (inputs.shape == other.shape and inputs.data_ptr() == other.data_ptr())
+
+
+def _side_mask_hooks(base_model: nn.Module, current: dict, masks: dict) -> list:
+    """Hooks that switch the padding mask to the encoder's or the decoder's as each stack runs, and keep the
+    encoder's output: the decoder's cross-attention keys and values read it, so they take the encoder's mask."""
+    handles = []
+    for side, getter in (("encoder", "get_encoder"), ("decoder", "get_decoder")):
+        stack = getattr(base_model, getter, lambda: None)()
+        if isinstance(stack, nn.Module):
+
+            def set_mask(module, args, side=side):
+                current["mask"] = masks.get(side)
+
+            handles.append(stack.register_forward_pre_hook(set_mask))
+            if side == "encoder":
+
+                def keep_output(module, args, output):
+                    hidden = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", None)
+                    masks["encoder_output"] = hidden
+
+                handles.append(stack.register_forward_hook(keep_output))
+    return handles
 
 
 def update_memory(
@@ -196,7 +254,11 @@ def update_memory(
     grams, _ = collect_grams(model, groups, batches, max_samples=max_samples)
     threshold = maths.threshold_for_task(config.gp_threshold, config.gp_threshold_increment, memory.tasks_seen)
     full_before = set(memory.full_groups())
-    report = memory.update(grams, threshold)
+    moved, totals = _idle_input_sides(groups, grams, memory, threshold)
+    report = memory.update(grams, threshold, total_energies=totals)
+    with torch.no_grad():
+        for group, weight in moved:
+            group.weight.copy_(weight.to(group.weight.dtype))
     record_task(peft_model, adapter_name, memory.tasks_seen - 1, task_name, classes)
     newly_full = [name for name in memory.full_groups() if name not in full_before]
     if newly_full:
@@ -208,6 +270,32 @@ def update_memory(
             stacklevel=stacklevel,
         )
     return report
+
+
+def _idle_input_sides(groups, grams, memory, threshold) -> tuple[list, dict[str, float]]:
+    """Input sides whose output side is still zero (a reference memory before any training: ``B = 0``).
+
+    There ``B A x = 0`` whatever ``A`` is, so the stored features are kept safe more cheaply than by freezing ``B``
+    against ``A x``: ``A`` moves out of the stored space (``A ← A (I − M Mᵀ)``, the model's outputs unchanged) and
+    stays out (its updates are projected), so ``A x ≈ 0`` on the stored features and ``B`` remains free to learn.
+    ``B``'s Gram matrix becomes ``A' C Aᵀ'`` (``C``: ``A``'s input Gram), measured against its energy before the move.
+    Returns the moved weights (written once the memory update succeeded) and the reference energies.
+    """
+    moved, totals = [], {}
+    for group in groups:
+        side = group.output_side
+        if side is None or side.bias is not None or group.index is not None or group.transpose:
+            continue
+        if torch.any(side.weight != 0):
+            continue
+        basis, _ = maths.grow_basis(grams[group.name], memory.bases[group.name], threshold)
+        weight = group.weight.detach().to(torch.float64)
+        basis = basis.to(weight.device)
+        weight = weight - (weight @ basis) @ basis.T
+        totals[side.name] = torch.trace(grams[side.name]).item()
+        grams[side.name] = weight @ grams[group.name].to(weight.device) @ weight.T
+        moved.append((group, weight))
+    return moved, totals
 
 
 def record_task(model: nn.Module, adapter_name: str, task_id: int, task_name: str | None, classes) -> None:

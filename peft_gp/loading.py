@@ -17,17 +17,13 @@ from peft.utils import CONFIG_NAME
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
+from .checkpoints import adapter_directory
 from .config import GP_CONFIG_CLASSES, is_gp_config
 from .hub import hub_errors
 from .memory import GP_MEMORY_NAME, GPMemory, GPMemoryError
 from .paradigms.base import unwrap_peft_model
 from .state import get_memory, set_memory
 from .task_state import GP_TASKS_NAME, GPTaskState, get_task_state, has_task_state, set_task_state
-
-
-def adapter_directory(save_directory: str, adapter_name: str) -> str:
-    """Where PEFT puts an adapter's files: the directory itself for ``default``, a subfolder otherwise."""
-    return save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
 
 
 def save_memory(model: nn.Module, save_directory: str, adapter_name: str | None = None) -> str:
@@ -39,6 +35,16 @@ def save_memory(model: nn.Module, save_directory: str, adapter_name: str | None 
     return path
 
 
+def save_gp_files(model: nn.Module, save_directory: str, adapter_name: str | None = None) -> None:
+    """Write the memory and (once a task is recorded) the task record of ``adapter_name`` beside its adapter."""
+    peft_model = unwrap_peft_model(model)
+    adapter_name = adapter_name or peft_model.active_adapter
+    save_memory(peft_model, save_directory, adapter_name)
+    if has_task_state(peft_model, adapter_name):
+        path = os.path.join(adapter_directory(save_directory, adapter_name), GP_TASKS_NAME)
+        get_task_state(peft_model, adapter_name).save(path)
+
+
 def _save_pretrained_with_memory(original):
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -48,10 +54,7 @@ def _save_pretrained_with_memory(original):
         selected = kwargs.get("selected_adapters") or list(self.peft_config)
         for adapter_name in selected:
             if is_gp_config(self.peft_config[adapter_name]):
-                save_memory(self, save_directory, adapter_name)
-                if has_task_state(self, adapter_name):
-                    path = os.path.join(adapter_directory(save_directory, adapter_name), GP_TASKS_NAME)
-                    get_task_state(self, adapter_name).save(path)
+                save_gp_files(self, save_directory, adapter_name)
 
     save_pretrained._peft_gp_wrapped = True
     return save_pretrained

@@ -55,7 +55,7 @@ def _sorted_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def grow_basis(
-    gram: torch.Tensor, basis: torch.Tensor | None, threshold: float
+    gram: torch.Tensor, basis: torch.Tensor | None, threshold: float, total_energy: float | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Extend ``basis`` so that it captures at least ``threshold`` of the energy of the features behind ``gram``.
 
@@ -63,6 +63,8 @@ def grow_basis(
         gram: ``(d, d)`` Gram matrix ``Xᵀ X`` of the finished task's features (any float dtype; used in float64).
         basis: ``(d, k)`` orthonormal basis of earlier tasks, or ``None``/``k = 0`` for the first task.
         threshold: energy threshold τ in (0, 1].
+        total_energy: the energy the shares are measured against (default ``tr(gram)``). A larger one lets features
+            that lost most of their energy (an input side moved out of the stored space) count as mostly captured.
 
     Returns:
         The new ``(d, k')`` basis (float64, ``k' ≥ k``; the old columns come first, unchanged) and a report with
@@ -84,7 +86,7 @@ def grow_basis(
     if basis.shape[0] != dim:
         raise ValueError(f"basis has {basis.shape[0]} rows but the Gram matrix is {dim} × {dim}.")
 
-    total = torch.trace(gram).item()
+    total = torch.trace(gram).item() if total_energy is None else max(float(total_energy), torch.trace(gram).item())
     if not torch.isfinite(gram).all() or total != total:
         raise ValueError("The Gram matrix holds NaN or inf: the features fed to the memory are not finite.")
     if total <= 0.0:  # all-zero features constrain nothing

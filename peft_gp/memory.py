@@ -66,8 +66,14 @@ class GPMemory:
     def is_empty(self) -> bool:
         return all(basis.shape[1] == 0 for basis in self.bases.values())
 
-    def update(self, grams: dict[str, torch.Tensor], threshold: float) -> dict[str, dict[str, float]]:
-        """Grow every basis with one finished task's Gram matrices; returns the per-group growth report."""
+    def update(
+        self, grams: dict[str, torch.Tensor], threshold: float, total_energies: dict[str, float] | None = None
+    ) -> dict[str, dict[str, float]]:
+        """Grow every basis with one finished task's Gram matrices; returns the per-group growth report.
+
+        ``total_energies`` overrides, per group, the energy its captured share is measured against (see
+        ``maths.grow_basis``).
+        """
         missing = sorted(set(self.dims) - set(grams))
         if missing:
             raise GPMemoryError(f"No features were collected for {missing[:4]}: the memory update would be partial.")
@@ -75,7 +81,8 @@ class GPMemory:
         for name, gram in grams.items():
             if gram.shape != (self.dims[name], self.dims[name]):
                 raise GPMemoryError(f"Gram matrix of {name!r} is {tuple(gram.shape)}, expected d = {self.dims[name]}.")
-            grown, stats = maths.grow_basis(gram, self.bases[name], threshold)
+            total = (total_energies or {}).get(name)
+            grown, stats = maths.grow_basis(gram, self.bases[name], threshold, total_energy=total)
             new_bases[name] = grown.to(torch.float32).contiguous()
             report[name] = {**stats, "basis_size": grown.shape[1], "dim": self.dims[name]}
         self.bases.update(new_bases)  # all or nothing: no basis changes if one group fails

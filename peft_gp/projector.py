@@ -20,7 +20,7 @@ from torch import nn
 
 from .paradigms import ProjectedGroup, resolve_groups
 from .paradigms.base import gp_config_of, unwrap_peft_model
-from .state import get_memory
+from .state import get_memory, guard_of
 
 
 def raw_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -186,10 +186,13 @@ class GPProjector:
             optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step()),
         ]
         self._optimizer = optimizer
+        guard_of(self._model, self.adapter_name).attached += 1
         return self
 
     def detach(self) -> None:
         """Remove the hooks from the optimizer they were attached to."""
+        if self._optimizer is not None:
+            guard_of(self._model, self.adapter_name).attached -= 1
         for handle in self._handles:
             handle.remove()
         self._handles, self._optimizer, self._snapshots = [], None, None

@@ -1,13 +1,16 @@
-"""Where a PEFT model keeps its GP memory: one ``GPMemory`` per adapter, in ``model.gp_memories``."""
+"""Where a PEFT model keeps its GP memory (one ``GPMemory`` per adapter, in ``model.gp_memories``) and the guard that
+warns when an adapter with stored tasks trains unprojected (``model.gp_guards``)."""
 
 from __future__ import annotations
 
 import json
 import warnings
+import weakref
 
 from peft import PeftModel
 from torch import nn
 
+from .guard import TrainingGuard
 from .memory import GPMemory, GPMemoryError
 from .paradigms import resolve_groups
 from .paradigms.base import gp_config_of, unwrap_peft_model
@@ -17,6 +20,25 @@ def _memories(model: PeftModel) -> dict[str, GPMemory]:
     if "gp_memories" not in model.__dict__:
         model.__dict__["gp_memories"] = {}
     return model.__dict__["gp_memories"]
+
+
+def _guards(model: PeftModel) -> dict[str, TrainingGuard]:
+    if "gp_guards" not in model.__dict__:
+        model.__dict__["gp_guards"] = {}
+    return model.__dict__["gp_guards"]
+
+
+def guard_of(model: nn.Module, adapter_name: str | None = None, groups=None) -> TrainingGuard:
+    """The unprotected-training guard of ``adapter_name``, installed on its protected parameters on first use."""
+    peft_model = unwrap_peft_model(model)
+    adapter_name = adapter_name or peft_model.active_adapter
+    guards = _guards(peft_model)
+    if adapter_name not in guards:
+        groups = resolve_groups(peft_model, adapter_name) if groups is None else groups
+        parameters = list({id(p): p for group in groups for p in group.parameters if p.requires_grad}.values())
+        owner = weakref.ref(peft_model)
+        guards[adapter_name] = TrainingGuard(parameters, adapter_name, lambda: get_memory(owner(), adapter_name))
+    return guards[adapter_name]
 
 
 def _describe(model: PeftModel, adapter_name: str) -> dict[str, str]:
@@ -37,8 +59,10 @@ def get_memory(model: nn.Module, adapter_name: str | None = None) -> GPMemory:
     adapter_name = adapter_name or peft_model.active_adapter
     memories = _memories(peft_model)
     if adapter_name not in memories:
-        dims = {group.name: group.dim for group in resolve_groups(peft_model, adapter_name)}
+        groups = resolve_groups(peft_model, adapter_name)
+        dims = {group.name: group.dim for group in groups}
         memories[adapter_name] = GPMemory(dims=dims, info=_describe(peft_model, adapter_name))
+        guard_of(peft_model, adapter_name, groups)
     return memories[adapter_name]
 
 
@@ -65,6 +89,7 @@ def set_memory(model: nn.Module, memory: GPMemory, adapter_name: str | None = No
     memory.info = {**expected, "base_model": recorded_base or expected_base}
     memory.version += 1
     _memories(peft_model)[adapter_name] = memory
+    guard_of(peft_model, adapter_name)
 
 
 def has_memory(model: nn.Module, adapter_name: str) -> bool:

@@ -105,7 +105,7 @@ def test_two_tasks_pushed_then_resumed_from_task_branch(hub, tmp_path, paradigm)
         "Task 2 (many tokens): adapter, GP memory and model card",
         "Task 1 (few tokens): adapter, GP memory and model card",
     ]
-    local = tmp_path / "run" / "task-01"
+    local = tmp_path / "run" / "hub" / "task-01"
     files = hub.files(REPO, "task-01")
     for name in ("adapter_config.json", "adapter_model.safetensors", "gp_memory.safetensors", "gp_tasks.json"):
         assert files[name] == (local / name).read_bytes(), name  # the local save is what was pushed

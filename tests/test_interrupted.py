@@ -16,7 +16,7 @@ import torch
 import peft_gp
 from peft_gp import GPTrainer
 
-from .conftest import tiny_bert
+from .conftest import tiny_bert, tiny_llama
 from .test_trainer import logits_on, task_dataset, training_args
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_until_killed.py"
@@ -49,12 +49,12 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     finally:
         process.kill()
         process.wait(timeout=60)
-    checkpoints = sorted(p.name for p in (tmp_path / "task2").iterdir())
+    checkpoints = sorted(p.name for p in (tmp_path / "task2" / "task-02").iterdir())
     assert "checkpoint-5" in checkpoints and f"checkpoint-{TASK2_STEPS}" not in checkpoints
 
     # make the newest checkpoint look like a save killed half-way: resume must skip it
-    partial = tmp_path / "task2" / "checkpoint-99"
-    shutil.copytree(tmp_path / "task2" / "checkpoint-5", partial)
+    partial = tmp_path / "task2" / "task-02" / "checkpoint-99"
+    shutil.copytree(tmp_path / "task2" / "task-02" / "checkpoint-5", partial)
     os.remove(partial / "trainer_state.json")
     with pytest.warns(UserWarning, match="Skipping incomplete checkpoint"):
         resumed = finish_task2(tmp_path, resume=True)
@@ -70,3 +70,43 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
             torch.testing.assert_close(param, reference[name], rtol=1e-5, atol=1e-6)
     old_task = task_dataset(0, 8)
     torch.testing.assert_close(logits_on(resumed, old_task), logits_on(uninterrupted, old_task), rtol=1e-5, atol=1e-6)
+
+
+SEQUENCE_SCRIPT = Path(__file__).parent / "scripts" / "sequence_until_killed.py"
+
+
+def test_sequence_in_one_output_dir_killed_in_task_2_resumes_like_an_uninterrupted_run(tmp_path):
+    """Two tasks into one output_dir; killed in the middle of task 2; the same loop with resume=True skips task 1
+    (its final checkpoint already stores it: no second record) and finishes task 2 from its newest checkpoint."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, str(SEQUENCE_SCRIPT), str(killed)], stdout=subprocess.PIPE, env=env)
+    try:
+        for line in process.stdout:
+            if line.strip() == b"task 2 saved 3":
+                break
+        else:
+            pytest.fail("the training process ended before task 2's third checkpoint")
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    assert not (killed / "final").exists()
+    resumed = subprocess.run(
+        [sys.executable, str(SEQUENCE_SCRIPT), str(killed), "--resume"], env=env, capture_output=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    assert b"task 1 saved" not in resumed.stdout  # task 1 was not trained again
+    uninterrupted = tmp_path / "uninterrupted"
+    subprocess.run([sys.executable, str(SEQUENCE_SCRIPT), str(uninterrupted)], env=env, check=True, timeout=300)
+
+    results = [peft_gp.from_pretrained(tiny_llama(), str(run / "final")) for run in (killed, uninterrupted)]
+    states = [peft_gp.get_task_state(model) for model in results]
+    assert states[0].task_names == states[1].task_names == ["first", "second"]
+    memories = [peft_gp.get_memory(model) for model in results]
+    assert memories[0].tasks_seen == memories[1].tasks_seen == 2
+    for name, basis in memories[1].bases.items():
+        torch.testing.assert_close(memories[0].bases[name], basis, rtol=0, atol=1e-5)
+    reference = dict(results[1].named_parameters())
+    for name, param in results[0].named_parameters():
+        torch.testing.assert_close(param, reference[name], rtol=1e-5, atol=1e-6)

@@ -8,10 +8,11 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainingArguments, default_data_collator
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 import peft_gp
 from peft_gp import GPAdapterConfig, GPLoraConfig, GPTrainer
+from peft_gp.projector import raw_optimizer
 
 from .conftest import tiny_bert
 
@@ -125,11 +126,18 @@ def test_each_train_call_is_one_task_with_fresh_optimizer(tmp_path):
     trainer = GPTrainer(
         model=model, args=training_args(tmp_path, num_train_epochs=1), train_dataset=task_dataset(0, 8)
     )
+    moments_at_start = []
+
+    class Moments(TrainerCallback):  # runs after GPCallback (GPTrainer puts it first)
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            moments_at_start.append(len(raw_optimizer(optimizer).state))
+
+    trainer.add_callback(Moments())
     trainer.train()
-    first_optimizer = trainer.optimizer
     trainer.train_dataset = task_dataset(1, 8)
     trainer.train()
-    assert trainer.optimizer is not first_optimizer
+    assert moments_at_start == [0, 0]  # task 2 starts without task 1's Adam moments
+    assert len(raw_optimizer(trainer.optimizer).state) > 0
     assert trainer.gp_memory.tasks_seen == 2
     assert trainer.gp_memory.thresholds == [0.97, 0.97]
 
@@ -170,7 +178,7 @@ def test_memory_batches_go_longest_first_and_give_the_same_grams(tmp_path):
     data = task_dataset(0, 10)
     model = gp_model()
     trainer = GPTrainer(model=model, args=training_args(tmp_path, per_device_eval_batch_size=3), data_collator=cut)
-    batches = list(trainer._memory_dataloader(data))
+    batches = list(trainer.gp_callback._memory_batches(model, trainer.args, data, None)[0])
     widths = [batch["input_ids"].shape[1] for batch in batches]
     assert widths == sorted(widths, reverse=True) and widths[-1] < LENGTH, widths
     in_order = list(DataLoader(data, batch_size=3, collate_fn=cut))
@@ -196,7 +204,7 @@ def test_checkpoints_hold_memory_and_resume_continues_with_same_bases(tmp_path, 
     args = training_args(tmp_path / "task2", save_strategy="steps", save_steps=4, max_steps=8, num_train_epochs=1)
     uninterrupted = GPTrainer(model=model, args=args, train_dataset=new_task, gp_update_memory=False)
     uninterrupted.train()
-    checkpoint = tmp_path / "task2" / "checkpoint-4"
+    checkpoint = tmp_path / "task2" / "task-02" / "checkpoint-4"
     assert (checkpoint / "gp_memory.safetensors").is_file() and (checkpoint / "adapter_model.safetensors").is_file()
     final_uninterrupted = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -219,7 +227,7 @@ def test_resume_without_memory_file_fails_clearly(tmp_path):
     model = gp_model()
     args = training_args(tmp_path, save_strategy="steps", save_steps=2, max_steps=2, num_train_epochs=1)
     GPTrainer(model=model, args=args, train_dataset=task_dataset(0, 8)).train()
-    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint = tmp_path / "task-01" / "checkpoint-2"
     os.remove(checkpoint / "gp_memory.safetensors")
     fresh = GPTrainer(model=gp_model(), args=args, train_dataset=task_dataset(0, 8))
     with pytest.raises(peft_gp.GPMemoryError, match="gp_memory.safetensors"):

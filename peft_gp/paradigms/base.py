@@ -44,6 +44,9 @@ class ProjectedGroup:
         index: basic index of the block inside ``weight`` (``None``: all of it).
         transpose: project the block along its first axis (the features index its rows).
         source: the features come from this source instead of ``feature_module``'s input.
+        output_side: the group whose features are this group's outputs (``lora_B`` for ``lora_A``), when they are
+            exactly ``view(weight) @ x``: while that group's weight is zero, the memory keeps this group's rows out of
+            the stored space instead of protecting the output side (``collect.update_memory``).
     """
 
     name: str
@@ -54,6 +57,7 @@ class ProjectedGroup:
     index: tuple | None = None
     transpose: bool = False
     source: FeatureSource | None = None
+    output_side: ProjectedGroup | None = None
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
         """The projected block of ``tensor`` (the weight, its gradient or update), feature axis last; a view."""

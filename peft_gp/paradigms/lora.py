@@ -30,6 +30,8 @@ def lora_groups(model: PeftModel, adapter_name: str, config) -> list[ProjectedGr
                 "layers whose LoRA factors are nn.Linear (Linear, Conv1D) can be projected. Remove it from "
                 "target_modules."
             )
-        groups.append(ProjectedGroup(f"{name}.lora_A", lora_a.weight, lora_a.bias, lora_a))
-        groups.append(ProjectedGroup(f"{name}.lora_B", lora_b.weight, lora_b.bias, lora_b))
+        group_b = ProjectedGroup(f"{name}.lora_B", lora_b.weight, lora_b.bias, lora_b)
+        output_side = group_b if lora_a.bias is None else None  # lora_B reads A x (dropout is off in eval mode)
+        groups.append(ProjectedGroup(f"{name}.lora_A", lora_a.weight, lora_a.bias, lora_a, output_side=output_side))
+        groups.append(group_b)
     return groups

@@ -1,0 +1,295 @@
+"""``GPCallback``: the whole gradient-projection lifecycle of one task, for any ``transformers.Trainer``.
+
+A ``TrainerCallback`` is the integration point every ``Trainer`` subclass honours (``Seq2SeqTrainer``, TRL's
+``SFTTrainer``, ...), so ``callbacks=[GPCallback()]`` is all a trainer needs. One ``train()`` call is one task:
+
+* ``on_train_begin``: attach the projection to the trainer's optimizer (the raw one inside accelerate's wrapper);
+  start the task with fresh optimizer moments (they point into the protected space); send the task's checkpoints to
+  ``<output_dir>/task-XX`` (``peft_gp.checkpoints``); on resume, load the checkpoint's memory after checking that the
+  checkpoint belongs to the task being trained.
+* ``on_save``: write the memory, the task record and ``gp_checkpoint.json`` into each checkpoint.
+* ``on_log``: add the share of the gradient removed by the projection (``gp_grad_removed``).
+* ``on_train_end``: detach, store the finished task in the memory from a seeded sample of its training data (every
+  non-padding token of every example feeds it, prompt and answer alike), and rewrite the memory into the task's final
+  checkpoint, so that resuming from it does not store the task twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from typing import Any
+
+import datasets
+import torch
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from . import checkpoints
+from .collect import summarize_report, update_memory
+from .loading import load_memory, load_task_state, save_gp_files
+from .memory_data import memory_sample, task_classes
+from .paradigms.base import gp_config_of, unwrap_peft_model
+from .projector import GPProjector, raw_optimizer
+from .state import get_memory
+
+logger = logging.getLogger(__name__)
+
+
+def last_checkpoint(output_dir: str, model: nn.Module, adapter_name: str | None = None) -> str:
+    """The newest complete checkpoint, under ``output_dir``, of the task ``model`` trains next.
+
+    That task is the one after those its memory stores (task 1 for a new model). Pass the result to
+    ``trainer.train(resume_from_checkpoint=...)``; ``GPTrainer.train(resume_from_checkpoint=True)`` does this itself.
+    """
+    peft_model = unwrap_peft_model(model)
+    adapter_name = adapter_name or peft_model.active_adapter
+    task_id = get_memory(peft_model, adapter_name).tasks_seen
+    path, skipped = checkpoints.last_checkpoint(output_dir, task_id, adapter_name)
+    if path is None:
+        raise checkpoints.GPCheckpointError(
+            f"No complete checkpoint of task {task_id + 1} (task_id={task_id}) in "
+            f"{checkpoints.task_folder(output_dir, task_id)}; found {skipped or 'none'}. The model's memory stores "
+            f"{task_id} task(s), so that is the task it trains next. Start it afresh (resume_from_checkpoint=None)."
+        )
+    if skipped:
+        warnings.warn(f"Skipping incomplete checkpoint(s) {skipped}; resuming from {path}.", stacklevel=2)
+    return path
+
+
+class GPCallback(TrainerCallback):
+    """Gradient projection for any ``Trainer``: projected steps, the memory update, checkpoints that carry it.
+
+    Args:
+        adapter_name: the adapter to train and protect (default: the model's active one).
+        task_name: name of the task the next ``train()`` trains (task record, model card); set it again before each
+            task. Default: ``task-01``, ``task-02``, ...
+        update_memory: store the task in the memory when ``train()`` ends. ``False`` to call ``update_memory``
+            yourself (with another sample, say).
+        memory_dataset: the examples that feed the memory, in the training data's processed form (default: the
+            trainer's training data); ``gp_memory_samples`` of them are drawn with ``args.seed``.
+        log_per_layer: also log each layer's basis size (``gp_basis/<layer>``) after a memory update.
+        per_task_checkpoints: save task ``task_id``'s checkpoints under ``<output_dir>/task-XX`` (1-based), so that
+            tasks trained into one ``output_dir`` never overwrite each other's.
+    """
+
+    def __init__(
+        self,
+        adapter_name: str | None = None,
+        task_name: str | None = None,
+        update_memory: bool = True,
+        memory_dataset=None,
+        log_per_layer: bool = True,
+        per_task_checkpoints: bool = True,
+    ) -> None:
+        self.adapter_name = adapter_name
+        self.task_name = task_name
+        self.update_memory_at_end = update_memory
+        self.memory_dataset = memory_dataset
+        self.log_per_layer = log_per_layer
+        self.per_task_checkpoints = per_task_checkpoints
+        self.projector: GPProjector | None = None
+        self.trainer = None  # set by GPTrainer: memory statistics then reach every reporter through Trainer.log
+        self.resume_from: str | None = None  # set by GPTrainer.train with the checkpoint it resumes from
+        self.last_report: dict[str, dict[str, float]] | None = None
+        self.memory_seconds = 0.0
+        self._task_id: int | None = None
+        self._output_dir: tuple[Any, str] | None = None  # (args, the output_dir to restore)
+        self._last_save: str | None = None
+
+    # ---- setup -------------------------------------------------------------------------------------------------
+
+    def bind(self, model: nn.Module, trainer=None) -> GPProjector:
+        """Resolve the adapter and its projector for ``model`` (done at ``on_train_begin`` when not called before)."""
+        peft_model = unwrap_peft_model(model)
+        self.adapter_name = self.adapter_name or peft_model.active_adapter
+        gp_config_of(peft_model, self.adapter_name)  # a clear error for a model without a GP config
+        if self.projector is None or self.projector._model is not peft_model:
+            self.projector = GPProjector(peft_model, self.adapter_name)
+        self.trainer = trainer if trainer is not None else self.trainer
+        return self.projector
+
+    def check_resume(self, checkpoint: str, model: nn.Module) -> dict:
+        """Check, before anything is loaded, that ``checkpoint`` continues the task ``model`` trains next."""
+        self.bind(model)
+        if not checkpoints.is_complete(checkpoint, self.adapter_name):
+            raise checkpoints.GPCheckpointError(
+                f"Cannot resume from {checkpoint}: it lacks {checkpoints.TRAINER_STATE_NAME}, "
+                f"gp_memory.safetensors or {checkpoints.GP_CHECKPOINT_NAME} (a save cut off, or not written by "
+                "GPCallback/GPTrainer). Training without its memory would not protect the earlier tasks: resume from "
+                "a complete checkpoint, or start the task afresh with resume_from_checkpoint=None."
+            )
+        tasks_stored = get_memory(model, self.adapter_name).tasks_seen
+        return checkpoints.check_resumable(checkpoint, tasks_stored, self.adapter_name)
+
+    # ---- the lifecycle -----------------------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._restore_output_dir()
+        if args.fsdp or args.deepspeed:
+            raise NotImplementedError(
+                "GPCallback does not support FSDP or DeepSpeed yet: they shard the adapter parameters and their "
+                "gradients, and peft_gp does not project sharded tensors yet. Use DDP (torchrun or accelerate launch "
+                "--multi_gpu): PEFT adapters are small enough to replicate."
+            )
+        projector = self.bind(model)
+        if state.global_step > 0:  # resumed: the weights and optimizer state came from a checkpoint
+            self._task_id = self._load_resumed(args, state, model)
+        else:
+            raw_optimizer(optimizer).state.clear()
+            self._task_id = get_memory(model, self.adapter_name).tasks_seen
+        self.resume_from, self._last_save = None, None
+        if self.per_task_checkpoints:
+            self._output_dir = (args, args.output_dir)
+            args.output_dir = checkpoints.task_folder(args.output_dir, self._task_id)
+        projector.reset_stats()
+        projector.attach(optimizer)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not args.should_save or self._task_id is None or not os.path.isdir(checkpoint):
+            return
+        save_gp_files(model, checkpoint, self.adapter_name)
+        checkpoints.write_record(checkpoint, self._task_id, self.task_name, state.global_step, self.adapter_name)
+        self._last_save = checkpoint
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.projector is None or logs is None or "loss" not in logs:
+            return
+        stats = self.projector.pop_stats()
+        logs.update(stats)
+        if stats and state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(stats)
+
+    def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        self.projector.detach()
+        self._restore_output_dir()
+        task_id, self._task_id = self._task_id, None
+        if get_memory(model, self.adapter_name).tasks_seen > task_id:
+            logger.info("Task %d is already stored in the memory (resumed from its final checkpoint).", task_id + 1)
+            return
+        if not self.update_memory_at_end:
+            return
+        self.update_memory(model, args, state, train_dataloader=train_dataloader)
+        final = self._last_save
+        if final is not None and args.should_save and final.endswith(f"checkpoint-{state.global_step}"):
+            save_gp_files(model, final, self.adapter_name)  # resuming from it must not store the task again
+
+    # ---- the memory update -------------------------------------------------------------------------------------
+
+    def update_memory(self, model: nn.Module, args, state=None, dataset=None, train_dataloader=None) -> dict:
+        """Store the finished task: grow the bases from ``gp_memory_samples`` examples of its training data.
+
+        ``dataset`` (default: ``memory_dataset``, else the training data) goes through the trainer's collator and
+        column removal. Shows a progress bar (unless ``args.disable_tqdm``), keeps the duration in
+        ``memory_seconds``, logs basis sizes and captured energy, and returns the per-layer growth report.
+        """
+        start = time.perf_counter()
+        self.bind(model)
+        dataset = dataset if dataset is not None else self.memory_dataset
+        batches, classes, samples = self._memory_batches(model, args, dataset, train_dataloader)
+        if args.local_process_index == 0 and not args.disable_tqdm:
+            batches = tqdm(batches, desc="GP memory update", leave=False)
+        report = update_memory(
+            model,
+            batches,
+            adapter_name=self.adapter_name,
+            max_samples=samples,
+            stacklevel=4,
+            task_name=self.task_name,
+            classes=classes,
+        )
+        self.last_report, self.memory_seconds = report, time.perf_counter() - start
+        logs = {
+            "gp_tasks_seen": float(get_memory(model, self.adapter_name).tasks_seen),
+            "gp_memory_seconds": self.memory_seconds,
+            **summarize_report(report),
+        }
+        if self.log_per_layer:
+            logs.update({f"gp_basis/{name}": float(entry["basis_size"]) for name, entry in report.items()})
+        self._log(logs, state)
+        return report
+
+    def _memory_batches(self, model, args, dataset, train_dataloader):
+        """The memory's batches, the task's classes and the number of examples to use."""
+        config = gp_config_of(unwrap_peft_model(model), self.adapter_name)
+        collate_fn = getattr(train_dataloader, "collate_fn", None)
+        if dataset is None:
+            dataset = getattr(train_dataloader, "dataset", None)
+        elif self.trainer is not None:  # a raw dataset: the trainer's column removal, as for its training data
+            if isinstance(dataset, datasets.Dataset):
+                dataset = self.trainer._remove_unused_columns(dataset, description="memory")
+            else:
+                collate_fn = self.trainer._get_collator_with_removed_columns(self.trainer.data_collator, "memory")
+        if collate_fn is None and self.trainer is not None:
+            collate_fn = self.trainer.data_collator
+        if dataset is None:
+            raise ValueError(
+                "The memory update needs the task's data: train with a train_dataset, or pass memory_dataset."
+            )
+        classes = task_classes(dataset)
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            source = train_dataloader if dataset is getattr(train_dataloader, "dataset", None) else dataset
+            return source, classes, config.gp_memory_samples
+        if len(dataset) == 0:
+            raise ValueError("The memory update got an empty dataset: pass the finished task's data.")
+        samples = min(config.gp_memory_samples, len(dataset))
+        sample = memory_sample(dataset, samples, args.seed, args.process_index, args.world_size)
+        return DataLoader(sample, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn), classes, samples
+
+    def _log(self, logs: dict[str, float], state) -> None:
+        if self.trainer is not None:
+            self.trainer.log(logs)
+            return
+        if state is not None:
+            state.log_history.append({**logs, "step": state.global_step})
+        logger.info("GP memory update: %s", {k: v for k, v in logs.items() if not k.startswith("gp_basis/")})
+
+    # ---- resuming ----------------------------------------------------------------------------------------------
+
+    def _load_resumed(self, args, state, model) -> int:
+        """Load the memory of the checkpoint the trainer resumed from; returns the task it belongs to."""
+        checkpoint = self.resume_from or self._find_resumed(args.output_dir, state.global_step, model)
+        record = self.check_resume(checkpoint, model)
+        subfolder = None if self.adapter_name == "default" else self.adapter_name
+        load_memory(model, checkpoint, adapter_name=self.adapter_name, subfolder=subfolder)
+        load_task_state(model, checkpoint, adapter_name=self.adapter_name, subfolder=subfolder)
+        return int(record["task_id"])
+
+    def _find_resumed(self, output_dir: str, step: int, model) -> str:
+        # A plain Trainer resumed from a path it does not tell callbacks: find the complete checkpoint of that step
+        # (its weights are the model's now) among the task folders.
+        tasks = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+        folders = [os.path.join(output_dir, task) for task in tasks if checkpoints.TASK_FOLDER_PATTERN.match(task)]
+        paths = [os.path.join(folder, f"checkpoint-{step}") for folder in folders]
+        candidates = [path for path in paths if checkpoints.is_complete(path, self.adapter_name)]
+        matching = [path for path in candidates if _holds_weights_of(path, model, self.adapter_name)]
+        if len(matching) != 1:
+            raise checkpoints.GPCheckpointError(
+                f"GPCallback cannot tell which checkpoint this run resumed from (step {step}; candidates under "
+                f"{output_dir}: {candidates or 'none'}), so it cannot load its memory. Resume with "
+                "trainer.train(resume_from_checkpoint=peft_gp.last_checkpoint(args.output_dir, model)), or set "
+                "gp_callback.resume_from to the checkpoint's path before train()."
+            )
+        return matching[0]
+
+    def _restore_output_dir(self) -> None:
+        if self._output_dir is not None:
+            args, output_dir = self._output_dir
+            args.output_dir, self._output_dir = output_dir, None
+
+
+def _holds_weights_of(checkpoint: str, model: nn.Module, adapter_name: str) -> bool:
+    """Whether the checkpoint's adapter weights are the model's current ones (the checkpoint just loaded)."""
+    path = os.path.join(checkpoints.adapter_directory(checkpoint, adapter_name), SAFETENSORS_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        return False
+    saved = load_file(path)
+    current = get_peft_model_state_dict(unwrap_peft_model(model), adapter_name=adapter_name)
+    return all(name in saved and torch.equal(saved[name], value.detach().cpu()) for name, value in current.items())
