@@ -23,8 +23,8 @@ from typing import Any
 from .continual.config import RunConfig, RunConfigError, field_names
 
 RAW_STRING_FIELDS = {"name", "model", "label_column", "text_column", "image_column", "scenario", "paradigm",
-                     "gp_projection", "gp_modules_to_save"}  # fmt: skip
-NULLABLE_STRING_FIELDS = {"model", "output_dir", "gp_modules_to_save"}
+                     "gp_projection", "gp_modules_to_save", "general_text"}  # fmt: skip
+NULLABLE_STRING_FIELDS = {"model", "output_dir", "gp_modules_to_save", "general_text"}
 
 
 def _flag(name: str) -> str:
@@ -115,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"peft-gp: error: {error}\n")
     print()
     print(comparison_text(run))
+    if config.scenario == "generative":
+        from .continual.generative_runner import perplexity_markdown
+
+        print(perplexity_markdown(run))
     print()
     for kind, path in run.paths.items():
         print(f"{kind:>13}: {path}")

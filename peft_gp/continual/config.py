@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import MODULES_TO_SAVE_POLICIES
 
-SCENARIOS = ("class", "task", "domain")
+SCENARIOS = ("class", "task", "domain", "generative")
 HEAD_MASKING = ("seen", "current", "none")
 
 
@@ -35,16 +35,21 @@ class RunConfig:
             ``model`` then only names the tokenizer or image processor (``null``: none; images are then scaled to
             [0, 1]).
         dataset: A built-in source (``bbc_news``, ``fortunes``, ``fashion_mnist``), a Hub dataset name or a local
-            folder; a list of them makes one task per dataset (``scenario`` ``task`` or ``domain``).
+            folder; a list of them makes one task per dataset (``scenario`` ``task`` or ``domain``). With ``scenario:
+            generative``, the prompt -> answer tasks in order: built-ins (``bbc_topic``, ``quote_language``,
+            ``fortune_file``, ``fortune_file_de``; see ``peft_gp.continual.generative_data``) or folders with
+            ``prompt`` and ``answer`` columns.
         scenario: ``class`` (one shared head, no task id at test time), ``task`` (the task id picks the task's classes
-            at test time) or ``domain`` (every task has the same classes).
+            at test time), ``domain`` (every task has the same classes) or ``generative`` (a causal LM answers each
+            task's prompts; exact match of greedy answers is the accuracy, plus answer loss and perplexity).
         n_tasks: Number of class-incremental tasks (classes split as evenly as possible, the first tasks larger).
         classes_per_task: Classes per task in arrival order, e.g. ``[2, 2, 1]``, or explicit groups of class names
             (``[[sport, tech], [politics]]``); overrides ``n_tasks``.
         class_order: Arrival order of the classes (names or label ids); default a permutation seeded by ``seed``.
         classes: Use only these classes (names or ids) of the dataset.
         label_column, text_column, image_column: Column names in the dataset.
-        train_per_class, test_per_class: At most this many training / test examples per class (``null``: all).
+        train_per_class, test_per_class: At most this many training / test examples per class (``null``: all); in
+            the generative scenario, per answer.
         test_size: Share of each class held out for testing when the dataset has no ``test`` split.
         max_length: Tokens per text example.
         head_masking: Which logits the loss sees while training a task: ``seen`` (classes seen so far), ``current``
@@ -65,6 +70,13 @@ class RunConfig:
         group_by_length: Batch texts of similar length together (transformers' ``group_by_length`` sampling). Every
             batch is cut to its longest example anyway; grouping makes short texts train faster. Off by default: it
             changes which examples share a batch (mostly one class where classes differ in length).
+        reference_memory: Generative scenario, GP run: before the first task, store ``general_text_samples`` passages
+            of the general text in the memory as the task ``reference`` ("task 0", ``peft_gp.update_memory``), so that
+            training keeps the base model's behaviour on such text.
+        general_text: General text that no task trains on (generative scenario): the built-in ``fortunes_general``
+            or a text file of passages separated by blank lines. Its ``heldout`` part gives the perplexity column,
+            its disjoint ``reference`` part the reference memory. ``null``: neither.
+        general_text_samples: Passages in each of the two parts.
         output_dir: Where the JSON, Markdown summary and plots go (default ``peft-gp-runs/<name>``).
         progress: Progress bars for training and for the memory update.
         plots: Write PNG plots (needs ``matplotlib``).
@@ -109,6 +121,9 @@ class RunConfig:
     weight_decay: float = 0.0
     seed: int = 0
     group_by_length: bool = False
+    reference_memory: bool = False
+    general_text: str | None = "fortunes_general"
+    general_text_samples: int = 128
     output_dir: str | None = None
     progress: bool = True
     plots: bool = True
@@ -140,6 +155,14 @@ class RunConfig:
                 raise RunConfigError(f"{name} must be a positive number, got {value!r}.")
         if self.push_to_hub is not None and (not isinstance(self.push_to_hub, str) or "/" not in self.push_to_hub):
             raise RunConfigError(f"push_to_hub must be a Hub repo id like 'me/my-run', got {self.push_to_hub!r}.")
+        samples = self.general_text_samples
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise RunConfigError(f"general_text_samples must be a positive integer, got {samples!r}.")
+        if self.reference_memory and (self.scenario != "generative" or not self.general_text):
+            raise RunConfigError(
+                "reference_memory stores the general text as 'task 0': it needs scenario 'generative' and a "
+                "general_text (the built-in 'fortunes_general' or a text file)."
+            )
         if not 0.0 < self.test_size < 1.0:
             raise RunConfigError(f"test_size must be in (0, 1), got {self.test_size!r}.")
         if not isinstance(self.paradigm_kwargs, dict):
@@ -154,7 +177,7 @@ class RunConfig:
         """The head masking in effect (``head_masking`` or the scenario's default)."""
         if self.head_masking is not None:
             return self.head_masking
-        return {"class": "seen", "task": "current", "domain": "none"}[self.scenario]
+        return {"class": "seen", "task": "current", "domain": "none", "generative": "none"}[self.scenario]
 
     @property
     def modules_to_save_policy(self) -> str:

@@ -529,6 +529,10 @@ def run_sequence(
     from .report import write_outputs
 
     config = config or RunConfig()
+    if config.scenario == "generative":  # a causal LM on prompt -> answer tasks: its own loading, loop and metrics
+        from .generative_runner import run_generative
+
+        return run_generative(config, tasks, model, processor, say)
     began = time.perf_counter()
     encoded, base_model = prepare(config, tasks, model, processor)
     say(
