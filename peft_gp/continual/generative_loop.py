@@ -140,6 +140,17 @@ def _pad(row: list, total: int) -> list:
     return row + [None] * (total - len(row))
 
 
+def train_task(method: GenerativeMethod, model: nn.Module, task, config: RunConfig, collator,
+               scratch: str) -> tuple[Trainer, float, float]:  # fmt: skip
+    """Train one task with ``method``'s trainer: ``(trainer, training loss, seconds)``."""
+    train = task.train.select_columns(TRAIN_COLUMNS)
+    trainer = method.trainer(model, training_args(config, scratch), train, collator, task)
+    trainer.remove_callback(PrinterCallback)
+    start = time.perf_counter()
+    output = trainer.train()
+    return trainer, float(output.training_loss), time.perf_counter() - start
+
+
 def train_generative(base_model: nn.Module, tasks: Sequence, tokenizer, config: RunConfig, method: GenerativeMethod,
                      heldout: Dataset | None = None, say=print) -> GenerativeResult:  # fmt: skip
     """Train ``tasks`` in order with ``method``; after each: exact match and answer loss on the tasks seen so far,
@@ -152,24 +163,21 @@ def train_generative(base_model: nn.Module, tasks: Sequence, tokenizer, config: 
         for task in tasks:
             t = task.task_id
             model = method.before_task(model, t, len(tasks))
-            trainer = method.trainer(model, training_args(config, scratch), task.train.select_columns(TRAIN_COLUMNS),
-                                     collator, task)  # fmt: skip
-            trainer.remove_callback(PrinterCallback)
+            trainer, loss, seconds = train_task(method, model, task, config, collator, scratch)
             start = time.perf_counter()
-            output = trainer.train()
-            seconds = time.perf_counter() - start
             row = evaluate_row(model, tokenizer, tasks, t, config.eval_batch_size)
             matrix.append(_pad([r["exact_match"] for r in row], len(tasks)))
             losses.append(_pad([round(r["answer_loss"], 4) for r in row], len(tasks)))
             if heldout is not None:
                 ppl.append(perplexity(model, heldout, tokenizer.pad_token_id, config.eval_batch_size))
-            record = {"task_id": t, "name": task.name, "train_examples": len(task.train),
-                      "train_seconds": round(seconds, 2), "train_loss": round(float(output.training_loss), 4),
-                      "exact_match": [round(r["exact_match"], 4) for r in row], "answer_loss": losses[-1][: t + 1],
-                      "sample_predictions": row[-1]["predictions"][:5], **method.task_record(trainer)}  # fmt: skip
-            records.append(record)
-            say(f"  [{method.label}] task {t + 1}/{len(tasks)} {task.name}: {seconds:.0f}s, loss "
-                f"{record['train_loss']:.3f}, exact match so far {[round(100 * v, 1) for v in matrix[-1][: t + 1]]}"
+            records.append({
+                "task_id": t, "name": task.name, "train_examples": len(task.train), "train_seconds": round(seconds, 2),
+                "eval_seconds": round(time.perf_counter() - start, 2), "train_loss": round(loss, 4),
+                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "exact_match": matrix[-1][: t + 1], "answer_loss": losses[-1][: t + 1],
+                "sample_predictions": row[-1]["predictions"][:5], **method.task_record(trainer)})  # fmt: skip
+            say(f"  [{method.label}] task {t + 1}/{len(tasks)} {task.name}: {seconds:.0f}s, loss {loss:.3f}, exact "
+                f"match so far {[round(100 * v, 1) for v in matrix[-1][: t + 1]]}"
                 + (f", perplexity {ppl[-1]:.2f}" if ppl else ""))  # fmt: skip
             model = method.after_task(model, t, len(tasks))
     return GenerativeResult(
