@@ -81,7 +81,7 @@ def now() -> str:
 
 def write_record(path: str | Path, record: dict) -> Path:
     """Write the JSON result atomically (same helper as the memory files)."""
-    from peft_gp.memory import atomic_write_bytes
+    from peft_gp.core.files import atomic_write_bytes
 
     output = Path(path)
     atomic_write_bytes(str(output), (json.dumps(record, indent=2) + "\n").encode())

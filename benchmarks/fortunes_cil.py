@@ -16,7 +16,7 @@ What it measures
 
     Every evaluation is read in two views from the same trained models and forward passes: class-incremental
     (argmax over all classes seen so far, no task id) and task-incremental (argmax over the task's own 2 classes).
-    Metrics (``peft_gp.continual.metrics``): final average accuracy, forgetting (mean drop from an old task's best
+    Metrics (``peft_gp.core.metrics``): final average accuracy, forgetting (mean drop from an old task's best
     accuracy to its final one; positive = forgotten) and BWT (negative = forgotten); mean ± sample std over seeds.
 
     Targets (issue #9), judged on the means: in the task-incremental view PEGP cuts forgetting by at least 80%
@@ -54,10 +54,10 @@ import torch  # noqa: E402
 from datasets import concatenate_datasets  # noqa: E402
 
 from peft_gp.continual import RunConfig, RunConfigError  # noqa: E402
-from peft_gp.continual.metrics import accuracy_matrix_summary  # noqa: E402
 from peft_gp.continual.runner import evaluate_views, prepare, train_stream  # noqa: E402
 from peft_gp.continual.sources import FORTUNES_DIR, FORTUNES_TOPICS, fortunes  # noqa: E402
 from peft_gp.continual.tasks import Task, class_incremental_split  # noqa: E402
+from peft_gp.core.metrics import accuracy_matrix_summary  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, fill_preset, machine_record, now, quiet, write_record  # noqa: E402

@@ -53,10 +53,11 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from peft import LoraConfig, PromptTuningConfig, get_peft_model  # noqa: E402
+from peft import LoraConfig, PromptTuningConfig  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 import peft_gp  # noqa: E402
+from peft_gp.continual.paradigms import build_peft_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, fill_preset, machine_record, now, quiet, write_record  # noqa: E402
@@ -133,7 +134,7 @@ def paradigm_config(paradigm: str, gp: bool, args: argparse.Namespace, samples: 
 
 def gp_model(base, args: argparse.Namespace, samples: int, paradigm: str = "lora"):
     torch.manual_seed(args.seed)
-    return get_peft_model(copy.deepcopy(base), paradigm_config(paradigm, True, args, samples))
+    return build_peft_model(copy.deepcopy(base), paradigm_config(paradigm, True, args, samples))
 
 
 def random_batches(samples: int, args: argparse.Namespace, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -180,7 +181,7 @@ def timed_update(base, args: argparse.Namespace, samples: int, paradigm: str = "
 
 def file_sizes(model) -> dict:
     with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
+        peft_gp.save_pretrained(model, folder)
         return {name: (Path(folder) / name).stat().st_size
                 for name in ("gp_memory.safetensors", "adapter_model.safetensors")}  # fmt: skip
 
@@ -196,7 +197,7 @@ def child(args: argparse.Namespace) -> None:
             peft_gp.update_memory(model, random_batches(samples, args, seed=seed))
     else:
         torch.manual_seed(args.seed)
-        model = get_peft_model(base, paradigm_config(args.child_paradigm, False, args, samples))
+        model = build_peft_model(base, paradigm_config(args.child_paradigm, False, args, samples))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     if args.child == "gp":

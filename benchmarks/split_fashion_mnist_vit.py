@@ -35,10 +35,10 @@ from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 from peft_gp.continual import RunConfig, RunConfigError  # noqa: E402
 from peft_gp.continual.heads import MaskedCrossEntropy  # noqa: E402
-from peft_gp.continual.metrics import accuracy_matrix_summary  # noqa: E402
 from peft_gp.continual.runner import collate_batch, evaluate_views, prepare, train_stream  # noqa: E402
 from peft_gp.continual.sources import FASHION_MNIST_DIR, fashion_mnist  # noqa: E402
 from peft_gp.continual.tasks import class_incremental_split  # noqa: E402
+from peft_gp.core.metrics import accuracy_matrix_summary  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine_record, now, quiet, write_record  # noqa: E402

@@ -51,7 +51,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft import LoraConfig  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -62,6 +62,7 @@ from transformers import (  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 import peft_gp  # noqa: E402
+from peft_gp.continual.paradigms import build_peft_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -296,7 +297,7 @@ def paradigm_rows(base, task_batches, timed_batch, args) -> dict:
     models, optimizers, baselines, updates = {}, {}, {}, {}
     for name, config, baseline in plans:
         torch.manual_seed(args.seed)
-        model = get_peft_model(copy.deepcopy(base), config)
+        model = build_peft_model(copy.deepcopy(base), config)
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         if baseline is not None:
@@ -399,7 +400,7 @@ def main(argv=None) -> dict:
         ),
     ]:
         torch.manual_seed(args.seed)
-        model = get_peft_model(copy.deepcopy(base), config)
+        model = build_peft_model(copy.deepcopy(base), config)
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         if name != PLAIN:

@@ -1,29 +1,34 @@
-"""peft_gp: gradient projection (PEGP) for parameter-efficient continual learning on the Hugging Face stack."""
+"""peft_gp: gradient projection (PEGP) for parameter-efficient continual learning on the Hugging Face stack.
 
-from .attention import install_prefix_forward
-from .callback import GPCallback, last_checkpoint
-from .checkpoints import GPCheckpointError
-from .collect import update_memory
-from .config import GPAdapterConfig, GPConfigMixin, GPLoraConfig, GPPrefixTuningConfig, GPPromptTuningConfig
-from .guard import UnprotectedTrainingWarning
-from .hub import GPHubError, push_task_to_hub
-from .loading import from_pretrained, install_save_hook, load_memory, load_task_state, save_memory
-from .memory import GP_MEMORY_NAME, GPMemory, GPMemoryError
-from .projector import GPProjector
-from .state import get_memory
-from .task_state import GP_TASKS_NAME, GPTaskState, get_task_state
-from .trainer import GPTrainer
+Three layers, imports pointing down only: ``core`` (pure maths, metrics, files), ``wiring`` (configs, tuners, memory,
+projection, persistence) and the orchestration on top (``training``: ``GPCallback``/``GPTrainer``; ``hub``;
+``continual``: whole runs; ``cli``). Importing peft_gp registers the bottleneck adapter in PEFT's public type
+registries and changes nothing else of PEFT.
+"""
+
+from .core.hub_errors import GPHubError
+from .hub import push_task_to_hub
+from .training.callback import GPCallback, last_checkpoint
+from .training.trainer import GPTrainer
+from .wiring.build import get_peft_model
+from .wiring.checkpoints import GPCheckpointError
+from .wiring.collect import GPCapacityWarning, update_memory
+from .wiring.config import GPAdapterConfig, GPConfigMixin, GPLoraConfig, GPPrefixTuningConfig, GPPromptTuningConfig
+from .wiring.guard import UnprotectedTrainingWarning
+from .wiring.memory import GP_MEMORY_NAME, GPMemory, GPMemoryError
+from .wiring.persistence import from_pretrained, load_memory, load_task_state, save_memory, save_pretrained
+from .wiring.projector import GPProjector
+from .wiring.state import get_memory, get_task_state
+from .wiring.task_record import GP_TASKS_NAME, GPTaskState
 
 __version__ = "0.1.0"
-
-install_save_hook()
-install_prefix_forward()
 
 __all__ = [
     "GP_MEMORY_NAME",
     "GP_TASKS_NAME",
     "GPAdapterConfig",
     "GPCallback",
+    "GPCapacityWarning",
     "GPCheckpointError",
     "GPConfigMixin",
     "GPHubError",
@@ -35,14 +40,16 @@ __all__ = [
     "GPProjector",
     "GPTaskState",
     "GPTrainer",
+    "UnprotectedTrainingWarning",
     "from_pretrained",
     "get_memory",
+    "get_peft_model",
     "get_task_state",
     "last_checkpoint",
     "load_memory",
     "load_task_state",
     "push_task_to_hub",
     "save_memory",
+    "save_pretrained",
     "update_memory",
-    "UnprotectedTrainingWarning",
 ]

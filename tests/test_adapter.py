@@ -15,10 +15,12 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from peft_gp import GPAdapterConfig, maths
-from peft_gp.collect import collect_grams
-from peft_gp.paradigms import resolve_groups
-from peft_gp.tuners import BottleneckLayer
+import peft_gp
+from peft_gp import GPAdapterConfig
+from peft_gp.core import maths
+from peft_gp.wiring.bottleneck import BottleneckLayer
+from peft_gp.wiring.grams import collect_grams
+from peft_gp.wiring.state import resolve_groups
 
 from .conftest import CASES, tiny_bert, train_steps
 
@@ -138,21 +140,41 @@ def test_merging_is_refused_with_a_clear_error():
         model.merge_and_unload()
 
 
-def test_saved_config_names_peft_gp_and_loads_with_peft_once_imported(tmp_path):
+def test_saved_config_has_a_stable_type_and_loads_with_peft_once_imported(tmp_path):
     case = next(case for case in CASES if case.name == "vit")
     model = adapter_model(case, init_weights=False)
-    model.save_pretrained(tmp_path)
+    peft_gp.save_pretrained(model, tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert "pip install peft_gp" in saved["peft_type"] and saved["bottleneck_size"] == 8
+    assert saved["peft_type"] == "GP_ADAPTER" and saved["bottleneck_size"] == 8
     batch = case.make_batch(0)
     loaded = PeftModel.from_pretrained(case.build(), str(tmp_path))
     assert isinstance(loaded.peft_config["default"], GPAdapterConfig)
     torch.testing.assert_close(case.output(loaded, batch), case.output(model, batch), rtol=0, atol=0)
 
 
-def test_loading_without_peft_gp_says_to_install_and_import_it(tmp_path):
+def test_adapters_saved_by_0_1_0_still_load(tmp_path):
+    """peft_gp 0.1.0 stored a sentence as the adapter's peft_type: plain PEFT (after import) and peft_gp load it."""
+    case = next(case for case in CASES if case.name == "vit")
+    model = adapter_model(case, init_weights=False)
+    peft_gp.update_memory(model, [case.make_batch(0)])
+    peft_gp.save_pretrained(model, tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    saved = json.loads(config_path.read_text())
+    saved["peft_type"] = "GP_ADAPTER (requires peft_gp: pip install peft_gp, then import peft_gp)"
+    config_path.write_text(json.dumps(saved))
+    batch = case.make_batch(0)
+    for loaded in (
+        PeftModel.from_pretrained(case.build(), str(tmp_path)),
+        peft_gp.from_pretrained(case.build(), str(tmp_path)),
+    ):
+        assert loaded.peft_config["default"].peft_type == "GP_ADAPTER"
+        torch.testing.assert_close(case.output(loaded, batch), case.output(model, batch), rtol=0, atol=0)
+    assert peft_gp.get_memory(loaded).tasks_seen == 1
+
+
+def test_loading_without_peft_gp_names_the_missing_type(tmp_path):
     case = next(case for case in CASES if case.name == "gpt2")
-    adapter_model(case).save_pretrained(tmp_path)
+    peft_gp.save_pretrained(adapter_model(case), tmp_path)
     script = textwrap.dedent(
         f"""
         import sys
@@ -168,4 +190,4 @@ def test_loading_without_peft_gp_says_to_install_and_import_it(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "pip install peft_gp, then import peft_gp" in result.stdout, result.stdout
+    assert "KeyError 'GP_ADAPTER'" in result.stdout, result.stdout

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 
 import peft_gp
 from peft_gp import GP_MEMORY_NAME, GPLoraConfig, GPMemoryError
-from peft_gp.memory import GPMemory
+from peft_gp.wiring.memory import GPMemory
 
 from .conftest import tiny_bert, tiny_gpt2
 
@@ -28,7 +28,7 @@ def batch(task_id: int = 0):
 def saved_model(path, **overrides):
     model = bert_model(**overrides)
     peft_gp.update_memory(model, [batch()])
-    model.save_pretrained(path)
+    peft_gp.save_pretrained(model, path)
     return model
 
 
@@ -121,7 +121,7 @@ def test_damaged_memory_file(tmp_path, damage):
 def test_newer_format_version_is_refused(tmp_path, monkeypatch):
     model = saved_model(tmp_path)
     memory = peft_gp.get_memory(model)
-    monkeypatch.setattr("peft_gp.memory.FORMAT_VERSION", 99)
+    monkeypatch.setattr("peft_gp.wiring.memory.FORMAT_VERSION", 99)
     memory.save(str(tmp_path / GP_MEMORY_NAME))
     monkeypatch.undo()
     with pytest.raises(GPMemoryError, match="newer than this peft_gp reads"):

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from transformers import default_data_collator
 
 import peft_gp
-from peft_gp.collect import collect_grams
-from peft_gp.memory import GPMemory
-from peft_gp.paradigms import resolve_groups
+from peft_gp.wiring.grams import collect_grams
+from peft_gp.wiring.memory import GPMemory
+from peft_gp.wiring.state import resolve_groups
 
 from .conftest import tiny_bert
 from .test_trainer import task_dataset

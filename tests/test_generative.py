@@ -24,8 +24,8 @@ from transformers import (
 
 import peft_gp
 from peft_gp import GPCallback, GPCheckpointError, GPLoraConfig, GPTrainer, UnprotectedTrainingWarning
-from peft_gp.collect import collect_grams
-from peft_gp.paradigms import resolve_groups
+from peft_gp.wiring.grams import collect_grams
+from peft_gp.wiring.state import resolve_groups
 
 from .conftest import VOCAB, tiny_gpt2, tiny_llama, tiny_t5
 
@@ -231,11 +231,11 @@ def test_one_output_dir_for_a_sequence_keeps_tasks_apart(tmp_path):
     for task_id in (0, 1):  # 6 steps each: checkpoints 2, 4, 6 of each task, in its own folder
         folder = tmp_path / f"task-{task_id + 1:02d}"
         assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
-        record = peft_gp.checkpoints.read_record(str(folder / "checkpoint-4"))
+        record = peft_gp.wiring.checkpoints.read_record(str(folder / "checkpoint-4"))
         assert record["task_id"] == task_id and record["global_step"] == 4
         # mid-task checkpoints hold the memory of the tasks before; the final one also the task itself
-        assert peft_gp.checkpoints.checkpoint_memory_tasks(str(folder / "checkpoint-4")) == task_id
-        assert peft_gp.checkpoints.checkpoint_memory_tasks(str(folder / "checkpoint-6")) == task_id + 1
+        assert peft_gp.wiring.checkpoints.checkpoint_memory_tasks(str(folder / "checkpoint-4")) == task_id
+        assert peft_gp.wiring.checkpoints.checkpoint_memory_tasks(str(folder / "checkpoint-6")) == task_id + 1
     assert not list(tmp_path.glob("checkpoint-*"))
 
     # the model stores 2 tasks, so it trains task 3: checkpoints of task 1 or 2 are refused before any loading

@@ -115,7 +115,8 @@ def test_two_tasks_pushed_then_resumed_from_task_branch(hub, tmp_path, paradigm)
     card = ModelCard(hub.files(REPO, "task-02")["README.md"].decode())
     assert card.data.library_name == "peft"
     assert {"peft", "peft-gp", "continual-learning"} <= set(card.data.tags)
-    assert "| many tokens | 0.850 | 0.800 |" in card.text and "![accuracy matrix](gp_accuracy_matrix.png)" in card.text
+    assert "| 2 | 85.0 | 80.0 | 82.5 |" in card.text and "T2 many tokens" in card.text
+    assert "![accuracy matrix](gp_accuracy_matrix.png)" in card.text
     assert "| backward_transfer | -0.0500 |" in card.text and "| forgetting | 0.0500 |" in card.text
     assert "| `gp_threshold` | `1.0` |" in card.text and "| 2 | `task-02` | many tokens | 2, 3 |" in card.text
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from peft_gp import maths
+from peft_gp.core import maths
 
 
 def low_rank_features(rows: int, dim: int, rank: int, seed: int = 0) -> torch.Tensor:

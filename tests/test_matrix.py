@@ -7,9 +7,10 @@ import torch
 from peft import PeftModel, get_peft_model
 
 import peft_gp
-from peft_gp import GPAdapterConfig, GPLoraConfig, GPProjector, maths
-from peft_gp.collect import collect_grams
-from peft_gp.paradigms import resolve_groups
+from peft_gp import GPAdapterConfig, GPLoraConfig, GPProjector
+from peft_gp.core import maths
+from peft_gp.wiring.grams import collect_grams
+from peft_gp.wiring.state import resolve_groups
 
 from .conftest import train_steps
 
@@ -153,7 +154,7 @@ def test_save_and_reload_restores_weights_and_bases_bit_identically(case, paradi
     batch = case.make_batch(0)
     train_steps(model, batch, 3)
     peft_gp.update_memory(model, [batch])
-    model.save_pretrained(tmp_path)
+    peft_gp.save_pretrained(model, tmp_path)
     assert (tmp_path / "gp_memory.safetensors").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
 
     loaded = peft_gp.from_pretrained(case.build(), str(tmp_path), is_trainable=True)
@@ -182,7 +183,7 @@ def test_save_and_reload_restores_weights_and_bases_bit_identically(case, paradi
 
 def test_reloaded_model_continues_with_projection(case, paradigm, tmp_path):
     model, before, _, _, _ = run_two_tasks(case, paradigm, projected=True, steps=1)
-    model.save_pretrained(tmp_path)
+    peft_gp.save_pretrained(model, tmp_path)
     loaded = peft_gp.from_pretrained(case.build(), str(tmp_path), is_trainable=True)
     old_batch = case.make_batch(0)
     reference = case.output(loaded, old_batch)

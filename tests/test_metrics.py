@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from peft_gp.continual import metrics
+from peft_gp.core import metrics
 
 # rows = after training task t; columns = task k
 R = [

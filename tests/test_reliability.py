@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peft_gp import GPMemoryError
-from peft_gp.memory import GPMemory
+from peft_gp.wiring.memory import GPMemory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_damaged_files_load_or_fail_with_a_memory_error(tmp_path, cut, flips):
 
 SAVER = """
 import sys, torch
-from peft_gp.memory import GPMemory
+from peft_gp.wiring.memory import GPMemory
 path = sys.argv[1]
 memory = GPMemory(dims={"big": 512})
 generator = torch.Generator().manual_seed(0)

@@ -12,7 +12,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 
 import peft_gp
 from peft_gp import GPAdapterConfig, GPLoraConfig, GPTrainer
-from peft_gp.projector import raw_optimizer
+from peft_gp.wiring.projector import raw_optimizer
 
 from .conftest import tiny_bert
 
@@ -167,8 +167,8 @@ def test_memory_batches_go_longest_first_and_give_the_same_grams(tmp_path):
     """Sorting the memory sample by length only cuts padding (which never enters the memory): same Gram matrices."""
     from torch.utils.data import DataLoader
 
-    from peft_gp.collect import collect_grams
-    from peft_gp.paradigms import resolve_groups
+    from peft_gp.wiring.grams import collect_grams
+    from peft_gp.wiring.state import resolve_groups
 
     def cut(rows):  # pads to the batch's longest text only, as a padding collator does
         batch = default_data_collator(rows)
@@ -199,7 +199,7 @@ def test_checkpoints_hold_memory_and_resume_continues_with_same_bases(tmp_path, 
     GPTrainer(model=model, args=training_args(tmp_path / "task1"), train_dataset=old_task).train()
     task1_bases = {name: basis.clone() for name, basis in peft_gp.get_memory(model).bases.items()}
     before = logits_on(model, old_task)
-    model.save_pretrained(tmp_path / "after_task1")
+    peft_gp.save_pretrained(model, tmp_path / "after_task1")
 
     args = training_args(tmp_path / "task2", save_strategy="steps", save_steps=4, max_steps=8, num_train_epochs=1)
     uninterrupted = GPTrainer(model=model, args=args, train_dataset=new_task, gp_update_memory=False)
@@ -247,7 +247,7 @@ def test_bf16_autocast_keeps_bases_float32_and_grams_float64(tmp_path):
     GPTrainer(model=model, args=args, train_dataset=old_task).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # features arrive in bfloat16
         batch = default_data_collator([old_task[i] for i in range(len(old_task))])
-        grams, _ = peft_gp.collect.collect_grams(model, peft_gp.paradigms.resolve_groups(model), [batch])
+        grams, _ = peft_gp.wiring.grams.collect_grams(model, peft_gp.wiring.state.resolve_groups(model), [batch])
     assert all(gram.dtype == torch.float64 for gram in grams.values())
     assert all(basis.dtype == torch.float32 for basis in peft_gp.get_memory(model).bases.values())
     before = logits_on(model, old_task)

@@ -8,17 +8,17 @@
 
 from pathlib import Path
 
-from .config import RunConfig, RunConfigError
-from .heads import MaskedCrossEntropy, masked_predictions, prediction_classes, training_classes
-from .metrics import (
+from ..core.metrics import (
     accuracy_matrix_summary,
     average_accuracy,
     average_incremental_accuracy,
     backward_transfer,
     forgetting,
 )
+from ..core.plots import plot_accuracy_matrix, plot_task_accuracy
+from .config import RunConfig, RunConfigError
+from .heads import MaskedCrossEntropy, masked_predictions, prediction_classes, training_classes
 from .paradigms import PARADIGMS, make_peft_config
-from .plots import plot_accuracy_matrix, plot_task_accuracy
 from .runner import MethodResult, RunResult, evaluate_task, run_sequence, train_stream
 from .sources import load_source
 from .tasks import Task, class_incremental_split, dataset_sequence, encode_tasks, num_labels

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import MODULES_TO_SAVE_POLICIES
+from ..wiring.config import MODULES_TO_SAVE_POLICIES
 
 SCENARIOS = ("class", "task", "domain", "generative")
 HEAD_MASKING = ("seen", "current", "none")

@@ -10,13 +10,28 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from peft import LoraConfig, PeftConfig, PromptTuningConfig
+import peft
+from peft import LoraConfig, PeftConfig, PeftModel, PromptTuningConfig
+from torch import nn
 
-import peft_gp
-
+from ..wiring.build import get_peft_model
+from ..wiring.config import (
+    GPAdapterConfig,
+    GPConfigMixin,
+    GPLoraConfig,
+    GPPrefixTuningConfig,
+    GPPromptTuningConfig,
+)
 from .config import RunConfigError
 
 ParadigmFactory = Callable[[dict[str, Any], "dict[str, Any] | None", "str | None"], PeftConfig]
+
+
+def build_peft_model(model: nn.Module, peft_config: PeftConfig) -> PeftModel:
+    """``peft_gp.get_peft_model`` for a GP config (its wiring in place before any forward), PEFT's own otherwise."""
+    if isinstance(peft_config, GPConfigMixin):
+        return get_peft_model(model, peft_config)
+    return peft.get_peft_model(model, peft_config)
 
 
 LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
@@ -26,7 +41,7 @@ def lora_config(options: dict[str, Any], gp: dict[str, Any] | None, task_type: s
     """``GPLoraConfig`` with GP, plain PEFT ``LoraConfig`` without; ``LORA_DEFAULTS`` unless ``options`` say
     otherwise (``target_modules`` default: PEFT's own for the model type)."""
     kwargs = {"task_type": task_type, **LORA_DEFAULTS, **options}
-    return peft_gp.GPLoraConfig(**kwargs, **gp) if gp is not None else LoraConfig(**kwargs)
+    return GPLoraConfig(**kwargs, **gp) if gp is not None else LoraConfig(**kwargs)
 
 
 def _paired(gp_class: type, plain_class: type | None) -> ParadigmFactory:
@@ -45,10 +60,10 @@ def _paired(gp_class: type, plain_class: type | None) -> ParadigmFactory:
 
 PARADIGMS: dict[str, ParadigmFactory] = {
     "lora": lora_config,
-    "adapter": _paired(peft_gp.GPAdapterConfig, None),  # PEFT has no bottleneck adapter
+    "adapter": _paired(GPAdapterConfig, None),  # PEFT has no bottleneck adapter
     # PEFT's own prefix tuning fails on BERT-like encoders with transformers 5: the baseline uses peft_gp's route
-    "prefix": _paired(peft_gp.GPPrefixTuningConfig, None),
-    "prompt": _paired(peft_gp.GPPromptTuningConfig, PromptTuningConfig),
+    "prefix": _paired(GPPrefixTuningConfig, None),
+    "prompt": _paired(GPPromptTuningConfig, PromptTuningConfig),
 }
 """Paradigm name -> config factory. Register a new one with ``PARADIGMS["name"] = factory``."""
 

@@ -7,6 +7,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..core.files import atomic_write_bytes
+from ..core.plots import plot_accuracy_matrix, plot_task_accuracy
+from ..core.tables import accuracy_matrix_markdown
+
 if TYPE_CHECKING:
     from .runner import MethodResult, RunResult
 
@@ -28,14 +32,7 @@ def _cell(value: float | None) -> str:
 
 def matrix_table(result: MethodResult, task_names: Sequence[str]) -> str:
     """Markdown table of ``R[t][k]`` in percent (rows: after training task t; columns: evaluated task k)."""
-    header = "| after task | " + " | ".join(f"T{k + 1} {name}" for k, name in enumerate(task_names)) + " | avg |"
-    lines = [header, "|---" * (len(task_names) + 2) + "|"]
-    for t, row in enumerate(result.accuracy_matrix):
-        seen = [v for v in row if v is not None]
-        lines.append(
-            f"| {t + 1} | " + " | ".join(_cell(v) for v in row) + f" | {100 * sum(seen) / len(seen):.1f} |"
-        )
-    return "\n".join(lines)
+    return accuracy_matrix_markdown(result.accuracy_matrix, task_names)
 
 
 def metrics_table(results: Sequence[MethodResult]) -> str:
@@ -110,13 +107,9 @@ def comparison_text(run: RunResult) -> str:
 
 def write_outputs(run: RunResult, folder: Path) -> dict[str, str]:
     """Write the plots (if enabled), ``summary.md`` and ``result.json`` into ``folder``; fills ``run.paths``."""
-    from peft_gp.memory import atomic_write_bytes
-
     folder.mkdir(parents=True, exist_ok=True)
     names = [task["name"] for task in run.stream]
     if run.config.plots:
-        from .plots import plot_accuracy_matrix, plot_task_accuracy
-
         matrices = {r.label: r.accuracy_matrix for r in run.results.values()}
         title = run.config.name
         plot_accuracy_matrix(matrices, folder / HEATMAP_NAME, names, title)

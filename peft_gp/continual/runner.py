@@ -31,11 +31,12 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import peft_gp
 
-from ..memory_data import example_lengths, longest_first
+from ..core.metrics import accuracy_matrix_summary
+from ..hub import push_task_to_hub, task_branch
+from ..wiring.memory_data import example_lengths, longest_first
 from .config import RunConfig, RunConfigError
 from .heads import MaskedCrossEntropy, check_head, masked_predictions, prediction_classes, training_classes
-from .metrics import accuracy_matrix_summary
-from .paradigms import make_peft_config
+from .paradigms import build_peft_model, make_peft_config
 from .sources import load_source, resolve_model
 from .tasks import Task, class_incremental_split, dataset_sequence, encode_tasks, num_labels
 
@@ -299,11 +300,9 @@ def train_stream(
 ) -> tuple[MethodResult, dict[str, torch.Tensor]]:
     """Train ``tasks`` in order on a copy of ``base_model``; evaluate after each. Returns the result and the initial
     trainable weights (to check that compared methods start alike)."""
-    from peft import get_peft_model
-
     peft_config = peft_config_for(config, tasks, base_model, gp)
     torch.manual_seed(config.seed)  # same adapter initialisation for every method
-    model = get_peft_model(copy.deepcopy(base_model), peft_config)
+    model = build_peft_model(copy.deepcopy(base_model), peft_config)
     initial = _trainable_state(model)
     loss = MaskedCrossEntropy()
     label = _method_label(config, gp)
@@ -370,7 +369,6 @@ def train_stream(
                 record["gp_full_groups"] = len(memory.full_groups())
                 record["gp_groups"] = len(capacity)
             if gp and config.push_to_hub:
-                from ..hub import push_task_to_hub, task_branch
 
                 push = push_task_to_hub(
                     model,
@@ -496,10 +494,8 @@ def prepare(config: RunConfig, tasks: Sequence[Task] | None = None, model: nn.Mo
 
 def check_peft_config(peft_config, model: nn.Module) -> None:
     """Build the PEFT model once on a copy, so that wrong target modules fail before training, with a hint."""
-    from peft import get_peft_model
-
     try:
-        get_peft_model(copy.deepcopy(model), peft_config)
+        build_peft_model(copy.deepcopy(model), peft_config)
     except ValueError as error:
         names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise RunConfigError(
@@ -569,7 +565,7 @@ def run_sequence(
     if config.save_adapters:  # adapter weights (and, for GP, gp_memory.safetensors) of each method
         for result in results.values():
             folder = Path(config.run_dir) / f"adapter_{result.method}"
-            result.model.save_pretrained(str(folder))
+            peft_gp.save_pretrained(result.model, str(folder))
             run.paths[f"adapter_{result.method}"] = str(folder)
     write_outputs(run, Path(config.run_dir))
     return run

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
+import peft_gp  # noqa: E402
 from peft_gp import GPTrainer  # noqa: E402
 from tests.test_generative import args_for, gp_model, lm_task  # noqa: E402
 
@@ -42,4 +43,4 @@ def run(out: str, resume: bool) -> torch.nn.Module:
 if __name__ == "__main__":
     out = sys.argv[1]
     model = run(out, resume="--resume" in sys.argv)
-    model.save_pretrained(os.path.join(out, "final"))
+    peft_gp.save_pretrained(model, os.path.join(out, "final"))

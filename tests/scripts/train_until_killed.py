@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
+import peft_gp  # noqa: E402
 from peft_gp import GPTrainer  # noqa: E402
 from tests.test_interrupted import TASK2_STEPS, task2_args  # noqa: E402
 from tests.test_trainer import gp_model, task_dataset, training_args  # noqa: E402
@@ -26,7 +27,7 @@ def main(out: str) -> None:
     torch.set_num_threads(1)
     model = gp_model()
     GPTrainer(model=model, args=training_args(os.path.join(out, "task1")), train_dataset=task_dataset(0, 8)).train()
-    model.save_pretrained(os.path.join(out, "after_task1"))
+    peft_gp.save_pretrained(model, os.path.join(out, "after_task1"))
     print("task 1 done", flush=True)
     trainer = GPTrainer(model=model, args=task2_args(out), train_dataset=task_dataset(1, 16), callbacks=[Announce()])
     assert trainer.args.max_steps == TASK2_STEPS

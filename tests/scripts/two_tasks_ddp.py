@@ -27,7 +27,7 @@ def main(out: str) -> None:
     assert trainer.args.world_size == 2, trainer.args.world_size
     trainer.train()
     if trainer.args.process_index == 0:
-        model.save_pretrained(os.path.join(out, "after_task1"))
+        peft_gp.save_pretrained(model, os.path.join(out, "after_task1"))
     task1_bases = {f"task1/{k}": v.clone() for k, v in peft_gp.get_memory(model).bases.items()}
     before = logits_on(model, old_task)
     GPTrainer(model=model, args=args, train_dataset=new_task).train()

@@ -15,7 +15,7 @@ comes from (``evaluated_task``); the metric builds the accuracy matrix ``R[t][k]
 import datasets
 import evaluate
 
-from peft_gp.continual.metrics import accuracy_matrix_summary
+from peft_gp.core.metrics import accuracy_matrix_summary
 
 _DESCRIPTION = __doc__
 _KWARGS_DESCRIPTION = """

@@ -1,17 +1,12 @@
-"""What every paradigm handler produces: projected groups, plus the handling of ``modules_to_save``."""
+"""What every paradigm handler produces: projected groups, and where their features come from."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from peft import PeftModel
-from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
-
-from ..config import is_gp_config
 
 
 class FeatureSource:
@@ -137,112 +132,3 @@ class PooledHeadFeatures(FeatureSource):
                 self.head.register_forward_hook(hook),
             ]
         )
-
-
-Handler = Callable[[PeftModel, str, object], list[ProjectedGroup]]
-_HANDLERS: dict[str, Handler] = {}
-
-
-def register_paradigm(peft_type: str) -> Callable[[Handler], Handler]:
-    """Register the handler that finds the projected groups of one PEFT type (``"LORA"``, ...)."""
-
-    def decorator(handler: Handler) -> Handler:
-        _HANDLERS[peft_type] = handler
-        return handler
-
-    return decorator
-
-
-def unwrap_peft_model(model: nn.Module) -> PeftModel:
-    """Return the ``PeftModel`` inside ``model`` (which may be wrapped by DDP, accelerate or torch.compile)."""
-    seen = model
-    for _ in range(8):
-        if isinstance(seen, PeftModel):
-            return seen
-        seen = getattr(seen, "module", None) or getattr(seen, "_orig_mod", None)
-        if seen is None:
-            break
-    raise TypeError(
-        f"Expected a PEFT model built from a GP config, got {type(model).__name__}. "
-        "Build it with peft.get_peft_model(model, GPLoraConfig(...)) or load it with peft_gp.from_pretrained(...)."
-    )
-
-
-def gp_config_of(model: PeftModel, adapter_name: str | None = None):
-    """The GP config of ``adapter_name`` (default: the active adapter), with a clear error if it has none."""
-    adapter_name = adapter_name or model.active_adapter
-    if adapter_name not in model.peft_config:
-        raise KeyError(f"Adapter {adapter_name!r} not found; the model has {sorted(model.peft_config)}.")
-    config = model.peft_config[adapter_name]
-    if not is_gp_config(config):
-        raise TypeError(
-            f"Adapter {adapter_name!r} was built from {type(config).__name__}, which has no gradient-projection "
-            "settings. Use the matching peft_gp config (for example GPLoraConfig instead of LoraConfig)."
-        )
-    return config
-
-
-def _module_key(model: PeftModel, module_name: str) -> str:
-    prefix = "base_model.model."
-    return module_name[len(prefix) :] if module_name.startswith(prefix) else module_name
-
-
-def modules_to_save_groups(model: PeftModel, adapter_name: str, policy: str) -> list[ProjectedGroup]:
-    """Groups for the trainable copies in ``modules_to_save`` (classifier heads) under ``gp_modules_to_save``."""
-    groups = []
-    if policy == "train":
-        return groups
-    base = model.get_base_model()
-    pooled = type(base).__name__.endswith("ForSequenceClassification") and not getattr(
-        getattr(base, "config", None), "is_encoder_decoder", False
-    )
-    for module_name, module in model.named_modules():
-        if not isinstance(module, ModulesToSaveWrapper) or adapter_name not in module.modules_to_save:
-            continue
-        copy = module.modules_to_save[adapter_name]
-        name = _module_key(model, module_name)
-        if isinstance(copy, nn.Linear):
-            source = PooledHeadFeatures(base, copy) if pooled else None
-            groups.append(ProjectedGroup(name, copy.weight, copy.bias, copy, frozen=policy == "freeze", source=source))
-        elif policy == "freeze":
-            for param_name, param in copy.named_parameters():
-                groups.append(ProjectedGroup(f"{name}.{param_name}", param, None, copy, frozen=True))
-        else:
-            raise ValueError(
-                f"modules_to_save holds {name!r} ({type(copy).__name__}), which gp_modules_to_save='project' cannot "
-                "protect (only nn.Linear can be projected). Set gp_modules_to_save='freeze' to keep it fixed after "
-                "the first task, or 'train' to leave it unprotected."
-            )
-    return groups
-
-
-def resolve_groups(model: nn.Module, adapter_name: str | None = None) -> list[ProjectedGroup]:
-    """All projected groups of ``adapter_name``: the paradigm's own plus those of ``modules_to_save``.
-
-    Called once at setup; the training step then works on the returned parameters without any name matching.
-    Warns about trainable parameters that nothing protects.
-    """
-    peft_model = unwrap_peft_model(model)
-    adapter_name = adapter_name or peft_model.active_adapter
-    config = gp_config_of(peft_model, adapter_name)
-    peft_type = str(getattr(config.peft_type, "value", config.peft_type))
-    if peft_type not in _HANDLERS:
-        raise NotImplementedError(f"peft_gp has no gradient-projection handler for PEFT type {peft_type!r} yet.")
-    groups = _HANDLERS[peft_type](peft_model, adapter_name, config)
-    groups += modules_to_save_groups(peft_model, adapter_name, config.gp_modules_to_save)
-    if not groups:
-        raise ValueError(f"Adapter {adapter_name!r} has no parameters that gradient projection can protect.")
-
-    covered = {id(p) for group in groups for p in group.parameters}
-    uncovered = [
-        name
-        for name, param in peft_model.named_parameters()
-        if param.requires_grad and id(param) not in covered and f".{adapter_name}." in f".{name}."
-    ]
-    if uncovered and config.gp_modules_to_save != "train":
-        warnings.warn(
-            f"These trainable parameters of adapter {adapter_name!r} are not protected by gradient projection and "
-            f"will change old-task outputs: {uncovered[:8]}{' ...' if len(uncovered) > 8 else ''}",
-            stacklevel=2,
-        )
-    return groups

@@ -31,13 +31,14 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from . import checkpoints
-from .collect import summarize_report, update_memory
-from .loading import load_memory, load_task_state, save_gp_files
-from .memory_data import memory_sample, task_classes
-from .paradigms.base import gp_config_of, unwrap_peft_model
-from .projector import GPProjector, raw_optimizer
-from .state import get_memory
+from ..core.peft_utils import adapter_directory, unwrap_peft_model
+from ..wiring import checkpoints
+from ..wiring.collect import summarize_report, update_memory
+from ..wiring.config import gp_config_of
+from ..wiring.memory_data import memory_sample, task_classes
+from ..wiring.persistence import load_memory, load_task_state, save_gp_files
+from ..wiring.projector import GPProjector, raw_optimizer
+from ..wiring.state import get_memory
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ class GPCallback(TrainerCallback):
 
 def _holds_weights_of(checkpoint: str, model: nn.Module, adapter_name: str) -> bool:
     """Whether the checkpoint's adapter weights are the model's current ones (the checkpoint just loaded)."""
-    path = os.path.join(checkpoints.adapter_directory(checkpoint, adapter_name), SAFETENSORS_WEIGHTS_NAME)
+    path = os.path.join(adapter_directory(checkpoint, adapter_name), SAFETENSORS_WEIGHTS_NAME)
     if not os.path.isfile(path):
         return False
     saved = load_file(path)

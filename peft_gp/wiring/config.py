@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig
+from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig
 
-from .tuners.bottleneck import BottleneckConfig, GPPeftType, register_bottleneck
+from .bottleneck import LEGACY_PEFT_TYPES, BottleneckConfig, GPPeftType, register_bottleneck
 
 PROJECTION_MODES = ("gradient", "update")
 MODULES_TO_SAVE_POLICIES = ("project", "freeze", "train")
@@ -189,6 +189,7 @@ class GPPrefixTuningConfig(GPConfigMixin, PrefixTuningConfig):
 GP_CONFIG_CLASSES = {
     "LORA": GPLoraConfig,
     GPPeftType.GP_ADAPTER: GPAdapterConfig,
+    **{legacy: GPAdapterConfig for legacy in LEGACY_PEFT_TYPES},
     "PROMPT_TUNING": GPPromptTuningConfig,
     "PREFIX_TUNING": GPPrefixTuningConfig,
 }
@@ -197,3 +198,17 @@ GP_CONFIG_CLASSES = {
 def is_gp_config(config: object) -> bool:
     """True for configs carrying the gradient-projection fields."""
     return isinstance(config, GPConfigMixin)
+
+
+def gp_config_of(model: PeftModel, adapter_name: str | None = None):
+    """The GP config of ``adapter_name`` (default: the active adapter), with a clear error if it has none."""
+    adapter_name = adapter_name or model.active_adapter
+    if adapter_name not in model.peft_config:
+        raise KeyError(f"Adapter {adapter_name!r} not found; the model has {sorted(model.peft_config)}.")
+    config = model.peft_config[adapter_name]
+    if not is_gp_config(config):
+        raise TypeError(
+            f"Adapter {adapter_name!r} was built from {type(config).__name__}, which has no gradient-projection "
+            "settings. Use the matching peft_gp config (for example GPLoraConfig instead of LoraConfig)."
+        )
+    return config

@@ -1,20 +1,20 @@
 """A bottleneck adapter as a PEFT tuner: ``h = f(x) + s·W_up act(W_down x)`` (parallel) or ``y + s·A(y)`` (sequential).
 
 PEFT 0.21 has no bottleneck adapter, and ``peft.register_peft_method`` only accepts names already in ``PeftType``, so
-the tuner registers itself under its own ``str`` enum member in PEFT's mapping dicts. The member's *value* is what
-``adapter_config.json`` stores as ``peft_type``, and it reads as an instruction: plain PEFT without peft_gp imported
-fails with ``KeyError: 'GP_ADAPTER (requires peft_gp: pip install peft_gp, then import peft_gp)'``.
+the tuner registers itself under its own ``str`` enum member in PEFT's public type registries (the
+``peft.mapping.PEFT_TYPE_TO_*`` dicts that ``register_peft_method`` fills). ``adapter_config.json`` stores the stable
+``peft_type`` ``"GP_ADAPTER"``; adapters saved by peft_gp 0.1.0 under its longer name still load.
 """
 
 from __future__ import annotations
 
 import enum
 import inspect
-import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from peft import mapping
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
@@ -25,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 class GPPeftType(str, enum.Enum):
     """PEFT types that peft_gp adds; the value is stored in ``adapter_config.json``."""
 
-    GP_ADAPTER = "GP_ADAPTER (requires peft_gp: pip install peft_gp, then import peft_gp)"
+    GP_ADAPTER = "GP_ADAPTER"
 
     # Enum hashes the member *name*; PEFT looks the JSON string up in its dicts, so hash like that string instead.
     __hash__ = str.__hash__
@@ -34,6 +34,7 @@ class GPPeftType(str, enum.Enum):
         return self.value
 
 
+LEGACY_PEFT_TYPES = ("GP_ADAPTER (requires peft_gp: pip install peft_gp, then import peft_gp)",)  # peft_gp 0.1.0
 ADAPTER_STYLES = ("parallel", "sequential")
 BOTTLENECK_PREFIX = "gp_adapter_"
 
@@ -281,11 +282,9 @@ class BottleneckModel(BaseTuner):
 
 
 def register_bottleneck(config_cls: type[BottleneckConfig]) -> None:
-    """Put the bottleneck tuner into PEFT's mapping dicts (idempotent), with ``config_cls`` as its config class."""
-    from peft import mapping
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mapping.PEFT_TYPE_TO_CONFIG_MAPPING[GPPeftType.GP_ADAPTER] = config_cls
-        mapping.PEFT_TYPE_TO_TUNER_MAPPING[GPPeftType.GP_ADAPTER] = BottleneckModel
-        mapping.PEFT_TYPE_TO_PREFIX_MAPPING[GPPeftType.GP_ADAPTER] = BOTTLENECK_PREFIX
+    """Put the bottleneck tuner into PEFT's type registries (idempotent), with ``config_cls`` as its config class."""
+    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[GPPeftType.GP_ADAPTER] = config_cls
+    mapping.PEFT_TYPE_TO_TUNER_MAPPING[GPPeftType.GP_ADAPTER] = BottleneckModel
+    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[GPPeftType.GP_ADAPTER] = BOTTLENECK_PREFIX
+    for legacy in LEGACY_PEFT_TYPES:  # the config's __post_init__ sets the stable type again
+        mapping.PEFT_TYPE_TO_CONFIG_MAPPING[legacy] = config_cls

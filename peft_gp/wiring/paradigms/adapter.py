@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from peft import PeftModel
 
-from ..tuners.bottleneck import BottleneckLayer, GPPeftType
-from .base import ProjectedGroup, _module_key, register_paradigm
+from ...core.peft_utils import module_key
+from ..bottleneck import BottleneckLayer
+from ..groups import ProjectedGroup
 
 
-@register_paradigm(GPPeftType.GP_ADAPTER.value)
 def adapter_groups(model: PeftModel, adapter_name: str, config) -> list[ProjectedGroup]:
     groups = []
     for module_name, module in model.named_modules():
         if not isinstance(module, BottleneckLayer) or adapter_name not in module.gp_adapter_down:
             continue
-        name = _module_key(model, module_name)
+        name = module_key(module_name)
         down, up = module.gp_adapter_down[adapter_name], module.gp_adapter_up[adapter_name]
         groups.append(ProjectedGroup(f"{name}.gp_adapter_down", down.weight, down.bias, down))
         groups.append(ProjectedGroup(f"{name}.gp_adapter_up", up.weight, up.bias, up))

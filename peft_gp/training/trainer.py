@@ -7,12 +7,13 @@ from typing import Any
 
 from transformers import Trainer
 
+from ..hub.card import task_branch
+from ..hub.push import TaskPush, push_task_to_hub
+from ..wiring.memory import GPMemory
+from ..wiring.persistence import save_gp_files
+from ..wiring.projector import GPProjector
+from ..wiring.state import get_memory, get_task_state
 from .callback import GPCallback, last_checkpoint
-from .hub import TaskPush, push_task_to_hub, task_branch
-from .memory import GPMemory
-from .projector import GPProjector
-from .state import get_memory
-from .task_state import get_task_state
 
 
 class GPTrainer(Trainer):
@@ -156,6 +157,13 @@ class GPTrainer(Trainer):
         if self.gp_push_to_hub and self.gp_memory.tasks_seen > tasks_before:
             self.push_task_to_hub()
         return output
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``, plus the memory and task record beside the adapter (checkpoints get them from the
+        callback's ``on_save``)."""
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and self.args.should_save:
+            save_gp_files(self.model, output_dir or self.args.output_dir, self.gp_adapter_name)
 
     def update_memory(self, dataset=None) -> dict[str, dict[str, float]]:
         """Store a finished task from ``dataset`` (default: ``train_dataset``); see ``GPCallback.update_memory``."""

@@ -6,16 +6,16 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .base import ProjectedGroup, _module_key, register_paradigm
+from ...core.peft_utils import module_key
+from ..groups import ProjectedGroup
 
 
-@register_paradigm("LORA")
 def lora_groups(model: PeftModel, adapter_name: str, config) -> list[ProjectedGroup]:
     groups = []
     for module_name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
-        name = _module_key(model, module_name)
+        name = module_key(module_name)
         if adapter_name in getattr(module, "lora_embedding_A", {}):
             raise ValueError(
                 f"LoRA on the embedding {name!r} is not supported by gradient projection yet: "

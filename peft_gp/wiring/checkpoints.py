@@ -14,7 +14,9 @@ import json
 import os
 import re
 
-from .memory import GP_MEMORY_NAME, GPMemory, GPMemoryError, atomic_write_bytes
+from ..core.files import atomic_write_bytes
+from ..core.peft_utils import adapter_directory
+from .memory import GP_MEMORY_NAME, GPMemory, GPMemoryError
 
 GP_CHECKPOINT_NAME = "gp_checkpoint.json"
 TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer's own name for it
@@ -29,11 +31,6 @@ class GPCheckpointError(GPMemoryError):
 def task_folder(output_dir: str, task_id: int) -> str:
     """Where task ``task_id`` (0-based) keeps its checkpoints: ``<output_dir>/task-XX`` (1-based, two digits)."""
     return os.path.join(output_dir, f"task-{task_id + 1:02d}")
-
-
-def adapter_directory(save_directory: str, adapter_name: str) -> str:
-    """Where PEFT puts an adapter's files: the directory itself for ``default``, a subfolder otherwise."""
-    return save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
 
 
 def write_record(checkpoint: str, task_id: int, task_name: str | None, global_step: int, adapter_name: str) -> None:

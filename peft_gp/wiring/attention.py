@@ -7,32 +7,27 @@ adapters built from ``GPPrefixTuningConfig`` peft_gp takes the prefix route itse
 
 * ``ATTENTION_NAME`` is registered in transformers' ``AttentionInterface`` (and its mask interface) and set as the
   base model's attention implementation. Without an active prefix it is plain SDPA attention.
-* ``prefix_forward`` replaces PEFT's prompt-learning forward for those adapters: it slices layer ``l``'s key and
-  value prefix out of ``prompt_encoder[adapter].embedding.weight`` (PEFT's own layout, so the file stays PEFT's) and
-  runs the base model with them active; the attention function prepends them to each layer's keys and values and
-  opens the attention mask over them. Decoder-only models get positions shifted by the prefix length, as with PEFT's
-  cache, so that plain PEFT computes the same outputs from the saved adapter.
+* ``PrefixRoute`` replaces, on one model instance (never on PEFT's classes), PEFT's prompt-learning forward while a GP
+  prefix adapter is active: it slices layer ``l``'s key and value prefix out of
+  ``prompt_encoder[adapter].embedding.weight`` (PEFT's own layout, so the file stays PEFT's) and runs the base model
+  with them active; the attention function prepends them to each layer's keys and values and opens the attention
+  mask over them. Decoder-only models get positions shifted by the prefix length, as with PEFT's cache, so that
+  plain PEFT computes the same outputs from the saved adapter. ``remove()`` restores the class's forward. peft_gp
+  installs it with the adapter's state (``peft_gp.get_peft_model``, ``from_pretrained``, the trainer or callback).
 * ``register_capture`` lets the memory update see each layer's queries and its attention weights on the prefix.
 """
 
 from __future__ import annotations
 
 import contextvars
-import functools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from peft import PeftModel
-from peft.peft_model import (
-    PeftModelForCausalLM,
-    PeftModelForFeatureExtraction,
-    PeftModelForQuestionAnswering,
-    PeftModelForSeq2SeqLM,
-    PeftModelForSequenceClassification,
-    PeftModelForTokenClassification,
-)
+from peft import PeftConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig
+from peft.utils import TaskType
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -156,17 +151,17 @@ def prefix_layout(model: PeftModel, adapter_name: str) -> list[nn.Module]:
     return modules
 
 
-def _layer_prefixes(model: PeftModel, adapter_name: str) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+def layer_prefixes(
+    model: PeftModel, adapter_name: str, modules: list[nn.Module]
+) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """Per attention module (layer order), its ``(key, value)`` prefix as views of the prompt encoder's weight."""
     config = model.peft_config[adapter_name]
-    modules = model.__dict__.setdefault("gp_prefix_modules", {})
-    if adapter_name not in modules:
-        modules[adapter_name] = prefix_layout(model, adapter_name)
     weight = model.prompt_encoder[adapter_name].embedding.weight
     heads = config.num_attention_heads
     head_dim = config.token_dim // heads
     # PEFT's layout: (m, num_layers * 2 * token_dim), layer l's key then value, heads inside (see get_prompt)
     stacked = weight.view(config.num_virtual_tokens, config.num_layers * 2, heads, head_dim).permute(1, 2, 0, 3)
-    return {module: (stacked[2 * layer], stacked[2 * layer + 1]) for layer, module in enumerate(modules[adapter_name])}
+    return {module: (stacked[2 * layer], stacked[2 * layer + 1]) for layer, module in enumerate(modules)}
 
 
 def _use_prefix_attention(model: PeftModel) -> None:
@@ -175,10 +170,8 @@ def _use_prefix_attention(model: PeftModel) -> None:
         base.set_attn_implementation(ATTENTION_NAME)
 
 
-def prefix_forward(model: PeftModel, *args, **kwargs):
-    """PEFT's forward for a ``GPPrefixTuningConfig`` adapter: the base model runs with each layer's prefix active."""
-    from peft.utils import TaskType
-
+def prefix_forward(model: PeftModel, modules: list[nn.Module], *args, **kwargs):
+    """PEFT's forward for a GP prefix adapter: the base model runs with each layer's prefix active."""
     if len(args) > 1 or (args and "input_ids" in kwargs):
         raise TypeError("Pass the inputs of a GP prefix-tuning model as keyword arguments (input_ids=..., ...).")
     if args:
@@ -186,7 +179,7 @@ def prefix_forward(model: PeftModel, *args, **kwargs):
     adapter_name = model.active_adapter
     config = model.peft_config[adapter_name]
     _use_prefix_attention(model)
-    prefixes = _layer_prefixes(model, adapter_name)
+    prefixes = layer_prefixes(model, adapter_name, modules)
     for name in ("task_ids", *getattr(model, "special_peft_forward_args", ())):
         kwargs.pop(name, None)
     kwargs = {key: value for key, value in kwargs.items() if value is not None}
@@ -204,70 +197,58 @@ def prefix_forward(model: PeftModel, *args, **kwargs):
         _ACTIVE.reset(token)
 
 
-def _is_gp_prefix(model: PeftModel) -> bool:
-    from .config import GPPrefixTuningConfig
+class PrefixRoute:
+    """Routes one model's forward through ``prefix_forward`` while one of its GP prefix adapters is active.
 
-    config = model.peft_config.get(model.active_adapter) if isinstance(model.active_adapter, str) else None
-    return isinstance(config, GPPrefixTuningConfig)
+    Set as the instance's ``forward`` (PEFT's classes are untouched); other adapters run the class's own forward.
+    """
+
+    def __init__(self, model: PeftModel) -> None:
+        self.model = model  # a strong reference: a deep copy of the model then routes the copy
+        self.layouts: dict[str, list[nn.Module]] = {}
+
+    def add(self, adapter_name: str) -> None:
+        """Route ``adapter_name`` (its attention layout is checked now: unsupported models fail here)."""
+        self.layouts[adapter_name] = prefix_layout(self.model, adapter_name)
+        self.model.__dict__["forward"] = self
+
+    def __call__(self, *args, **kwargs):
+        model = self.model
+        modules = self.layouts.get(model.active_adapter) if isinstance(model.active_adapter, str) else None
+        if modules is None:
+            return type(model).forward(model, *args, **kwargs)
+        return prefix_forward(model, modules, *args, **kwargs)
+
+    def remove(self) -> None:
+        """Give the model its class's forward back."""
+        if self.model.__dict__.get("forward") is self:
+            del self.model.__dict__["forward"]
 
 
-def _wrap_forward(cls: type) -> None:
-    original = cls.__dict__.get("forward")
-    if original is None or getattr(original, "_peft_gp_wrapped", False):
+def _is_gp(config: PeftConfig, kind: type) -> bool:
+    return isinstance(config, kind) and hasattr(config, "gp_threshold")
+
+
+@contextmanager
+def vocabulary_for_prefix(base_model: nn.Module, config: PeftConfig) -> Iterator[None]:
+    """Let PEFT set up a GP prefix on a model without a vocabulary (ViT).
+
+    PEFT looks for word embeddings by the config's ``vocab_size`` even for prefix tuning, which needs none; a model
+    config without one makes that search fail. For the duration of the build, ``vocab_size = -1`` matches no weight.
+    """
+    model_config = getattr(base_model, "config", None)
+    missing = model_config is not None and not hasattr(model_config.get_text_config(), "vocab_size")
+    if missing and _is_gp(config, PromptTuningConfig):
+        raise NotImplementedError(
+            f"GPPromptTuningConfig needs input token embeddings, and {type(base_model).__name__} has no vocabulary "
+            "(PEFT's prompt tuning does not support vision models such as ViT). Use "
+            "GPPrefixTuningConfig(task_type='SEQ_CLS', ...) or GPLoraConfig for them."
+        )
+    if not (missing and _is_gp(config, PrefixTuningConfig)):
+        yield
         return
-
-    @functools.wraps(original)
-    def forward(self, *args, **kwargs):
-        if _is_gp_prefix(self):
-            if isinstance(self, PeftModelForSeq2SeqLM):
-                prefix_layout(self, self.active_adapter)  # raises the clear error
-            return prefix_forward(self, *args, **kwargs)
-        return original(self, *args, **kwargs)
-
-    forward._peft_gp_wrapped = True
-    cls.forward = forward
-
-
-def _setup_prompt_encoder_without_vocabulary(original):
-    # PEFT looks for word embeddings by the config's vocab_size even for prefix tuning, which needs none: models
-    # without a vocabulary (ViT) then fail. For GP prefix configs, let that search find nothing instead.
-    @functools.wraps(original)
-    def setup(self, adapter_name: str):
-        from .config import GPPrefixTuningConfig, GPPromptTuningConfig
-
-        base_config = getattr(self.base_model, "config", None)
-        config = self.peft_config[adapter_name]
-        if base_config is None or hasattr(base_config.get_text_config(), "vocab_size"):
-            return original(self, adapter_name)
-        if isinstance(config, GPPromptTuningConfig):
-            raise NotImplementedError(
-                f"GPPromptTuningConfig needs input token embeddings, and {type(self.base_model).__name__} has no "
-                "vocabulary (PEFT's prompt tuning does not support vision models such as ViT). Use "
-                "GPPrefixTuningConfig(task_type='SEQ_CLS', ...) or GPLoraConfig for them."
-            )
-        if not isinstance(config, GPPrefixTuningConfig):
-            return original(self, adapter_name)
-        base_config.vocab_size = -1
-        try:
-            return original(self, adapter_name)
-        finally:
-            del base_config.vocab_size
-
-    setup._peft_gp_wrapped = True
-    return setup
-
-
-def install_prefix_forward() -> None:
-    """Route the forward of PEFT models whose active adapter is a ``GPPrefixTuningConfig`` through peft_gp."""
-    if not getattr(PeftModel._setup_prompt_encoder, "_peft_gp_wrapped", False):
-        PeftModel._setup_prompt_encoder = _setup_prompt_encoder_without_vocabulary(PeftModel._setup_prompt_encoder)
-    for cls in (
-        PeftModel,
-        PeftModelForSequenceClassification,
-        PeftModelForCausalLM,
-        PeftModelForSeq2SeqLM,
-        PeftModelForTokenClassification,
-        PeftModelForQuestionAnswering,
-        PeftModelForFeatureExtraction,
-    ):
-        _wrap_forward(cls)
+    model_config.vocab_size = -1
+    try:
+        yield
+    finally:
+        del model_config.vocab_size

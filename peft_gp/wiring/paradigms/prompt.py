@@ -7,7 +7,7 @@ import math
 import torch
 from peft import PeftModel
 
-from .base import FeatureSource, ProjectedGroup, register_paradigm
+from ..groups import FeatureSource, ProjectedGroup
 
 
 class PromptFeatures(FeatureSource):
@@ -26,7 +26,6 @@ class PromptFeatures(FeatureSource):
         return self.word_embeddings.register_forward_hook(hook)
 
 
-@register_paradigm("PROMPT_TUNING")
 def prompt_groups(model: PeftModel, adapter_name: str, config) -> list[ProjectedGroup]:
     base_config = getattr(model.get_base_model(), "config", None)
     if getattr(base_config, "is_encoder_decoder", False) or config.num_transformer_submodules != 1:

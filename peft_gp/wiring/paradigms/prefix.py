@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 from peft import PeftModel
 
+from ...core.peft_utils import module_key
 from ..attention import prefix_layout, register_capture
-from .base import FeatureSource, ProjectedGroup, _module_key, register_paradigm
+from ..groups import FeatureSource, ProjectedGroup
 
 
 class AttentionFeatures(FeatureSource):
@@ -41,7 +42,6 @@ class AttentionFeatures(FeatureSource):
         return register_capture(self.module, capture)
 
 
-@register_paradigm("PREFIX_TUNING")
 def prefix_groups(model: PeftModel, adapter_name: str, config) -> list[ProjectedGroup]:
     modules = prefix_layout(model, adapter_name)
     weight = model.prompt_encoder[adapter_name].embedding.weight
@@ -55,7 +55,7 @@ def prefix_groups(model: PeftModel, adapter_name: str, config) -> list[Projected
         query_heads = query_heads or getattr(module.config, "num_attention_heads", kv_heads)
         per_kv = query_heads // kv_heads
         heads = [list(range(g * per_kv, (g + 1) * per_kv)) for g in range(kv_heads)]
-        name = _module_key(model, names[module])
+        name = module_key(names[module])
         kinds = [("key", "query", 2 * layer * width)]
         if config.gp_protect_values:
             kinds.append(("value", "weights", (2 * layer + 1) * width))

@@ -1,6 +1,6 @@
 """What a continual-learning run has seen so far: task names, each task's classes and the accuracy matrix.
 
-Kept per adapter beside its memory (``model.gp_task_states``) and saved as ``gp_tasks.json`` next to
+Kept per adapter beside its memory (in its ``GPState``) and saved as ``gp_tasks.json`` next to
 ``gp_memory.safetensors``, so that a checkpoint pushed after task 3 tells whoever resumes it which tasks and classes
 came before. ``task_id`` is 0-based everywhere in code; names shown to people (branches, model cards) are 1-based.
 """
@@ -12,10 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
-
-from .memory import atomic_write_bytes
-from .paradigms.base import unwrap_peft_model
+from ..core.files import atomic_write_bytes
 
 GP_TASKS_NAME = "gp_tasks.json"
 TASKS_FORMAT_VERSION = 1
@@ -72,6 +69,12 @@ class GPTaskState:
         else:
             self.task_names[task_id] = task_name or self.task_names[task_id]
             self.task_classes[task_id] = labels if classes is not None else self.task_classes[task_id]
+
+    def record_through(self, task_id: int, task_name: str | None = None, classes: list[Label] | None = None) -> None:
+        """Record task ``task_id``, first filling in (with default names) tasks stored before the record existed."""
+        for missing in range(self.tasks_seen, task_id):
+            self.record(missing)
+        self.record(task_id, task_name, classes)
 
     # ---- persistence -------------------------------------------------------------------------------------------
 
@@ -140,27 +143,3 @@ def normalize_matrix(matrix) -> list[list[float | None]] | None:
                 values.append(float(value))
         rows.append(values)
     return rows
-
-
-def _states(model: nn.Module) -> dict[str, GPTaskState]:
-    peft_model = unwrap_peft_model(model)
-    if "gp_task_states" not in peft_model.__dict__:
-        peft_model.__dict__["gp_task_states"] = {}
-    return peft_model.__dict__["gp_task_states"]
-
-
-def get_task_state(model: nn.Module, adapter_name: str | None = None) -> GPTaskState:
-    """The task record of ``adapter_name`` (default: active adapter), created empty on first use."""
-    adapter_name = adapter_name or unwrap_peft_model(model).active_adapter
-    return _states(model).setdefault(adapter_name, GPTaskState())
-
-
-def has_task_state(model: nn.Module, adapter_name: str) -> bool:
-    """True once a task was recorded for ``adapter_name`` (only then is ``gp_tasks.json`` written)."""
-    state = _states(model).get(adapter_name)
-    return state is not None and (state.tasks_seen > 0 or state.accuracy_matrix is not None)
-
-
-def set_task_state(model: nn.Module, state: GPTaskState, adapter_name: str | None = None) -> None:
-    adapter_name = adapter_name or unwrap_peft_model(model).active_adapter
-    _states(model)[adapter_name] = state

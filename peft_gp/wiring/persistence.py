@@ -1,13 +1,12 @@
-"""Persistence: ``gp_memory.safetensors`` beside ``adapter_model.safetensors``, and ``peft_gp.from_pretrained``.
+"""Persistence: ``gp_memory.safetensors`` and ``gp_tasks.json`` beside PEFT's adapter files.
 
-Importing peft_gp wraps ``PeftModel.save_pretrained`` once, so that ``model.save_pretrained(dir)`` and every
-Trainer checkpoint also write the memory of each adapter built from a GP config. Nothing changes for other adapters,
-and the adapter files themselves stay exactly PEFT's (plain ``PeftModel.from_pretrained`` loads them).
+``peft_gp.save_pretrained(model, dir)`` writes PEFT's files, then the memory and task record of each GP adapter;
+``GPCallback`` writes them into every Trainer checkpoint. The adapter files themselves stay exactly PEFT's, so plain
+``PeftModel.from_pretrained`` loads them for inference; ``peft_gp.from_pretrained`` restores the memory too.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from dataclasses import fields
@@ -17,13 +16,13 @@ from peft.utils import CONFIG_NAME
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from .checkpoints import adapter_directory
+from ..core.hub_errors import hub_errors
+from ..core.peft_utils import adapter_directory, unwrap_peft_model
+from .attention import vocabulary_for_prefix
 from .config import GP_CONFIG_CLASSES, is_gp_config
-from .hub import hub_errors
 from .memory import GP_MEMORY_NAME, GPMemory, GPMemoryError
-from .paradigms.base import unwrap_peft_model
-from .state import get_memory, set_memory
-from .task_state import GP_TASKS_NAME, GPTaskState, get_task_state, has_task_state, set_task_state
+from .state import get_memory, get_state, get_task_state, has_task_state, set_memory, set_task_state
+from .task_record import GP_TASKS_NAME, GPTaskState
 
 
 def save_memory(model: nn.Module, save_directory: str, adapter_name: str | None = None) -> str:
@@ -45,25 +44,19 @@ def save_gp_files(model: nn.Module, save_directory: str, adapter_name: str | Non
         get_task_state(peft_model, adapter_name).save(path)
 
 
-def _save_pretrained_with_memory(original):
-    @functools.wraps(original)
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        original(self, save_directory, *args, **kwargs)
-        if not kwargs.get("is_main_process", True):
-            return
-        selected = kwargs.get("selected_adapters") or list(self.peft_config)
-        for adapter_name in selected:
-            if is_gp_config(self.peft_config[adapter_name]):
-                save_gp_files(self, save_directory, adapter_name)
+def save_pretrained(model: nn.Module, save_directory: str, **kwargs) -> None:
+    """``model.save_pretrained(save_directory, **kwargs)`` (PEFT's files), then each GP adapter's memory and record.
 
-    save_pretrained._peft_gp_wrapped = True
-    return save_pretrained
-
-
-def install_save_hook() -> None:
-    """Make ``PeftModel.save_pretrained`` write ``gp_memory.safetensors`` too (idempotent)."""
-    if not getattr(PeftModel.save_pretrained, "_peft_gp_wrapped", False):
-        PeftModel.save_pretrained = _save_pretrained_with_memory(PeftModel.save_pretrained)
+    PEFT's own ``save_pretrained`` writes only the adapter; the memory is peft_gp's, so saving it goes through here
+    (and through ``GPCallback``'s checkpoint hook). Only the main process writes (``is_main_process``).
+    """
+    peft_model = unwrap_peft_model(model)
+    peft_model.save_pretrained(save_directory, **kwargs)
+    if not kwargs.get("is_main_process", True):
+        return
+    for adapter_name in kwargs.get("selected_adapters") or list(peft_model.peft_config):
+        if is_gp_config(peft_model.peft_config[adapter_name]):
+            save_gp_files(peft_model, save_directory, adapter_name)
 
 
 def _resolve_file(
@@ -191,17 +184,19 @@ def from_pretrained(
         hub_kwargs = {key: value for key, value in (("revision", revision), ("subfolder", subfolder)) if value}
         # PEFT refuses is_trainable=True for prompt learning: load for inference, then make the prompt trainable
         prompt_learning = config.is_prompt_learning
-        model = PeftModel.from_pretrained(
-            base_model,
-            model_id,
-            adapter_name=adapter_name,
-            is_trainable=is_trainable and not prompt_learning,
-            config=config,
-            **hub_kwargs,
-            **kwargs,
-        )
+        with vocabulary_for_prefix(base_model, config):
+            model = PeftModel.from_pretrained(
+                base_model,
+                model_id,
+                adapter_name=adapter_name,
+                is_trainable=is_trainable and not prompt_learning,
+                config=config,
+                **hub_kwargs,
+                **kwargs,
+            )
         if is_trainable and prompt_learning:
             _make_prompt_trainable(model, adapter_name)
         load_memory(model, model_id, adapter_name=adapter_name, revision=revision, subfolder=subfolder)
         load_task_state(model, model_id, adapter_name=adapter_name, revision=revision, subfolder=subfolder)
+    get_state(model, adapter_name)  # the prefix route, when there is one, is in place before the first forward
     return model

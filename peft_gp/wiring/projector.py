@@ -18,9 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .paradigms import ProjectedGroup, resolve_groups
-from .paradigms.base import gp_config_of, unwrap_peft_model
-from .state import get_memory, guard_of
+from ..core.peft_utils import unwrap_peft_model
+from .config import gp_config_of
+from .groups import ProjectedGroup
+from .state import get_state
 
 
 def raw_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -137,9 +138,10 @@ class GPProjector:
         peft_model = unwrap_peft_model(model)
         self.adapter_name = adapter_name or peft_model.active_adapter
         self.config = gp_config_of(peft_model, self.adapter_name)
-        self.memory = get_memory(peft_model, self.adapter_name)
+        self._state = get_state(peft_model, self.adapter_name)
+        self.memory = self._state.memory
         self._model = peft_model
-        self.groups: list[ProjectedGroup] = resolve_groups(peft_model, self.adapter_name)
+        self.groups: list[ProjectedGroup] = self._state.groups
         self._units: list[_Unit] = _units(self.groups)
         self._memory_state: tuple[int, int] | None = None
         self._handles: list = []
@@ -158,7 +160,7 @@ class GPProjector:
 
     def _refresh(self) -> None:
         # the memory may have been replaced (resume from a checkpoint) or grown (end of a task)
-        memory = get_memory(self._model, self.adapter_name)
+        memory = self._state.memory
         if memory is not self.memory or self._memory_state != (id(memory), memory.version):
             self.memory = memory
             for unit in self._units:
@@ -186,13 +188,13 @@ class GPProjector:
             optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step()),
         ]
         self._optimizer = optimizer
-        guard_of(self._model, self.adapter_name).attached += 1
+        self._state.guard.attached += 1
         return self
 
     def detach(self) -> None:
         """Remove the hooks from the optimizer they were attached to."""
         if self._optimizer is not None:
-            guard_of(self._model, self.adapter_name).attached -= 1
+            self._state.guard.attached -= 1
         for handle in self._handles:
             handle.remove()
         self._handles, self._optimizer, self._snapshots = [], None, None

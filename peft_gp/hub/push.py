@@ -1,0 +1,288 @@
+"""Share each task's checkpoint on the Hugging Face Hub: one commit and one branch per task, with a model card.
+
+``push_task_to_hub(model, repo_id, local_dir=...)`` first saves the task locally (adapter weights, head,
+``gp_memory.safetensors``, ``gp_tasks.json`` and ``README.md``), then uploads that folder in one commit to ``main``
+and points the branch ``task-03`` (1-based, two digits: ``task_branch(task_id)``) at it. Anyone can then pick the
+sequence up at that task with ``peft_gp.from_pretrained(base, repo_id, revision="task-03", is_trainable=True)``.
+If the upload fails, nothing trained is lost: ``GPHubError`` says what failed, where the local copy is and how to
+retry with ``push_task_folder(local_dir, repo_id)``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..core.hub_errors import GPHubError, hub_errors
+from ..core.peft_utils import adapter_directory, unwrap_peft_model
+from ..core.plots import plot_accuracy_matrix
+from ..wiring.persistence import save_pretrained
+from ..wiring.state import get_state
+from ..wiring.task_record import GP_TASKS_NAME, GPTaskState, normalize_matrix
+from .card import MODEL_CARD_NAME, PLOT_NAME, model_card, task_branch
+
+
+@dataclass
+class TaskPush:
+    """What ``push_task_to_hub`` made: load it back with ``from_pretrained(base, repo_id, revision, subfolder)``."""
+
+    repo_id: str
+    task_id: int
+    revision: str  # the task branch, or ``refs/pr/N`` with ``create_pr=True``
+    subfolder: str | None
+    commit: Any  # huggingface_hub.CommitInfo (oid, commit_url, pr_url)
+    local_dir: str
+
+
+def record_task(
+    model: nn.Module,
+    task_id: int | None = None,
+    task_name: str | None = None,
+    classes: list | None = None,
+    accuracy_matrix: list[list[float | None]] | None = None,
+    adapter_name: str | None = None,
+) -> int:
+    """Record a finished task in the model's ``gp_tasks.json`` state; returns its ``task_id``.
+
+    ``task_id`` defaults to the last task stored in the memory. It must match the memory: pushing a task whose bases
+    are not stored yet would let the next task overwrite it.
+    """
+    gp_state = get_state(model, adapter_name)
+    memory, state = gp_state.memory, gp_state.tasks
+    if memory.tasks_seen == 0:
+        raise ValueError(
+            "The memory is empty: train the task and store it first (GPTrainer does it when train() ends; otherwise "
+            "call peft_gp.update_memory). A checkpoint without its task's bases would not protect it."
+        )
+    if task_id is None:
+        task_id = memory.tasks_seen - 1
+    if memory.tasks_seen != task_id + 1:
+        raise ValueError(
+            f"The memory holds {memory.tasks_seen} task(s), but task_id={task_id} is task {task_id + 1}: store the "
+            "finished task in the memory first (GPTrainer does it when train() ends; otherwise call "
+            "peft_gp.update_memory), or pass the task_id of the last stored task."
+        )
+    state.record_through(task_id, task_name, classes)
+    if accuracy_matrix is not None:
+        state.accuracy_matrix = normalize_matrix(accuracy_matrix)
+    return task_id
+
+
+def save_task(
+    model: nn.Module,
+    local_dir: str,
+    task_id: int | None = None,
+    task_name: str | None = None,
+    *,
+    classes: list | None = None,
+    accuracy_matrix: list[list[float | None]] | None = None,
+    plot_path: str | None = None,
+    extra_files: list[str] | None = None,
+    repo_id: str | None = None,
+    adapter_name: str | None = None,
+) -> int:
+    """Write everything the Hub gets for one task into ``local_dir``; returns the ``task_id``.
+
+    ``local_dir`` receives PEFT's adapter files (weights with the head of ``modules_to_save``, config),
+    ``gp_memory.safetensors``, ``gp_tasks.json``, the model card ``README.md``, the accuracy-matrix plot (the given
+    ``plot_path``, else drawn with matplotlib when installed) and copies of ``extra_files``.
+    """
+    peft_model = unwrap_peft_model(model)
+    adapter_name = adapter_name or peft_model.active_adapter
+    task_id = record_task(model, task_id, task_name, classes, accuracy_matrix, adapter_name)
+    state = get_state(model, adapter_name).tasks
+    os.makedirs(local_dir, exist_ok=True)
+    save_pretrained(peft_model, local_dir, selected_adapters=[adapter_name])
+    adapter_dir = adapter_directory(local_dir, adapter_name)
+    plot_written = _write_plot(state, plot_path, os.path.join(local_dir, PLOT_NAME))
+    for path in extra_files or []:
+        shutil.copyfile(path, os.path.join(local_dir, os.path.basename(path)))
+    card = model_card(peft_model, task_id, repo_id=repo_id, adapter_name=adapter_name, plot=plot_written)
+    with open(os.path.join(local_dir, MODEL_CARD_NAME), "w") as handle:
+        handle.write(card)
+    if adapter_dir != local_dir:  # push_task_folder reads the task record at the top of the folder
+        state.save(os.path.join(local_dir, GP_TASKS_NAME))
+    return task_id
+
+
+def _write_plot(state: GPTaskState, plot_path: str | None, path: str) -> bool:
+    """The card's accuracy-matrix picture: the given PNG, else drawn with matplotlib when installed."""
+    if plot_path is not None:
+        shutil.copyfile(plot_path, path)
+        return True
+    if not state.accuracy_matrix:
+        return False
+    try:
+        plot_accuracy_matrix({"": state.accuracy_matrix}, path, state.task_names)
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve_token(token: str | None) -> str:
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise GPHubError(
+            "Pushing to the Hub needs a token with write access: set HF_TOKEN, run `hf auth login`, or pass token=."
+        )
+    return token
+
+
+def push_task_folder(
+    local_dir: str,
+    repo_id: str,
+    task_id: int | None = None,
+    *,
+    private: bool = False,
+    create_pr: bool = False,
+    token: str | None = None,
+    subfolder_per_task: bool = False,
+    commit_message: str | None = None,
+) -> TaskPush:
+    """Upload a folder written by ``save_task`` as one commit and point the task's branch at it.
+
+    The commit goes to ``main`` (with ``subfolder_per_task=True`` the task's files go under ``task-03/`` there, the
+    card stays at the root), then branch ``task-03`` is created at that commit. With ``create_pr=True`` the commit
+    opens a pull request against ``main`` instead and no branch is made: load it with ``revision="refs/pr/N"``
+    (``TaskPush.revision``). An existing task branch is never moved: delete it first to re-push a task. This is also
+    the retry after a failed push: the folder holds everything.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    tasks_path = os.path.join(local_dir, GP_TASKS_NAME)
+    if not os.path.isfile(tasks_path):
+        raise FileNotFoundError(
+            f"{local_dir} holds no {GP_TASKS_NAME}: it was not written by peft_gp.hub.save_task / push_task_to_hub."
+        )
+    state = GPTaskState.load(tasks_path)
+    if task_id is None:
+        task_id = state.tasks_seen - 1
+    if not 0 <= task_id < state.tasks_seen:
+        raise ValueError(f"task_id={task_id} is not in {tasks_path}, which records {state.tasks_seen} task(s).")
+    branch = task_branch(task_id)
+    subfolder = branch if subfolder_per_task else None
+    retry = (
+        f"Nothing trained is lost: task {task_id + 1} is saved in {local_dir}. Retry the upload with "
+        f"peft_gp.hub.push_task_folder({local_dir!r}, {repo_id!r}, task_id={task_id}"
+        + (", subfolder_per_task=True" if subfolder_per_task else "")
+        + (", create_pr=True" if create_pr else "")
+        + ")."
+    )
+    try:
+        token = _resolve_token(token)
+    except GPHubError as error:
+        raise GPHubError(f"{error} {retry}", local_dir=local_dir) from None
+    api = HfApi(token=token)
+    message = commit_message or f"Task {task_id + 1} ({state.task_names[task_id]}): adapter, GP memory and model card"
+
+    with hub_errors(f"Creating the Hub repo {repo_id!r}", retry, local_dir, token):
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+        repo_id = getattr(repo_url, "repo_id", None) or repo_id
+    with hub_errors(f"Checking the base model named in the model card of {local_dir!r}", retry, local_dir, token):
+        _drop_unknown_base_model(api, os.path.join(local_dir, MODEL_CARD_NAME))
+    if not create_pr:
+        with hub_errors(f"Checking branch {branch!r} of {repo_id!r}", retry, local_dir, token):
+            exists = api.revision_exists(repo_id, branch)
+        if exists:
+            raise GPHubError(
+                f"{repo_id!r} already has a branch {branch!r}: task {task_id + 1} was pushed before, and a task "
+                "branch is never moved. Delete it (HfApi().delete_branch(repo_id, branch)) to re-push this task, or "
+                f"push with create_pr=True for review. The task is saved in {local_dir}.",
+                local_dir=local_dir,
+            )
+    operations = []  # built after the card is final: an operation records its file's size and hash
+    for root, _, files in os.walk(local_dir):
+        for name in sorted(files):
+            if name.startswith(".tmp-"):  # left by an atomic write that was killed
+                continue
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, local_dir).replace(os.sep, "/")
+            in_repo = relative if subfolder is None or relative == MODEL_CARD_NAME else f"{subfolder}/{relative}"
+            operations.append(CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=path))
+    with hub_errors(f"Uploading task {task_id + 1} to {repo_id!r}", retry, local_dir, token):
+        commit = api.create_commit(repo_id, operations, commit_message=message, revision="main", create_pr=create_pr)
+    if create_pr:
+        return TaskPush(repo_id, task_id, commit.pr_revision, subfolder, commit, local_dir)
+    with hub_errors(f"Creating branch {branch!r} of {repo_id!r}", retry, local_dir, token):
+        api.create_branch(repo_id, branch=branch, revision=commit.oid)
+    return TaskPush(repo_id, task_id, branch, subfolder, commit, local_dir)
+
+
+def _drop_unknown_base_model(api, card_path: str) -> None:
+    # The Hub refuses a card whose base_model is not a repo it knows (e.g. a base model loaded from a local folder
+    # with a relative name): leave it out rather than fail the push. The local card is updated to match.
+    from huggingface_hub import ModelCard
+
+    if not os.path.isfile(card_path):
+        return
+    card = ModelCard.load(card_path)
+    base_model = card.data.base_model
+    if isinstance(base_model, str) and not api.repo_exists(base_model):
+        card.data.base_model = None
+        card.save(card_path)
+
+
+def push_task_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    task_id: int | None = None,
+    task_name: str | None = None,
+    *,
+    local_dir: str,
+    private: bool = False,
+    create_pr: bool = False,
+    token: str | None = None,
+    subfolder_per_task: bool = False,
+    classes: list | None = None,
+    accuracy_matrix: list[list[float | None]] | None = None,
+    plot_path: str | None = None,
+    extra_files: list[str] | None = None,
+    commit_message: str | None = None,
+    adapter_name: str | None = None,
+) -> TaskPush:
+    """Save task ``task_id`` to ``local_dir``, then push it to ``repo_id`` as one commit with branch ``task-XX``.
+
+    Args:
+        model: the PEFT model built from a GP config, with the finished task stored in its memory.
+        repo_id: the Hub repo (created if missing, with ``private``).
+        task_id: 0-based; defaults to the last task stored in the memory. Its branch is ``task_branch(task_id)``,
+            1-based: ``task-01`` is the first task.
+        task_name: shown in the model card, ``gp_tasks.json`` and the commit message (default: the branch name).
+        local_dir: written first, whatever happens on the network; a failed push is retried from it with
+            ``push_task_folder``.
+        private, create_pr, token, subfolder_per_task, commit_message: see ``push_task_folder``. The token defaults
+            to ``HF_TOKEN`` or the saved login; it is never printed.
+        classes: the labels of this task (recorded in ``gp_tasks.json``: the classes seen so far).
+        accuracy_matrix: ``R[t][k]`` so far, shown in the card as a table, with its metrics and plot.
+        plot_path: a PNG of the accuracy matrix to use instead of drawing one.
+        extra_files: more files to put beside the adapter (e.g. a training log).
+        adapter_name: the adapter to push (default: the active one).
+    """
+    task_id = save_task(
+        model,
+        local_dir,
+        task_id,
+        task_name,
+        classes=classes,
+        accuracy_matrix=accuracy_matrix,
+        plot_path=plot_path,
+        extra_files=extra_files,
+        repo_id=repo_id,
+        adapter_name=adapter_name,
+    )
+    return push_task_folder(
+        local_dir,
+        repo_id,
+        task_id,
+        private=private,
+        create_pr=create_pr,
+        token=token,
+        subfolder_per_task=subfolder_per_task,
+        commit_message=commit_message,
+    )

@@ -1,0 +1,112 @@
+"""Store a finished task: run the model over its sample (``grams.collect_grams``) and grow the memory."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..core import maths
+from ..core.peft_utils import unwrap_peft_model
+from .config import gp_config_of
+from .grams import collect_grams
+from .state import get_state
+
+
+class GPCapacityWarning(UserWarning):
+    """A memory update filled the whole feature space of some projected groups: they can no longer learn."""
+
+
+def update_memory(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    adapter_name: str | None = None,
+    max_samples: int | None = None,
+    stacklevel: int = 2,
+    task_name: str | None = None,
+    classes: list | None = None,
+) -> dict[str, dict[str, float]]:
+    """Store a finished task in the memory: the plain-PyTorch counterpart of ``GPCallback``'s update.
+
+    The task is also recorded in the task record (``peft_gp.get_task_state``, saved as ``gp_tasks.json``) under
+    ``task_name`` (default ``task-XX``). Called before the first task on a reference corpus (``task_name="reference"``,
+    "task 0"), it protects the pretrained model's behaviour on that corpus from the first task on.
+
+    Args:
+        model: the PEFT model built from a GP config.
+        batches: the finished task's data as model-ready dicts of tensors (a ``DataLoader`` over its train set).
+        adapter_name: the adapter whose memory grows (default: the active one).
+        max_samples: how many examples to use (default: the config's ``gp_memory_samples``).
+        stacklevel: for the warning about layers that became full (callers wrapping this function add theirs).
+        task_name: the stored task's name in the task record.
+        classes: the task's class labels, where labels are class ids (``None`` for generative tasks).
+
+    Returns:
+        Per projected group: ``basis_size``, ``dim``, ``added`` and captured energy before/after.
+    """
+    peft_model = unwrap_peft_model(model)
+    adapter_name = adapter_name or peft_model.active_adapter
+    config = gp_config_of(peft_model, adapter_name)
+    state = get_state(peft_model, adapter_name)
+    memory, groups = state.memory, state.groups
+    max_samples = config.gp_memory_samples if max_samples is None else max_samples
+    grams, _ = collect_grams(model, groups, batches, max_samples=max_samples)
+    threshold = maths.threshold_for_task(config.gp_threshold, config.gp_threshold_increment, memory.tasks_seen)
+    full_before = set(memory.full_groups())
+    moved, totals = _idle_input_sides(groups, grams, memory, threshold)
+    report = memory.update(grams, threshold, total_energies=totals)
+    with torch.no_grad():
+        for group, weight in moved:
+            group.weight.copy_(weight.to(group.weight.dtype))
+    state.tasks.record_through(memory.tasks_seen - 1, task_name, classes)
+    newly_full = [name for name in memory.full_groups() if name not in full_before]
+    if newly_full:
+        warnings.warn(
+            f"The memory now fills the whole feature space of {len(newly_full)} projected group(s), e.g. "
+            f"{newly_full[:3]}: these parameters can no longer learn. Lower gp_threshold, or widen the space: the "
+            "LoRA rank (lora_B's features live in r dimensions), the adapter's bottleneck_size (W_up's live in "
+            "bottleneck_size + 1) or the number of virtual tokens (a value prefix's live in num_virtual_tokens).",
+            GPCapacityWarning,
+            stacklevel=stacklevel,
+        )
+    return report
+
+
+def _idle_input_sides(groups, grams, memory, threshold) -> tuple[list, dict[str, float]]:
+    """Input sides whose output side is still zero (a reference memory before any training: ``B = 0``).
+
+    There ``B A x = 0`` whatever ``A`` is, so the stored features are kept safe more cheaply than by freezing ``B``
+    against ``A x``: ``A`` moves out of the stored space (``A ← A (I − M Mᵀ)``, the model's outputs unchanged) and
+    stays out (its updates are projected), so ``A x ≈ 0`` on the stored features and ``B`` remains free to learn.
+    ``B``'s Gram matrix becomes ``A' C Aᵀ'`` (``C``: ``A``'s input Gram), measured against its energy before the move.
+    Returns the moved weights (written once the memory update succeeded) and the reference energies.
+    """
+    moved, totals = [], {}
+    for group in groups:
+        side = group.output_side
+        if side is None or side.bias is not None or group.index is not None or group.transpose:
+            continue
+        if torch.any(side.weight != 0):
+            continue
+        basis, _ = maths.grow_basis(grams[group.name], memory.bases[group.name], threshold)
+        weight = group.weight.detach().to(torch.float64)
+        basis = basis.to(weight.device)
+        weight = weight - (weight @ basis) @ basis.T
+        totals[side.name] = torch.trace(grams[side.name]).item()
+        grams[side.name] = weight @ grams[group.name].to(weight.device) @ weight.T
+        moved.append((group, weight))
+    return moved, totals
+
+
+def summarize_report(report: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Scalar summary of a growth report (for logs): mean/max capacity used and mean captured energy."""
+    shares = [entry["basis_size"] / entry["dim"] for entry in report.values()]
+    captured = [entry["captured_after"] for entry in report.values()]
+    return {
+        "gp_capacity_mean": sum(shares) / len(shares),
+        "gp_capacity_max": max(shares),
+        "gp_captured_energy_mean": sum(captured) / len(captured) if captured else math.nan,
+    }

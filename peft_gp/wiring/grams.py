@@ -1,0 +1,236 @@
+"""Stream a task's batches through the model with forward hooks and sum each projected group's Gram matrix.
+
+Padding tokens are left out wherever a feature tensor is laid out as the batch's ``(batch, sequence)``: those with
+``attention_mask == 0``; in encoder-decoder models the encoder's layers use ``attention_mask``, the decoder's their
+own inputs' mask (``decoder_attention_mask``, else the positions that ``labels`` shift in), and the decoder's
+cross-attention keys and values (which read the encoder's output) the encoder's mask. Under ``torch.distributed``
+each process passes its own shard and the Gram matrices are summed over processes (all-reduce), so every rank gets
+the same result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..core import maths
+from ..core.peft_utils import unwrap_peft_model
+from .groups import ProjectedGroup
+from .memory import GPMemoryError
+
+
+def non_finite_message(name: str) -> str:
+    return (
+        f"NaN or inf features reached {name!r} while updating the memory: check the inputs and the model's numerics "
+        "(a diverged task, fp16 overflow) before storing this task. Nothing was stored."
+    )
+
+
+def decoder_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """Which decoder input positions of an encoder-decoder batch hold tokens (not padding).
+
+    ``decoder_attention_mask`` when given; else, as the decoder inputs are ``labels`` shifted right (T5, BART, and
+    ``DataCollatorForSeq2Seq``'s ``decoder_input_ids``), the start token and every position whose previous label is
+    not ``-100``.
+    """
+    mask = batch.get("decoder_attention_mask")
+    if isinstance(mask, torch.Tensor):
+        return mask.bool()
+    labels, decoder_inputs = batch.get("labels"), batch.get("decoder_input_ids")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        return None
+    if isinstance(decoder_inputs, torch.Tensor) and decoder_inputs.shape != labels.shape:
+        return None  # decoder inputs that are not the labels shifted right: no mask known
+    shifted = torch.ones_like(labels, dtype=torch.bool)
+    shifted[:, 1:] = labels[:, :-1] != -100
+    return shifted
+
+
+def _same_tensor(inputs: torch.Tensor, other) -> bool:
+    """``inputs`` is ``other`` or a same-shaped alias of it (an identity dropout or dtype cast passes it through)."""
+    if not isinstance(other, torch.Tensor):
+        return False
+    return inputs is other or (inputs.shape == other.shape and inputs.data_ptr() == other.data_ptr())
+
+
+def _batch_size(batch: Mapping) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError("A memory batch holds no tensor: batches must be dicts of tensors (as a DataLoader yields).")
+
+
+def _head(value, size: int):
+    return value[:size] if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+
+
+def _to_device(batch, device):
+    if isinstance(batch, Mapping):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    return batch.to(device) if isinstance(batch, torch.Tensor) else batch
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class GramCollector:
+    """The forward hooks of one memory update and the float64 Gram matrices they fill."""
+
+    def __init__(self, model: nn.Module, groups: list[ProjectedGroup]) -> None:
+        self.model, self.groups = model, groups
+        self.peft_model = unwrap_peft_model(model)
+        self.base_model = self.peft_model.get_base_model()
+        self.encoder_decoder = bool(getattr(getattr(self.base_model, "config", None), "is_encoder_decoder", 0))
+        self.device = next(p.device for p in self.peft_model.parameters())
+        self.grams = {g.name: torch.zeros(g.dim, g.dim, dtype=torch.float64, device=self.device) for g in groups}
+        self.distributed = _distributed()
+        self.non_finite: list[str] = []
+        self.mask: torch.Tensor | None = None
+        self.masks: dict = {}  # encoder-decoder models: each stack's padding mask and the encoder's output
+        self.cache: dict = {}
+
+    # ---- hooks -------------------------------------------------------------------------------------------------
+
+    def gram_of(self, group: ProjectedGroup, inputs: torch.Tensor, masked: bool) -> torch.Tensor | None:
+        mask = self.masks.get("encoder") if _same_tensor(inputs, self.masks.get("encoder_output")) else self.mask
+        if masked and mask is not None and inputs.dim() >= 3 and tuple(inputs.shape[:2]) == tuple(mask.shape):
+            inputs = inputs[mask]
+        rows = group.features(inputs.detach())
+        if not torch.isfinite(rows).all():
+            if not self.distributed:
+                raise GPMemoryError(non_finite_message(group.name))
+            self.non_finite.append(group.name)  # raised on every rank after the all-reduce, not here
+            return None
+        return maths.feature_gram(rows)
+
+    def input_hook(self, group: ProjectedGroup):
+        def hook(module, args, output):
+            inputs = args[0] if args else None
+            if not isinstance(inputs, torch.Tensor):
+                return
+            # Sibling layers often read the very same tensor (LoRA on query and value): one Gram serves them all.
+            # The cache holds the tensor itself, so its id cannot be reused by another tensor during this forward.
+            key = (id(inputs), group.bias is not None)
+            cached = self.cache.get(key)
+            gram = cached[1] if cached is not None and cached[0] is inputs else None
+            if gram is None:
+                gram = self.gram_of(group, inputs, masked=True)
+                if gram is None:
+                    return
+                self.cache[key] = (inputs, gram)
+            self.grams[group.name] += gram
+
+        return hook
+
+    def emitter(self, group: ProjectedGroup):
+        def emit(features: torch.Tensor, masked: bool = True) -> None:
+            gram = self.gram_of(group, features, masked)
+            if gram is not None:
+                self.grams[group.name] += gram
+
+        return emit
+
+    def side_hooks(self) -> list:
+        """Switch the padding mask to the encoder's or the decoder's as each stack runs; keep the encoder's output."""
+        handles = []
+        for side, getter in (("encoder", "get_encoder"), ("decoder", "get_decoder")):
+            stack = getattr(self.base_model, getter, lambda: None)()
+            if not isinstance(stack, nn.Module):
+                continue
+
+            def set_mask(module, args, side=side):
+                self.mask = self.masks.get(side)
+
+            handles.append(stack.register_forward_pre_hook(set_mask))
+            if side == "encoder":
+
+                def keep_output(module, args, output):
+                    hidden = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", None)
+                    self.masks["encoder_output"] = hidden
+
+                handles.append(stack.register_forward_hook(keep_output))
+        return handles
+
+    def attach(self) -> list:
+        handles = self.side_hooks() if self.encoder_decoder else []
+        for group in self.groups:
+            if group.source is not None:
+                handles.append(group.source.attach(self.emitter(group)))
+            else:
+                handles.append(group.feature_module.register_forward_hook(self.input_hook(group)))
+        return handles
+
+    # ---- the pass ----------------------------------------------------------------------------------------------
+
+    def run_batch(self, batch: dict) -> None:
+        batch = _to_device(batch, self.device)
+        mask = batch.get("attention_mask")
+        self.mask = mask.bool() if isinstance(mask, torch.Tensor) else None
+        if self.encoder_decoder:
+            self.masks.update(encoder=self.mask, decoder=decoder_mask(batch))
+        self.cache, self.masks["encoder_output"] = {}, None
+        self.model(**batch)
+        self.cache = {}
+
+    def run(self, batches: Iterable[Mapping[str, torch.Tensor]], max_samples: int | None) -> int:
+        """Forward every batch (cut at ``max_samples`` examples) with the hooks on; returns the examples seen."""
+        handles = self.attach()
+        was_training = self.peft_model.training
+        self.peft_model.eval()
+        seen = 0
+        try:
+            for batch in batches:
+                if max_samples is not None and seen >= max_samples:
+                    break
+                batch, size = dict(batch), _batch_size(batch)
+                if max_samples is not None and seen + size > max_samples:
+                    size = max_samples - seen
+                    batch = {k: _head(v, size) for k, v in batch.items()}
+                self.run_batch(batch)
+                seen += size
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.peft_model.train(was_training)
+        return seen
+
+    def reduce(self, seen: int) -> int:
+        """Sum the Gram matrices over processes (every rank saw its own shard); returns the examples seen in all."""
+        flags = torch.tensor([float(seen), float(len(self.non_finite))], dtype=torch.float64, device=self.device)
+        dist.all_reduce(flags)
+        if flags[1].item() > 0:
+            where = self.non_finite[0] if self.non_finite else "an adapted layer (another rank)"
+            raise GPMemoryError(non_finite_message(where))
+        for gram in self.grams.values():
+            dist.all_reduce(gram)
+        return int(flags[0].item())
+
+
+@torch.no_grad()
+def collect_grams(
+    model: nn.Module,
+    groups: list[ProjectedGroup],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    max_samples: int | None = None,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Stream ``batches`` through ``model`` (eval mode, no grad); each group's float64 Gram matrix and the examples
+    seen. Raises ``GPMemoryError`` when no example or no feature arrived, or a feature was not finite."""
+    collector = GramCollector(model, groups)
+    seen = collector.run(batches, max_samples)
+    if collector.distributed:
+        seen = collector.reduce(seen)
+    if seen == 0:
+        raise GPMemoryError(
+            "The memory update got no examples: pass the finished task's (non-empty) training data. "
+            "Nothing was stored."
+        )
+    if not any(torch.any(gram != 0) for gram in collector.grams.values()):
+        raise GPMemoryError(
+            "No features reached the adapter during the memory update: is the adapter active "
+            "(model.set_adapter(...)) and does the batch go through the adapted layers? Nothing was stored."
+        )
+    return collector.grams, seen

@@ -1,0 +1,39 @@
+"""The trainable copies in ``modules_to_save`` (classifier heads) under ``gp_modules_to_save``."""
+
+from __future__ import annotations
+
+from peft import PeftModel
+from peft.utils.other import ModulesToSaveWrapper
+from torch import nn
+
+from ...core.peft_utils import module_key
+from ..groups import PooledHeadFeatures, ProjectedGroup
+
+
+def modules_to_save_groups(model: PeftModel, adapter_name: str, policy: str) -> list[ProjectedGroup]:
+    """Groups for the trainable copies in ``modules_to_save`` (classifier heads) under ``gp_modules_to_save``."""
+    groups = []
+    if policy == "train":
+        return groups
+    base = model.get_base_model()
+    pooled = type(base).__name__.endswith("ForSequenceClassification") and not getattr(
+        getattr(base, "config", None), "is_encoder_decoder", False
+    )
+    for module_name, module in model.named_modules():
+        if not isinstance(module, ModulesToSaveWrapper) or adapter_name not in module.modules_to_save:
+            continue
+        copy = module.modules_to_save[adapter_name]
+        name = module_key(module_name)
+        if isinstance(copy, nn.Linear):
+            source = PooledHeadFeatures(base, copy) if pooled else None
+            groups.append(ProjectedGroup(name, copy.weight, copy.bias, copy, frozen=policy == "freeze", source=source))
+        elif policy == "freeze":
+            for param_name, param in copy.named_parameters():
+                groups.append(ProjectedGroup(f"{name}.{param_name}", param, None, copy, frozen=True))
+        else:
+            raise ValueError(
+                f"modules_to_save holds {name!r} ({type(copy).__name__}), which gp_modules_to_save='project' cannot "
+                "protect (only nn.Linear can be projected). Set gp_modules_to_save='freeze' to keep it fixed after "
+                "the first task, or 'train' to leave it unprotected."
+            )
+    return groups

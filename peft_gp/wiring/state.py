@@ -1,0 +1,167 @@
+"""``GPState``: everything peft_gp keeps for one adapter of a PEFT model, resolved once.
+
+One store per model (``model.gp_states``, keyed by adapter name) holds, per GP adapter, its projected groups, its
+memory, its task record, the guard that warns about unprotected training and, for a prefix adapter, the prefix route.
+It is created on first use (``peft_gp.get_peft_model``, ``from_pretrained``, ``GPTrainer``, ``GPCallback``,
+``GPProjector``, ``update_memory``, ``get_memory``), so the training step never matches names.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+import weakref
+from dataclasses import dataclass
+
+from peft import PeftModel
+from torch import nn
+
+from ..core.peft_utils import unwrap_peft_model
+from .attention import PrefixRoute
+from .bottleneck import GPPeftType
+from .config import GPPrefixTuningConfig, gp_config_of
+from .groups import ProjectedGroup
+from .guard import TrainingGuard
+from .memory import GPMemory, GPMemoryError
+from .paradigms.adapter import adapter_groups
+from .paradigms.heads import modules_to_save_groups
+from .paradigms.lora import lora_groups
+from .paradigms.prefix import prefix_groups
+from .paradigms.prompt import prompt_groups
+from .task_record import GPTaskState
+
+STATES = "gp_states"
+
+HANDLERS = {
+    "LORA": lora_groups,
+    GPPeftType.GP_ADAPTER.value: adapter_groups,
+    "PREFIX_TUNING": prefix_groups,
+    "PROMPT_TUNING": prompt_groups,
+}
+
+
+def resolve_groups(model: nn.Module, adapter_name: str | None = None) -> list[ProjectedGroup]:
+    """All projected groups of ``adapter_name``: the paradigm's own plus those of ``modules_to_save``.
+
+    Called once at setup; the training step then works on the returned parameters without any name matching.
+    Warns about trainable parameters that nothing protects.
+    """
+    peft_model = unwrap_peft_model(model)
+    adapter_name = adapter_name or peft_model.active_adapter
+    config = gp_config_of(peft_model, adapter_name)
+    peft_type = str(getattr(config.peft_type, "value", config.peft_type))
+    if peft_type not in HANDLERS:
+        raise NotImplementedError(f"peft_gp has no gradient-projection handler for PEFT type {peft_type!r} yet.")
+    groups = HANDLERS[peft_type](peft_model, adapter_name, config)
+    groups += modules_to_save_groups(peft_model, adapter_name, config.gp_modules_to_save)
+    if not groups:
+        raise ValueError(f"Adapter {adapter_name!r} has no parameters that gradient projection can protect.")
+
+    covered = {id(p) for group in groups for p in group.parameters}
+    uncovered = [
+        name
+        for name, param in peft_model.named_parameters()
+        if param.requires_grad and id(param) not in covered and f".{adapter_name}." in f".{name}."
+    ]
+    if uncovered and config.gp_modules_to_save != "train":
+        warnings.warn(
+            f"These trainable parameters of adapter {adapter_name!r} are not protected by gradient projection and "
+            f"will change old-task outputs: {uncovered[:8]}{' ...' if len(uncovered) > 8 else ''}",
+            stacklevel=2,
+        )
+    return groups
+
+
+@dataclass(eq=False)
+class GPState:
+    """What peft_gp keeps for one adapter: its groups, memory, task record, guard and prefix route (if any)."""
+
+    adapter_name: str
+    groups: list[ProjectedGroup]
+    memory: GPMemory
+    tasks: GPTaskState
+    guard: TrainingGuard | None = None
+    route: PrefixRoute | None = None
+
+
+def _describe(model: PeftModel, adapter_name: str) -> dict[str, str]:
+    config = gp_config_of(model, adapter_name)
+    base_config = getattr(model.get_base_model(), "config", None)
+    return {
+        "adapter_name": adapter_name,
+        "peft_type": str(getattr(config.peft_type, "value", config.peft_type)),
+        "base_model": str(config.base_model_name_or_path or getattr(base_config, "_name_or_path", "") or ""),
+        "model_type": str(getattr(base_config, "model_type", "") or ""),
+        "config": json.dumps(config.gp_fields(), sort_keys=True),
+    }
+
+
+def _prefix_route(model: PeftModel) -> PrefixRoute:
+    forward = model.__dict__.get("forward")
+    return forward if isinstance(forward, PrefixRoute) else PrefixRoute(model)
+
+
+def get_state(model: nn.Module, adapter_name: str | None = None) -> GPState:
+    """The ``GPState`` of ``adapter_name`` (default: the active adapter), created on first use."""
+    peft_model = unwrap_peft_model(model)
+    adapter_name = adapter_name or peft_model.active_adapter
+    states = peft_model.__dict__.setdefault(STATES, {})
+    if adapter_name in states:
+        return states[adapter_name]
+    config = gp_config_of(peft_model, adapter_name)
+    route = None
+    if isinstance(config, GPPrefixTuningConfig):  # before any forward: PEFT's prefix route fails on many models
+        route = _prefix_route(peft_model)
+        route.add(adapter_name)
+    groups = resolve_groups(peft_model, adapter_name)
+    memory = GPMemory(dims={g.name: g.dim for g in groups}, info=_describe(peft_model, adapter_name))
+    state = GPState(adapter_name, groups, memory, GPTaskState(), route=route)
+    owner = weakref.ref(state)
+    parameters = list({id(p): p for group in groups for p in group.parameters if p.requires_grad}.values())
+    state.guard = TrainingGuard(parameters, adapter_name, lambda: owner().memory)
+    states[adapter_name] = state
+    return state
+
+
+def get_memory(model: nn.Module, adapter_name: str | None = None) -> GPMemory:
+    """The GP memory of ``adapter_name`` (default: the active adapter), created empty on first use."""
+    return get_state(model, adapter_name).memory
+
+
+def get_task_state(model: nn.Module, adapter_name: str | None = None) -> GPTaskState:
+    """The task record of ``adapter_name`` (default: active adapter), created empty on first use."""
+    return get_state(model, adapter_name).tasks
+
+
+def has_task_state(model: nn.Module, adapter_name: str) -> bool:
+    """True once a task was recorded for ``adapter_name`` (only then is ``gp_tasks.json`` written)."""
+    tasks = get_state(model, adapter_name).tasks
+    return tasks.tasks_seen > 0 or tasks.accuracy_matrix is not None
+
+
+def set_task_state(model: nn.Module, tasks: GPTaskState, adapter_name: str | None = None) -> None:
+    get_state(model, adapter_name).tasks = tasks
+
+
+def set_memory(model: nn.Module, memory: GPMemory, adapter_name: str | None = None, source: str = "memory") -> None:
+    """Attach ``memory`` to ``adapter_name`` after checking that it fits the model (layers, dims, base model)."""
+    peft_model = unwrap_peft_model(model)
+    state = get_state(peft_model, adapter_name)
+    expected = _describe(peft_model, state.adapter_name)
+    recorded_type, expected_type = memory.info.get("model_type", ""), expected["model_type"]
+    if recorded_type and expected_type and recorded_type != expected_type:
+        raise GPMemoryError(
+            f"{source} was built on a {recorded_type!r} model, but this base model is {expected_type!r}. Load the "
+            "base model the adapter was trained on."
+        )
+    memory.check_fits(state.memory.dims, source=source)
+    recorded_base, expected_base = memory.info.get("base_model", ""), expected["base_model"]
+    if recorded_base and expected_base and recorded_base != expected_base:
+        warnings.warn(
+            f"{source} was built on base model {recorded_base!r}, the model now is {expected_base!r}. The layer "
+            "shapes match; if these are not the same weights, old tasks are not protected.",
+            stacklevel=2,
+        )
+    memory.info = {**expected, "base_model": recorded_base or expected_base}
+    memory.version += 1
+    state.memory = memory
