@@ -1,4 +1,4 @@
-"""Atomic writes: a reader sees the old file or the new one, never half of one."""
+"""Files peft_gp writes and reads: atomic writes (a reader sees the old file or the new one), format versions."""
 
 from __future__ import annotations
 
@@ -21,3 +21,13 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
+
+
+def newer_format_message(source: str, what: str, found: int, supported: int) -> str | None:
+    """The error text for a file written by a newer peft_gp (``None`` when this one reads ``found``)."""
+    if found <= supported:
+        return None
+    return (
+        f"{source} has {what} format version {found}, newer than this peft_gp reads ({supported}). "
+        "Upgrade peft_gp: pip install -U peft-gp."
+    )

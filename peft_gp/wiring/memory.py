@@ -12,7 +12,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from ..core import maths
-from ..core.files import atomic_write_bytes
+from ..core.files import atomic_write_bytes, newer_format_message
 
 GP_MEMORY_NAME = "gp_memory.safetensors"
 FORMAT_VERSION = 1
@@ -123,11 +123,9 @@ class GPMemory:
             raise GPMemoryError(
                 f"{path} lacks valid gp metadata ({error!r}): it was not written by peft_gp."
             ) from error
-        if version > FORMAT_VERSION:
-            raise GPMemoryError(
-                f"{path} has memory format version {version}, newer than this peft_gp reads ({FORMAT_VERSION}). "
-                "Upgrade peft_gp: pip install -U peft-gp."
-            )
+        newer = newer_format_message(path, "memory", version, FORMAT_VERSION)
+        if newer:
+            raise GPMemoryError(newer)
         if set(tensors) != set(dims):
             raise GPMemoryError(f"{path}: the bases {sorted(tensors)[:4]} do not match the recorded layers.")
         for name, basis in tensors.items():

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.files import atomic_write_bytes
+from ..core.files import atomic_write_bytes, newer_format_message
 
 GP_TASKS_NAME = "gp_tasks.json"
 TASKS_FORMAT_VERSION = 1
@@ -96,11 +96,9 @@ class GPTaskState:
             matrix = raw.get("accuracy_matrix")
         except (KeyError, TypeError, ValueError) as error:
             raise GPTaskStateError(f"{source} is not a valid {GP_TASKS_NAME} ({error!r}).") from error
-        if version > TASKS_FORMAT_VERSION:
-            raise GPTaskStateError(
-                f"{source} has format version {version}, newer than this peft_gp reads ({TASKS_FORMAT_VERSION}). "
-                "Upgrade peft_gp: pip install -U peft-gp."
-            )
+        newer = newer_format_message(source, GP_TASKS_NAME, version, TASKS_FORMAT_VERSION)
+        if newer:
+            raise GPTaskStateError(newer)
         if len(task_classes) != len(names):
             raise GPTaskStateError(f"{source}: {len(names)} task names but {len(task_classes)} class lists.")
         return cls(names, task_classes, normalize_matrix(matrix))
