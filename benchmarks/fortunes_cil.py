@@ -54,9 +54,12 @@ import torch  # noqa: E402
 from datasets import concatenate_datasets  # noqa: E402
 
 from peft_gp.continual import RunConfig, RunConfigError  # noqa: E402
-from peft_gp.continual.runner import evaluate_views, prepare, train_stream  # noqa: E402
-from peft_gp.continual.sources import FORTUNES_DIR, FORTUNES_TOPICS, fortunes  # noqa: E402
-from peft_gp.continual.tasks import Task, class_incremental_split  # noqa: E402
+from peft_gp.continual.builtin_data import FORTUNES_DIR, FORTUNES_TOPICS, fortunes  # noqa: E402
+from peft_gp.continual.evaluation import evaluate_views
+from peft_gp.continual.loading import prepare
+from peft_gp.continual.splits import class_incremental_split
+from peft_gp.continual.stream import train_stream  # noqa: E402
+from peft_gp.continual.tasks import Task  # noqa: E402
 from peft_gp.core.metrics import accuracy_matrix_summary  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

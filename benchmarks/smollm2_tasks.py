@@ -51,9 +51,10 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from peft_gp.continual import RunConfig, RunConfigError, run_sequence  # noqa: E402
+from peft_gp.continual.builtin_data import FORTUNES_DIR, FORTUNES_TOPICS, fortunes  # noqa: E402
 from peft_gp.continual.report import comparison_text  # noqa: E402
-from peft_gp.continual.sources import FORTUNES_DIR, FORTUNES_TOPICS, fortunes  # noqa: E402
-from peft_gp.continual.tasks import Task, class_incremental_split  # noqa: E402
+from peft_gp.continual.splits import class_incremental_split
+from peft_gp.continual.tasks import Task  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, fill_preset, machine_record, now, quiet, write_record  # noqa: E402

@@ -34,10 +34,12 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 from peft_gp.continual import RunConfig, RunConfigError  # noqa: E402
+from peft_gp.continual.builtin_data import FASHION_MNIST_DIR, fashion_mnist  # noqa: E402
+from peft_gp.continual.evaluation import collate_batch, evaluate_views
 from peft_gp.continual.heads import MaskedCrossEntropy  # noqa: E402
-from peft_gp.continual.runner import collate_batch, evaluate_views, prepare, train_stream  # noqa: E402
-from peft_gp.continual.sources import FASHION_MNIST_DIR, fashion_mnist  # noqa: E402
-from peft_gp.continual.tasks import class_incremental_split  # noqa: E402
+from peft_gp.continual.loading import prepare
+from peft_gp.continual.splits import class_incremental_split  # noqa: E402
+from peft_gp.continual.stream import train_stream  # noqa: E402
 from peft_gp.core.metrics import accuracy_matrix_summary  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

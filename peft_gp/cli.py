@@ -21,6 +21,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from .continual.config import RunConfig, RunConfigError, field_names
+from .continual.generative_runner import perplexity_markdown
+from .continual.report import comparison_text
+from .continual.runner import run_sequence
 
 RAW_STRING_FIELDS = {"name", "model", "label_column", "text_column", "image_column", "scenario", "paradigm",
                      "gp_projection", "gp_modules_to_save", "general_text"}  # fmt: skip
@@ -103,9 +106,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
-    from .continual.report import comparison_text
-    from .continual.runner import run_sequence
-
     # peft 0.21 calls a property transformers 5 deprecated, inside get_peft_model: not the user's to fix
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
@@ -116,8 +116,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(comparison_text(run))
     if config.scenario == "generative":
-        from .continual.generative_runner import perplexity_markdown
-
         print(perplexity_markdown(run))
     print()
     for kind, path in run.paths.items():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from peft_gp.continual.sources import FORTUNES_TOPICS
+from peft_gp.continual.builtin_data import FORTUNES_TOPICS
 from peft_gp.core.metrics import accuracy_matrix_summary
 
 from .continual_fixtures import CLASS_NAMES, save_tiny_text_model, words

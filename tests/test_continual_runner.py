@@ -18,7 +18,7 @@ from peft_gp.continual import (
     class_incremental_split,
     run_sequence,
 )
-from peft_gp.continual.runner import load_model, peft_config_for
+from peft_gp.continual.loading import load_model, peft_config_for
 from tests.continual_fixtures import save_tiny_text_model, text_dataset
 
 SILENT = dict(say=lambda *_: None)
@@ -208,7 +208,7 @@ def test_model_without_the_requested_head_is_named():
 
 
 def test_collate_batch_cuts_only_trailing_padding_and_keeps_logits():
-    from peft_gp.continual.runner import collate_batch
+    from peft_gp.continual.evaluation import collate_batch
 
     rows = [
         {"input_ids": [5, 6, 7, 0, 0, 0], "attention_mask": [1, 1, 1, 0, 0, 0], "labels": 1, "length": 3},
@@ -231,7 +231,7 @@ def test_collate_batch_cuts_only_trailing_padding_and_keeps_logits():
 
 
 def test_length_grouped_sampler_is_a_permutation_of_similar_length_batches():
-    from peft_gp.continual.runner import LengthGroupedSampler
+    from peft_gp.continual.stream import LengthGroupedSampler
 
     lengths = [int(x) for x in torch.randint(1, 65, (200,), generator=torch.Generator().manual_seed(0))]
     sampler = LengthGroupedSampler(lengths, batch_size=10, seed=0)

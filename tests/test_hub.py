@@ -314,7 +314,7 @@ def test_card_names_the_base_model_only_if_the_hub_knows_it(hub_env, tmp_path):
 
 def test_runner_pushes_every_task_with_the_accuracy_matrix_so_far(hub, tmp_path):
     from peft_gp.continual import RunConfig, run_sequence
-    from peft_gp.continual.runner import load_model
+    from peft_gp.continual.loading import load_model
 
     from .continual_fixtures import save_tiny_text_model, text_dataset
 

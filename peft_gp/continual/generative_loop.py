@@ -24,12 +24,17 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-import peft_gp
-
+from ..core.metrics import accuracy_matrix_summary
+from ..training.trainer import GPTrainer
+from ..wiring.collect import update_memory
+from ..wiring.memory import GP_MEMORY_NAME
+from ..wiring.persistence import save_memory
+from ..wiring.state import get_memory
 from .config import RunConfig
 from .generative import PadCollator, evaluate_generative, perplexity
-from .metrics import accuracy_matrix_summary
-from .runner import GP_FIELDS, MethodResult
+from .loading import GP_FIELDS
+from .paradigms import build_peft_model, make_peft_config
+from .results import MethodResult
 
 TRAIN_COLUMNS = ["input_ids", "attention_mask", "labels"]
 
@@ -88,28 +93,26 @@ class PeftMethod(GenerativeMethod):
         self.initial: dict[str, torch.Tensor] = {}
 
     def start(self, base_model: nn.Module) -> nn.Module:
-        from peft import get_peft_model
-
         torch.manual_seed(self.seed)  # the same adapter initialisation for every method
-        model = get_peft_model(copy.deepcopy(base_model), self.peft_config)
+        model = build_peft_model(copy.deepcopy(base_model), self.peft_config)
         self.initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         if self.reference is not None:
             began = time.perf_counter()
             loader = DataLoader(self.reference, batch_size=self.batch_size, collate_fn=PadCollator(self.pad_token_id))
-            peft_gp.update_memory(model, loader, max_samples=len(self.reference), task_name="reference")
+            update_memory(model, loader, max_samples=len(self.reference), task_name="reference")
             self.reference_seconds = round(time.perf_counter() - began, 2)
         return model
 
     def trainer(self, model: nn.Module, args: TrainingArguments, train: Dataset, collator, task) -> Trainer:
         if not self.gp:
             return super().trainer(model, args, train, collator, task)
-        return peft_gp.GPTrainer(model=model, args=args, train_dataset=train, data_collator=collator,
+        return GPTrainer(model=model, args=args, train_dataset=train, data_collator=collator,
                                  gp_task_name=task.name, gp_log_per_layer=False)  # fmt: skip
 
     def task_record(self, trainer: Trainer) -> dict[str, Any]:
         if not self.gp:
             return {}
-        capacity = peft_gp.get_memory(trainer.model).capacity()
+        capacity = get_memory(trainer.model).capacity()
         return {"memory_update_seconds": round(getattr(trainer, "gp_memory_seconds", 0.0) or 0.0, 2),
                 "gp_capacity_mean": round(sum(capacity.values()) / max(len(capacity), 1), 4)}  # fmt: skip
 
@@ -117,8 +120,8 @@ class PeftMethod(GenerativeMethod):
         if not self.gp:
             return None
         with tempfile.TemporaryDirectory() as folder:
-            peft_gp.save_memory(model, folder)
-            return sum(p.stat().st_size for p in Path(folder).iterdir() if p.name == peft_gp.GP_MEMORY_NAME)
+            save_memory(model, folder)
+            return sum(p.stat().st_size for p in Path(folder).iterdir() if p.name == GP_MEMORY_NAME)
 
 
 def training_args(config: RunConfig, output_dir: str) -> TrainingArguments:
@@ -190,8 +193,6 @@ def train_generative(base_model: nn.Module, tasks: Sequence, tokenizer, config: 
 def peft_methods(config: RunConfig, reference: Dataset | None, pad_token_id: int) -> list[PeftMethod]:
     """The methods a config asks for: GP (with the reference memory if set), then plain PEFT with
     ``compare_baseline`` (or plain alone with ``gp: false``)."""
-    from .paradigms import make_peft_config
-
     gp_settings = {name: getattr(config, name) for name in GP_FIELDS}
     gp_settings["gp_modules_to_save"] = config.modules_to_save_policy
     name = {"lora": "LoRA", "adapter": "Adapter", "prefix": "Prefix", "prompt": "Prompt"}.get(config.paradigm,

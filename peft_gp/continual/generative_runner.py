@@ -13,20 +13,22 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from torch import nn
 
-import peft_gp
-
+from ..core.files import atomic_write_bytes
 from .config import RunConfig, RunConfigError
 from .generative import encode_generative_tasks, encode_text, evaluate_generative, perplexity
 from .generative_data import LOADERS, general_text, load_generative_tasks
 from .generative_loop import GenerativeResult, peft_methods, train_generative
-from .runner import RunResult, _quiet_loading, _without_quantizer, check_peft_config, load_processor
-from .sources import BUILTIN_DATASETS, resolve_model
+from .loading import check_peft_config, load_processor, quiet_loading
+from .report import write_outputs
+from .results import RunResult
+from .sources import BUILTIN_DATASETS, load_pretrained
 from .tasks import Task
 
 
@@ -66,9 +68,7 @@ def load_causal_lm(config: RunConfig) -> nn.Module:
         if config.model_config is not None:
             options = dict(config.model_config)
             return AutoModelForCausalLM.from_config(AutoConfig.for_model(options.pop("model_type"), **options))
-        path, extra = resolve_model(config.model)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
-        return _without_quantizer(model, AutoModelForCausalLM) if "gguf_file" in extra else model
+        return load_pretrained(AutoModelForCausalLM, config.model, dtype=torch.float32)
     except ValueError as error:
         raise RunConfigError(f"Cannot load {config.model!r} as a causal language model: {error}") from error
     except OSError as error:
@@ -94,7 +94,7 @@ def prepare_generative(config: RunConfig, tasks: Sequence[Task] | None = None, m
     tokenizer = processor if processor is not None else load_processor(config, image=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    with _quiet_loading():
+    with quiet_loading():
         encoded = encode_generative_tasks(raw, tokenizer, config.max_length)
         reference = heldout = None
         if config.general_text:
@@ -145,10 +145,6 @@ def perplexity_markdown(run: RunResult) -> str:
 def run_generative(config: RunConfig, tasks: Sequence[Task] | None = None, model: nn.Module | None = None,
                    processor=None, say=print) -> RunResult:  # fmt: skip
     """Run the generative scenario of ``config``; see the module docstring. Returns the ``RunResult``."""
-    from peft_gp.memory import atomic_write_bytes
-
-    from .report import write_outputs
-
     began = time.perf_counter()
     setup = prepare_generative(config, tasks, model, processor)
     say(f"{config.name}: generative, {len(setup.tasks)} tasks {[t.name for t in setup.tasks]}, "
@@ -166,7 +162,8 @@ def run_generative(config: RunConfig, tasks: Sequence[Task] | None = None, model
             base["reference_memory_seconds"] = method.reference_seconds
     same = all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(starts, starts[1:]))
     run = RunResult(config=config, stream=[t.describe() for t in setup.tasks], results=results, info={
-        "peft_gp_version": peft_gp.__version__, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "peft_gp_version": metadata.version("peft-gp"), "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "base_model": base, "same_initial_weights": same if len(starts) > 1 else None,
         "total_seconds": round(time.perf_counter() - began, 2)})  # fmt: skip
     if config.save_adapters:

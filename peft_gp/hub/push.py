@@ -11,19 +11,15 @@ retry with ``push_task_folder(local_dir, repo_id)``.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from ..core.hub_errors import GPHubError, hub_errors
-from ..core.peft_utils import adapter_directory, unwrap_peft_model
-from ..core.plots import plot_accuracy_matrix
-from ..wiring.persistence import save_pretrained
-from ..wiring.state import get_state
-from ..wiring.task_record import GP_TASKS_NAME, GPTaskState, normalize_matrix
-from .card import MODEL_CARD_NAME, PLOT_NAME, model_card, task_branch
+from ..wiring.task_record import GP_TASKS_NAME, GPTaskState
+from .card import MODEL_CARD_NAME, task_branch
+from .save import save_task
 
 
 @dataclass
@@ -36,91 +32,6 @@ class TaskPush:
     subfolder: str | None
     commit: Any  # huggingface_hub.CommitInfo (oid, commit_url, pr_url)
     local_dir: str
-
-
-def record_task(
-    model: nn.Module,
-    task_id: int | None = None,
-    task_name: str | None = None,
-    classes: list | None = None,
-    accuracy_matrix: list[list[float | None]] | None = None,
-    adapter_name: str | None = None,
-) -> int:
-    """Record a finished task in the model's ``gp_tasks.json`` state; returns its ``task_id``.
-
-    ``task_id`` defaults to the last task stored in the memory. It must match the memory: pushing a task whose bases
-    are not stored yet would let the next task overwrite it.
-    """
-    gp_state = get_state(model, adapter_name)
-    memory, state = gp_state.memory, gp_state.tasks
-    if memory.tasks_seen == 0:
-        raise ValueError(
-            "The memory is empty: train the task and store it first (GPTrainer does it when train() ends; otherwise "
-            "call peft_gp.update_memory). A checkpoint without its task's bases would not protect it."
-        )
-    if task_id is None:
-        task_id = memory.tasks_seen - 1
-    if memory.tasks_seen != task_id + 1:
-        raise ValueError(
-            f"The memory holds {memory.tasks_seen} task(s), but task_id={task_id} is task {task_id + 1}: store the "
-            "finished task in the memory first (GPTrainer does it when train() ends; otherwise call "
-            "peft_gp.update_memory), or pass the task_id of the last stored task."
-        )
-    state.record_through(task_id, task_name, classes)
-    if accuracy_matrix is not None:
-        state.accuracy_matrix = normalize_matrix(accuracy_matrix)
-    return task_id
-
-
-def save_task(
-    model: nn.Module,
-    local_dir: str,
-    task_id: int | None = None,
-    task_name: str | None = None,
-    *,
-    classes: list | None = None,
-    accuracy_matrix: list[list[float | None]] | None = None,
-    plot_path: str | None = None,
-    extra_files: list[str] | None = None,
-    repo_id: str | None = None,
-    adapter_name: str | None = None,
-) -> int:
-    """Write everything the Hub gets for one task into ``local_dir``; returns the ``task_id``.
-
-    ``local_dir`` receives PEFT's adapter files (weights with the head of ``modules_to_save``, config),
-    ``gp_memory.safetensors``, ``gp_tasks.json``, the model card ``README.md``, the accuracy-matrix plot (the given
-    ``plot_path``, else drawn with matplotlib when installed) and copies of ``extra_files``.
-    """
-    peft_model = unwrap_peft_model(model)
-    adapter_name = adapter_name or peft_model.active_adapter
-    task_id = record_task(model, task_id, task_name, classes, accuracy_matrix, adapter_name)
-    state = get_state(model, adapter_name).tasks
-    os.makedirs(local_dir, exist_ok=True)
-    save_pretrained(peft_model, local_dir, selected_adapters=[adapter_name])
-    adapter_dir = adapter_directory(local_dir, adapter_name)
-    plot_written = _write_plot(state, plot_path, os.path.join(local_dir, PLOT_NAME))
-    for path in extra_files or []:
-        shutil.copyfile(path, os.path.join(local_dir, os.path.basename(path)))
-    card = model_card(peft_model, task_id, repo_id=repo_id, adapter_name=adapter_name, plot=plot_written)
-    with open(os.path.join(local_dir, MODEL_CARD_NAME), "w") as handle:
-        handle.write(card)
-    if adapter_dir != local_dir:  # push_task_folder reads the task record at the top of the folder
-        state.save(os.path.join(local_dir, GP_TASKS_NAME))
-    return task_id
-
-
-def _write_plot(state: GPTaskState, plot_path: str | None, path: str) -> bool:
-    """The card's accuracy-matrix picture: the given PNG, else drawn with matplotlib when installed."""
-    if plot_path is not None:
-        shutil.copyfile(plot_path, path)
-        return True
-    if not state.accuracy_matrix:
-        return False
-    try:
-        plot_accuracy_matrix({"": state.accuracy_matrix}, path, state.task_names)
-    except ImportError:
-        return False
-    return True
 
 
 def _resolve_token(token: str | None) -> str:
@@ -153,7 +64,7 @@ def push_task_folder(
     (``TaskPush.revision``). An existing task branch is never moved: delete it first to re-push a task. This is also
     the retry after a failed push: the folder holds everything.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import HfApi
 
     tasks_path = os.path.join(local_dir, GP_TASKS_NAME)
     if not os.path.isfile(tasks_path):
@@ -167,13 +78,7 @@ def push_task_folder(
         raise ValueError(f"task_id={task_id} is not in {tasks_path}, which records {state.tasks_seen} task(s).")
     branch = task_branch(task_id)
     subfolder = branch if subfolder_per_task else None
-    retry = (
-        f"Nothing trained is lost: task {task_id + 1} is saved in {local_dir}. Retry the upload with "
-        f"peft_gp.hub.push_task_folder({local_dir!r}, {repo_id!r}, task_id={task_id}"
-        + (", subfolder_per_task=True" if subfolder_per_task else "")
-        + (", create_pr=True" if create_pr else "")
-        + ")."
-    )
+    retry = _retry_text(local_dir, repo_id, task_id, subfolder_per_task, create_pr)
     try:
         token = _resolve_token(token)
     except GPHubError as error:
@@ -187,16 +92,42 @@ def push_task_folder(
     with hub_errors(f"Checking the base model named in the model card of {local_dir!r}", retry, local_dir, token):
         _drop_unknown_base_model(api, os.path.join(local_dir, MODEL_CARD_NAME))
     if not create_pr:
-        with hub_errors(f"Checking branch {branch!r} of {repo_id!r}", retry, local_dir, token):
-            exists = api.revision_exists(repo_id, branch)
-        if exists:
-            raise GPHubError(
-                f"{repo_id!r} already has a branch {branch!r}: task {task_id + 1} was pushed before, and a task "
-                "branch is never moved. Delete it (HfApi().delete_branch(repo_id, branch)) to re-push this task, or "
-                f"push with create_pr=True for review. The task is saved in {local_dir}.",
-                local_dir=local_dir,
-            )
-    operations = []  # built after the card is final: an operation records its file's size and hash
+        _refuse_existing_branch(api, repo_id, branch, task_id, local_dir, retry, token)
+    operations = _operations(local_dir, subfolder)  # after the card is final: each records its file's hash
+    with hub_errors(f"Uploading task {task_id + 1} to {repo_id!r}", retry, local_dir, token):
+        commit = api.create_commit(repo_id, operations, commit_message=message, revision="main", create_pr=create_pr)
+    if create_pr:
+        return TaskPush(repo_id, task_id, commit.pr_revision, subfolder, commit, local_dir)
+    with hub_errors(f"Creating branch {branch!r} of {repo_id!r}", retry, local_dir, token):
+        api.create_branch(repo_id, branch=branch, revision=commit.oid)
+    return TaskPush(repo_id, task_id, branch, subfolder, commit, local_dir)
+
+
+def _retry_text(local_dir: str, repo_id: str, task_id: int, subfolder_per_task: bool, create_pr: bool) -> str:
+    options = (", subfolder_per_task=True" if subfolder_per_task else "") + (", create_pr=True" if create_pr else "")
+    return (
+        f"Nothing trained is lost: task {task_id + 1} is saved in {local_dir}. Retry the upload with "
+        f"peft_gp.hub.push_task_folder({local_dir!r}, {repo_id!r}, task_id={task_id}{options})."
+    )
+
+
+def _refuse_existing_branch(api, repo_id: str, branch: str, task_id: int, local_dir: str, retry: str, token) -> None:
+    with hub_errors(f"Checking branch {branch!r} of {repo_id!r}", retry, local_dir, token):
+        exists = api.revision_exists(repo_id, branch)
+    if exists:
+        raise GPHubError(
+            f"{repo_id!r} already has a branch {branch!r}: task {task_id + 1} was pushed before, and a task branch "
+            "is never moved. Delete it (HfApi().delete_branch(repo_id, branch)) to re-push this task, or push with "
+            f"create_pr=True for review. The task is saved in {local_dir}.",
+            local_dir=local_dir,
+        )
+
+
+def _operations(local_dir: str, subfolder: str | None) -> list:
+    """One upload per file of ``local_dir`` (the card at the root, the rest under ``subfolder`` when given)."""
+    from huggingface_hub import CommitOperationAdd
+
+    operations = []
     for root, _, files in os.walk(local_dir):
         for name in sorted(files):
             if name.startswith(".tmp-"):  # left by an atomic write that was killed
@@ -205,13 +136,7 @@ def push_task_folder(
             relative = os.path.relpath(path, local_dir).replace(os.sep, "/")
             in_repo = relative if subfolder is None or relative == MODEL_CARD_NAME else f"{subfolder}/{relative}"
             operations.append(CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=path))
-    with hub_errors(f"Uploading task {task_id + 1} to {repo_id!r}", retry, local_dir, token):
-        commit = api.create_commit(repo_id, operations, commit_message=message, revision="main", create_pr=create_pr)
-    if create_pr:
-        return TaskPush(repo_id, task_id, commit.pr_revision, subfolder, commit, local_dir)
-    with hub_errors(f"Creating branch {branch!r} of {repo_id!r}", retry, local_dir, token):
-        api.create_branch(repo_id, branch=branch, revision=commit.oid)
-    return TaskPush(repo_id, task_id, branch, subfolder, commit, local_dir)
+    return operations
 
 
 def _drop_unknown_base_model(api, card_path: str) -> None:
