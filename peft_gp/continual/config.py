@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..wiring.config import MODULES_TO_SAVE_POLICIES
+from ..wiring.config import GP_DEFAULTS, check_gp_settings
 
 SCENARIOS = ("class", "task", "domain", "generative")
 HEAD_MASKING = ("seen", "current", "none")
@@ -109,10 +109,10 @@ class RunConfig:
     paradigm_kwargs: dict[str, Any] = field(default_factory=dict)
     gp: bool = True
     compare_baseline: bool = False
-    gp_threshold: float = 0.97
-    gp_threshold_increment: float = 0.0
-    gp_projection: str = "update"
-    gp_memory_samples: int = 256
+    gp_threshold: float = GP_DEFAULTS["gp_threshold"]
+    gp_threshold_increment: float = GP_DEFAULTS["gp_threshold_increment"]
+    gp_projection: str = GP_DEFAULTS["gp_projection"]
+    gp_memory_samples: int = GP_DEFAULTS["gp_memory_samples"]
     gp_modules_to_save: str | None = None
     epochs: float = 5.0
     batch_size: int = 32
@@ -136,11 +136,11 @@ class RunConfig:
             raise RunConfigError(f"scenario must be one of {SCENARIOS}, got {self.scenario!r}.")
         if self.head_masking is not None and self.head_masking not in HEAD_MASKING:
             raise RunConfigError(f"head_masking must be one of {HEAD_MASKING} (or null), got {self.head_masking!r}.")
-        if self.gp_modules_to_save is not None and self.gp_modules_to_save not in MODULES_TO_SAVE_POLICIES:
-            raise RunConfigError(
-                f"gp_modules_to_save must be one of {MODULES_TO_SAVE_POLICIES} (or null: the scenario's default), "
-                f"got {self.gp_modules_to_save!r}."
-            )
+        settings = {name: getattr(self, name) for name in GP_DEFAULTS if getattr(self, name) is not None}
+        try:
+            check_gp_settings(settings)  # the configs' own checks: one source of truth
+        except (TypeError, ValueError) as error:
+            raise RunConfigError(f"{error} (null gp_modules_to_save: the scenario's default)") from error
         if self.n_tasks is not None and (isinstance(self.n_tasks, bool) or int(self.n_tasks) != self.n_tasks):
             raise RunConfigError(f"n_tasks must be a whole number, got {self.n_tasks!r}.")
         if self.n_tasks is not None and self.n_tasks < 1:

@@ -13,6 +13,40 @@ PROJECTION_MODES = ("gradient", "update")
 MODULES_TO_SAVE_POLICIES = ("project", "freeze", "train")
 
 
+def _number(name: str, value, kind: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise TypeError(f"{name} must be {kind}, got {value!r}.")
+
+
+def check_gp_settings(settings: dict) -> None:
+    """Check the ``gp_*`` settings given (a config's, or a run config's, which share these checks and defaults)."""
+    if "gp_threshold" in settings:
+        threshold = settings["gp_threshold"]
+        _number("gp_threshold", threshold, "a number in (0, 1]")
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(
+                f"gp_threshold must be in (0, 1], got {threshold}. It is the share of each task's feature energy to "
+                "protect: 0.97 is the usual value, 1.0 protects the whole span of the features."
+            )
+    if "gp_threshold_increment" in settings:
+        increment = settings["gp_threshold_increment"]
+        _number("gp_threshold_increment", increment, "a number in [0, 1)")
+        if not 0.0 <= increment < 1.0:
+            raise ValueError(f"gp_threshold_increment must be in [0, 1), got {increment} (GPM uses 0.003).")
+    if "gp_projection" in settings and settings["gp_projection"] not in PROJECTION_MODES:
+        raise ValueError(f"gp_projection must be one of {PROJECTION_MODES}, got {settings['gp_projection']!r}.")
+    if "gp_memory_samples" in settings:
+        samples = settings["gp_memory_samples"]
+        if isinstance(samples, bool) or not isinstance(samples, int):
+            raise TypeError(f"gp_memory_samples must be a positive integer, got {samples!r}.")
+        if samples < 1:
+            raise ValueError(f"gp_memory_samples must be at least 1, got {samples}.")
+    if "gp_modules_to_save" in settings and settings["gp_modules_to_save"] not in MODULES_TO_SAVE_POLICIES:
+        raise ValueError(
+            f"gp_modules_to_save must be one of {MODULES_TO_SAVE_POLICIES}, got {settings['gp_modules_to_save']!r}."
+        )
+
+
 @dataclass
 class GPConfigMixin:
     """Fields shared by every gradient-projection config.
@@ -61,34 +95,14 @@ class GPConfigMixin:
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._validate_gp_fields()
-
-    def _validate_gp_fields(self) -> None:
-        if isinstance(self.gp_threshold, bool) or not isinstance(self.gp_threshold, (int, float)):
-            raise TypeError(f"gp_threshold must be a number in (0, 1], got {self.gp_threshold!r}.")
-        if not 0.0 < self.gp_threshold <= 1.0:
-            raise ValueError(
-                f"gp_threshold must be in (0, 1], got {self.gp_threshold}. It is the share of each task's feature "
-                "energy to protect: 0.97 is the usual value, 1.0 protects the whole span of the features."
-            )
-        if not 0.0 <= self.gp_threshold_increment < 1.0:
-            raise ValueError(
-                f"gp_threshold_increment must be in [0, 1), got {self.gp_threshold_increment} (GPM uses 0.003)."
-            )
-        if self.gp_projection not in PROJECTION_MODES:
-            raise ValueError(f"gp_projection must be one of {PROJECTION_MODES}, got {self.gp_projection!r}.")
-        if isinstance(self.gp_memory_samples, bool) or not isinstance(self.gp_memory_samples, int):
-            raise TypeError(f"gp_memory_samples must be a positive integer, got {self.gp_memory_samples!r}.")
-        if self.gp_memory_samples < 1:
-            raise ValueError(f"gp_memory_samples must be at least 1, got {self.gp_memory_samples}.")
-        if self.gp_modules_to_save not in MODULES_TO_SAVE_POLICIES:
-            raise ValueError(
-                f"gp_modules_to_save must be one of {MODULES_TO_SAVE_POLICIES}, got {self.gp_modules_to_save!r}."
-            )
+        check_gp_settings(self.gp_fields())
 
     def gp_fields(self) -> dict:
         """The GP settings alone, as a plain dict (stored in the memory file's metadata)."""
         return {f.name: getattr(self, f.name) for f in fields(GPConfigMixin)}
+
+
+GP_DEFAULTS = {f.name: f.default for f in fields(GPConfigMixin)}  # one source of the defaults (RunConfig reads it)
 
 
 @dataclass
