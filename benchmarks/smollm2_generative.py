@@ -56,13 +56,13 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from peft_gp.continual import RunConfig, RunConfigError  # noqa: E402
+from peft_gp.continual.builtin_data import FORTUNES_DIR  # noqa: E402
 from peft_gp.continual.generative import encode_generative_tasks, encode_text  # noqa: E402
 from peft_gp.continual.generative_data import general_text, generative_task  # noqa: E402
 from peft_gp.continual.generative_loop import GenerativeMethod, PeftMethod, train_generative  # noqa: E402
 from peft_gp.continual.generative_runner import GenerativeSetup, load_causal_lm, read_base_model  # noqa: E402
+from peft_gp.continual.loading import load_processor  # noqa: E402
 from peft_gp.continual.paradigms import make_peft_config  # noqa: E402
-from peft_gp.continual.runner import load_processor  # noqa: E402
-from peft_gp.continual.sources import FORTUNES_DIR  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, fill_preset, quiet, write_record  # noqa: E402

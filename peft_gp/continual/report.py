@@ -59,7 +59,7 @@ def summary_markdown(run: RunResult) -> str:
         "",
         metrics_table(list(run.results.values())),
         "",
-        "BWT is negative and forgetting positive when old tasks lost accuracy (`peft_gp.continual.metrics`).",
+        "BWT is negative and forgetting positive when old tasks lost accuracy (`peft_gp.core.metrics`).",
     ]
     for result in run.results.values():
         parts += ["", f"## Accuracy matrix: {result.label}", "", matrix_table(result, names)]

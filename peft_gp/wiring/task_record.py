@@ -37,7 +37,7 @@ class GPTaskState:
         task_names: one name per finished task.
         task_classes: per task, the labels its training data used (``None`` when unknown, e.g. language modelling).
         accuracy_matrix: ``R[t][k]``, accuracy on task ``k`` after training task ``t`` (see
-            ``peft_gp.continual.metrics``), or ``None`` when not evaluated.
+            ``peft_gp.core.metrics``), or ``None`` when not evaluated.
     """
 
     task_names: list[str] = field(default_factory=list)

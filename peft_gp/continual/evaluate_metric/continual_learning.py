@@ -9,7 +9,7 @@
 
 Each example says after which task the model was evaluated (``trained_task``, 0-based) and which task's test set it
 comes from (``evaluated_task``); the metric builds the accuracy matrix ``R[t][k]`` and applies
-``peft_gp.continual.metrics`` (conventions in that module).
+``peft_gp.core.metrics`` (conventions in that module).
 """
 
 import datasets
