@@ -68,7 +68,7 @@ def load_causal_lm(config: RunConfig) -> nn.Module:
         if config.model_config is not None:
             options = dict(config.model_config)
             return AutoModelForCausalLM.from_config(AutoConfig.for_model(options.pop("model_type"), **options))
-        return load_pretrained(AutoModelForCausalLM, config.model, dtype=torch.float32)
+        return load_pretrained(AutoModelForCausalLM, config.model).float()  # GGUF files load as float32 already
     except ValueError as error:
         raise RunConfigError(f"Cannot load {config.model!r} as a causal language model: {error}") from error
     except OSError as error:
