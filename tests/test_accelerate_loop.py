@@ -7,7 +7,7 @@ from peft import get_peft_model
 import peft_gp
 from peft_gp import GPLoraConfig, GPProjector
 
-from .conftest import tiny_bert
+from .testing import tiny_bert
 
 
 def batches(task_id: int, count: int = 4):

@@ -22,7 +22,7 @@ from peft_gp.wiring.bottleneck import BottleneckLayer
 from peft_gp.wiring.grams import collect_grams
 from peft_gp.wiring.state import resolve_groups
 
-from .conftest import CASES, tiny_bert, train_steps
+from .testing import CASES, tiny_bert, train_steps
 
 ADAPTER_CASES = [case for case in CASES if case.name in ("bert", "vit", "gpt2", "llama", "t5")]
 

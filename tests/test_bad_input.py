@@ -12,7 +12,7 @@ import peft_gp
 from peft_gp import GP_MEMORY_NAME, GPLoraConfig, GPMemoryError
 from peft_gp.wiring.memory import GPMemory
 
-from .conftest import tiny_bert, tiny_gpt2
+from .testing import tiny_bert, tiny_gpt2
 
 
 def bert_model(**overrides):

@@ -14,7 +14,7 @@ import pytest
 from peft_gp.continual.builtin_data import FORTUNES_TOPICS
 from peft_gp.core.metrics import accuracy_matrix_summary
 
-from .continual_fixtures import CLASS_NAMES, save_tiny_text_model, words
+from .testing import CLASS_NAMES, save_tiny_text_model, words
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 

@@ -12,7 +12,7 @@ import yaml
 from peft_gp.cli import main, parse_value
 from peft_gp.continual import RunConfig, accuracy_matrix_summary
 from peft_gp.continual.paradigms import LORA_DEFAULTS
-from tests.continual_fixtures import save_tiny_text_model, text_dataset
+from tests.testing import save_tiny_text_model, text_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ from peft_gp.continual import (
     run_sequence,
 )
 from peft_gp.continual.loading import load_model, peft_config_for
-from tests.continual_fixtures import save_tiny_text_model, text_dataset
+from tests.testing import save_tiny_text_model, text_dataset
 
 SILENT = dict(say=lambda *_: None)
 

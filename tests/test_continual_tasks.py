@@ -19,7 +19,7 @@ from peft_gp.continual import (
     training_classes,
 )
 from peft_gp.continual.heads import check_head
-from tests.continual_fixtures import CLASS_NAMES, text_dataset
+from tests.testing import CLASS_NAMES, text_dataset
 
 
 def test_class_incremental_split_partitions_and_relabels():

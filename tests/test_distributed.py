@@ -19,8 +19,7 @@ from peft_gp.wiring.grams import collect_grams
 from peft_gp.wiring.memory import GPMemory
 from peft_gp.wiring.state import resolve_groups
 
-from .conftest import tiny_bert
-from .test_trainer import task_dataset
+from .testing import task_dataset, tiny_bert
 
 SCRIPT = Path(__file__).parent / "scripts" / "two_tasks_ddp.py"
 

@@ -8,17 +8,12 @@ import warnings
 
 import pytest
 import torch
-from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
 from torch.utils.data import DataLoader
 from transformers import (
-    PreTrainedTokenizerFast,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
     Trainer,
-    TrainingArguments,
     default_data_collator,
 )
 
@@ -27,93 +22,26 @@ from peft_gp import GPCallback, GPCheckpointError, GPLoraConfig, GPTrainer, Unpr
 from peft_gp.wiring.grams import collect_grams
 from peft_gp.wiring.state import resolve_groups
 
-from .conftest import VOCAB, tiny_gpt2, tiny_llama, tiny_t5
-
-PROMPT = 3  # the first PROMPT tokens of each example are the prompt: label -100, but they feed the memory too
-
-MODELS = {
-    "llama": (tiny_llama, {"task_type": "CAUSAL_LM", "target_modules": ["q_proj", "v_proj"]}),
-    "gpt2": (tiny_gpt2, {"task_type": "CAUSAL_LM", "target_modules": ["c_attn"], "fan_in_fan_out": True}),
-    "t5": (tiny_t5, {"task_type": "SEQ_2_SEQ_LM", "target_modules": ["q", "v"]}),
-}
-
-
-def _ids(task_id: int, rows: int, length: int, seed: int = 0) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(10 * task_id + seed)
-    low, high = (4, 12) if task_id == 0 else (20, VOCAB)  # task 1: few distinct tokens, low-rank features
-    return torch.randint(low, high, (rows, length), generator=generator).tolist()
-
-
-def lm_task(task_id: int, rows: int = 4, length: int = 6) -> Dataset:
-    """Prompt + answer, tokenized, with a precomputed list ``labels`` column (-100 on the prompt)."""
-    ids = _ids(task_id, rows, length)
-    labels = [[-100] * PROMPT + row[PROMPT:] for row in ids]
-    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * length] * rows, "labels": labels})
-
-
-def seq2seq_task(task_id: int, rows: int = 4) -> Dataset:
-    ids, targets = _ids(task_id, rows, 6), _ids(task_id, rows, 4, seed=1)
-    labels = [row[:3] + [-100] if i % 2 else row for i, row in enumerate(targets)]  # some padded targets
-    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 6] * rows, "labels": labels})
-
-
-def task_data(name: str, task_id: int) -> Dataset:
-    return seq2seq_task(task_id) if name == "t5" else lm_task(task_id)
-
-
-def gp_model(name: str, **gp):
-    build, lora = MODELS[name]
-    settings = {"gp_threshold": 1.0, "gp_projection": "update", **gp}
-    return get_peft_model(build(), GPLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, **lora, **settings))
-
-
-def outputs(model, dataset: Dataset) -> torch.Tensor:
-    model.eval()
-    batch = default_data_collator(list(dataset))
-    with torch.no_grad():
-        return model(**batch).logits.detach().clone()
-
-
-def relative_change(before: torch.Tensor, after: torch.Tensor) -> float:
-    return (after - before).abs().max().item() / before.abs().max().item()
-
-
-def args_for(out, cls=TrainingArguments, **overrides):
-    settings = {
-        "num_train_epochs": 5,
-        "per_device_train_batch_size": 2,
-        "learning_rate": 1e-2,
-        "weight_decay": 0.1,
-        "report_to": [],
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "disable_tqdm": True,
-        "use_cpu": True,
-        **overrides,
-    }
-    return cls(str(out), **settings)
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    tokenizer = Tokenizer(WordLevel(vocab, unk_token="t1"))
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", unk_token="t1", eos_token="t2")
-
-
-def loss_on(model, dataset: Dataset) -> float:
-    model.eval()
-    with torch.no_grad():
-        return model(**default_data_collator(list(dataset))).loss.item()
-
-
-def assert_kept_and_learned(model, old: Dataset, before: torch.Tensor, new: Dataset, new_loss_before: float) -> None:
-    assert relative_change(before, outputs(model, old)) <= 1e-4
-    assert loss_on(model, new) < new_loss_before - 0.05  # the new task still learns
+from .testing import (
+    MODELS,
+    args_for,
+    assert_kept_and_learned,
+    causal_gp_model,
+    lm_task,
+    loss_on,
+    outputs,
+    relative_change,
+    seq2seq_task,
+    task_data,
+    tiny_llama,
+    tiny_tokenizer,
+    token_ids,
+)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_gp_trainer_on_generative_models_keeps_old_outputs(tmp_path, name):
-    model = gp_model(name)
+    model = causal_gp_model(name)
     GPTrainer(model=model, args=args_for(tmp_path), train_dataset=task_data(name, 0)).train()
     assert peft_gp.get_task_state(model).task_classes == [None]  # token labels are not classes
     before, new_loss = outputs(model, task_data(name, 0)), loss_on(model, task_data(name, 1))
@@ -125,7 +53,7 @@ def test_gp_trainer_on_generative_models_keeps_old_outputs(tmp_path, name):
 def test_plain_trainer_with_callback_keeps_old_outputs_and_without_it_drifts(tmp_path):
     runs = {}
     for protected in (True, False):
-        model = gp_model("llama")
+        model = causal_gp_model("llama")
         Trainer(model=model, args=args_for(tmp_path), train_dataset=lm_task(0), callbacks=[GPCallback()]).train()
         before, new_loss = outputs(model, lm_task(0)), loss_on(model, lm_task(1))
         callbacks = [GPCallback()] if protected else []
@@ -144,7 +72,7 @@ def test_plain_trainer_with_callback_keeps_old_outputs_and_without_it_drifts(tmp
 
 
 def test_seq2seq_trainer_with_callback_keeps_old_outputs(tmp_path):
-    model = gp_model("t5")
+    model = causal_gp_model("t5")
     args = args_for(tmp_path, cls=Seq2SeqTrainingArguments)
     Seq2SeqTrainer(model=model, args=args, train_dataset=seq2seq_task(0), callbacks=[GPCallback()]).train()
     before, new_loss = outputs(model, seq2seq_task(0)), loss_on(model, seq2seq_task(1))
@@ -199,9 +127,9 @@ def test_sft_trainer_with_gp_peft_config_and_callback(tmp_path, name):
 def test_seq2seq_memory_leaves_out_padding_of_both_sides():
     """Encoder padding, decoder padding (labels -100) and the cross-attention inputs (the encoder's output, here as
     long as the decoder's inputs) give the same Gram matrices as the same examples without padding."""
-    model = gp_model("t5")
+    model = causal_gp_model("t5")
     groups = resolve_groups(model)
-    ids, target = _ids(1, 1, 3)[0], _ids(1, 1, 3, seed=1)[0]
+    ids, target = token_ids(1, 1, 3)[0], token_ids(1, 1, 3, seed=1)[0]
     padded = {
         "input_ids": torch.tensor([ids + [0]]),
         "attention_mask": torch.tensor([[1, 1, 1, 0]]),
@@ -225,7 +153,7 @@ def _task_checkpoint_args(out, **overrides):
 
 
 def test_one_output_dir_for_a_sequence_keeps_tasks_apart(tmp_path):
-    model = gp_model("llama")
+    model = causal_gp_model("llama")
     GPTrainer(model=model, args=_task_checkpoint_args(tmp_path), train_dataset=lm_task(0)).train()
     GPTrainer(model=model, args=_task_checkpoint_args(tmp_path), train_dataset=lm_task(1)).train()
     for task_id in (0, 1):  # 6 steps each: checkpoints 2, 4, 6 of each task, in its own folder
@@ -247,9 +175,9 @@ def test_one_output_dir_for_a_sequence_keeps_tasks_apart(tmp_path):
 
 
 def test_resuming_a_finished_task_from_its_final_checkpoint_stores_it_once(tmp_path):
-    model = gp_model("llama")
+    model = causal_gp_model("llama")
     GPTrainer(model=model, args=_task_checkpoint_args(tmp_path), train_dataset=lm_task(0), gp_task_name="a").train()
-    fresh = gp_model("llama")  # a new process: resume=True picks task 1's final checkpoint, which already stores it
+    fresh = causal_gp_model("llama")  # a new process: resume=True picks task 1's final checkpoint, storing it
     trainer = GPTrainer(model=fresh, args=_task_checkpoint_args(tmp_path), train_dataset=lm_task(0))
     trainer.train(resume_from_checkpoint=True)
     assert peft_gp.get_memory(fresh).tasks_seen == 1
@@ -259,12 +187,12 @@ def test_resuming_a_finished_task_from_its_final_checkpoint_stores_it_once(tmp_p
 
 
 def test_plain_trainer_resumes_with_last_checkpoint_and_its_memory(tmp_path):
-    model, args = gp_model("llama"), _task_checkpoint_args(tmp_path)
+    model, args = causal_gp_model("llama"), _task_checkpoint_args(tmp_path)
     Trainer(model=model, args=args, train_dataset=lm_task(0), callbacks=[GPCallback()]).train()
     stopped = _task_checkpoint_args(tmp_path, max_steps=4)  # task 2 cut off after its checkpoint-4
     Trainer(model=model, args=stopped, train_dataset=lm_task(1), callbacks=[GPCallback(update_memory=False)]).train()
 
-    fresh = gp_model("llama")  # a new process: the memory of task 1, then task 2 resumed
+    fresh = causal_gp_model("llama")  # a new process: the memory of task 1, then task 2 resumed
     peft_gp.load_memory(fresh, str(tmp_path / "task-01" / "checkpoint-6"))
     checkpoint = peft_gp.last_checkpoint(str(tmp_path), fresh)
     assert checkpoint.endswith("task-02/checkpoint-4")
@@ -274,7 +202,7 @@ def test_plain_trainer_resumes_with_last_checkpoint_and_its_memory(tmp_path):
 
 
 def test_reference_memory_protects_the_base_model_from_the_first_task(tmp_path):
-    model = gp_model("llama")
+    model = causal_gp_model("llama")
     reference = lm_task(0)  # stands for general text the base model should keep handling
     before, new_loss = outputs(model, reference), loss_on(model, lm_task(1))
     loader = DataLoader(reference, batch_size=2, collate_fn=default_data_collator)

@@ -24,9 +24,8 @@ import peft_gp
 from peft_gp import GPTrainer
 from peft_gp.hub import GPHubError, push_task_folder, push_task_to_hub, task_branch
 
-from .conftest import tiny_bert
 from .fake_hub import FakeHub
-from .test_trainer import gp_model, logits_on, mean_loss, task_dataset, training_args
+from .testing import gp_model, logits_on, mean_loss, task_dataset, tiny_bert, training_args
 
 TOKEN = "hf_test_secret_0123456789"
 REPO = "user/cl-run"
@@ -316,7 +315,7 @@ def test_runner_pushes_every_task_with_the_accuracy_matrix_so_far(hub, tmp_path)
     from peft_gp.continual import RunConfig, run_sequence
     from peft_gp.continual.loading import load_model
 
-    from .continual_fixtures import save_tiny_text_model, text_dataset
+    from .testing import save_tiny_text_model, text_dataset
 
     save_tiny_text_model(tmp_path / "model")
     text_dataset().save_to_disk(str(tmp_path / "data"))

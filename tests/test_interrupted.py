@@ -16,19 +16,9 @@ import torch
 import peft_gp
 from peft_gp import GPTrainer
 
-from .conftest import tiny_bert, tiny_llama
-from .test_trainer import logits_on, task_dataset, training_args
+from .testing import TASK2_STEPS, logits_on, task2_args, task_dataset, tiny_bert, tiny_llama
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_until_killed.py"
-TASK2_STEPS = 12
-
-
-def task2_args(out):
-    return training_args(
-        os.path.join(out, "task2"), save_strategy="steps", save_steps=1, max_steps=TASK2_STEPS, num_train_epochs=1
-    )
-
-
 def finish_task2(out, resume) -> dict[str, torch.Tensor]:
     model = peft_gp.from_pretrained(tiny_bert(), os.path.join(out, "after_task1"), is_trainable=True)
     trainer = GPTrainer(model=model, args=task2_args(out), train_dataset=task_dataset(1, 16), gp_update_memory=False)

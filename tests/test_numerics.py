@@ -15,7 +15,7 @@ import peft_gp
 from peft_gp import GPLoraConfig, GPProjector
 from peft_gp.core import maths
 
-from .conftest import tiny_bert, train_steps
+from .testing import tiny_bert, train_steps
 
 
 def features(rows: int, dim: int, rank: int, seed: int) -> torch.Tensor:

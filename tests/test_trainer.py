@@ -6,76 +6,14 @@ import os
 
 import pytest
 import torch
-from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from transformers import Trainer, TrainerCallback, default_data_collator
 
 import peft_gp
-from peft_gp import GPAdapterConfig, GPLoraConfig, GPTrainer
+from peft_gp import GPTrainer
 from peft_gp.wiring.projector import raw_optimizer
 
-from .conftest import tiny_bert
-
-LENGTH = 6
-
-
-def task_dataset(task_id: int, size: int) -> Dataset:
-    """Fixed-length rows with padding at the end; task 0 draws from few tokens so its features are low-rank."""
-    generator = torch.Generator().manual_seed(task_id)
-    low, high = (4, 10) if task_id == 0 else (20, 60)
-    rows = {"input_ids": [], "attention_mask": [], "labels": []}
-    for index in range(size):
-        length = int(torch.randint(3, LENGTH + 1, (1,), generator=generator))
-        ids = torch.randint(low, high, (length,), generator=generator).tolist()
-        rows["input_ids"].append(ids + [0] * (LENGTH - length))
-        rows["attention_mask"].append([1] * length + [0] * (LENGTH - length))
-        rows["labels"].append(2 * task_id + index % 2)
-    return Dataset.from_dict(rows)
-
-
-def gp_model(paradigm: str = "lora", **gp):
-    settings = {"gp_threshold": 1.0, "gp_projection": "update", **gp}
-    if paradigm == "adapter":
-        config = GPAdapterConfig(task_type="SEQ_CLS", bottleneck_size=64, **settings)
-    else:
-        config = GPLoraConfig(
-            task_type="SEQ_CLS", r=16, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"], **settings
-        )
-    return get_peft_model(tiny_bert(), config)
-
-
-def training_args(tmp_path, **overrides) -> TrainingArguments:
-    settings = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        num_train_epochs=6,
-        learning_rate=1e-2,
-        weight_decay=0.1,
-        optim="adamw_torch",
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    settings.update(overrides)
-    return TrainingArguments(**settings)
-
-
-def logits_on(model, dataset: Dataset) -> torch.Tensor:
-    batch = default_data_collator([dataset[i] for i in range(len(dataset))])
-    model.eval()
-    with torch.no_grad():
-        return model(**batch).logits.clone()
-
-
-def mean_loss(model, dataset: Dataset) -> float:
-    batch = default_data_collator([dataset[i] for i in range(len(dataset))])
-    model.eval()
-    with torch.no_grad():
-        return model(**batch).loss.item()
+from .testing import LENGTH, gp_model, logits_on, mean_loss, task_dataset, tiny_bert, training_args
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 from peft import PeftModel  # noqa: E402
 
-from tests.conftest import tiny_bert  # noqa: E402
-from tests.test_trainer import logits_on, task_dataset  # noqa: E402
+from tests.testing import (  # noqa: E402
+    logits_on,
+    task_dataset,
+    tiny_bert,  # noqa: E402
+)
 
 
 def main(repo_id: str, revision: str, out: str) -> None:

@@ -16,7 +16,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 import peft_gp  # noqa: E402
 from peft_gp import GPTrainer  # noqa: E402
-from tests.test_generative import args_for, gp_model, lm_task  # noqa: E402
+from tests.testing import args_for, causal_gp_model, lm_task  # noqa: E402
 
 TASKS = ["first", "second"]
 
@@ -31,7 +31,7 @@ class Announce(TrainerCallback):
 
 def run(out: str, resume: bool) -> torch.nn.Module:
     torch.set_num_threads(1)
-    model = gp_model("llama", gp_threshold=0.99)
+    model = causal_gp_model("llama", gp_threshold=0.99)
     args = args_for(out, save_strategy="steps", save_steps=1, num_train_epochs=3)
     for task_id, name in enumerate(TASKS):
         data, announce = lm_task(task_id), [Announce(task_id + 1)]

@@ -15,7 +15,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 import peft_gp  # noqa: E402
 from peft_gp import GPTrainer  # noqa: E402
-from tests.test_trainer import gp_model, logits_on, task_dataset, training_args  # noqa: E402
+from tests.testing import gp_model, logits_on, task_dataset, training_args  # noqa: E402
 
 
 def main(out: str) -> None:

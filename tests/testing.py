@@ -1,0 +1,412 @@
+"""The shared helpers of the test suite, in one module: tiny models built from configs (no downloads), the model
+matrix, tiny datasets and training settings. ``conftest.py`` holds only fixtures; test modules import from here."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
+from tokenizers.models import WordLevel  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+    TrainingArguments,
+    ViTConfig,
+    ViTForImageClassification,
+    default_data_collator,
+)
+
+from peft_gp import GPAdapterConfig, GPLoraConfig  # noqa: E402
+
+# ---- tiny models and the model matrix ------------------------------------------------------------------------------
+
+torch.set_num_threads(1)  # tiny models: threads only add overhead
+
+HIDDEN = 64
+VOCAB = 64
+
+
+@dataclass
+class Case:
+    """One row of the test matrix: a tiny base model, LoRA settings and two tasks' batches."""
+
+    name: str
+    build: Callable[[], torch.nn.Module]
+    lora: dict
+    make_batch: Callable[[int], dict]  # task_id -> batch (task 0 uses few distinct tokens: low-rank features)
+
+    def output(self, model, batch) -> torch.Tensor:
+        model.eval()
+        with torch.no_grad():
+            return model(**batch).logits.detach().clone()
+
+
+def _tokens(task_id: int, batch: int = 2, length: int = 4) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(100 + task_id)
+    low, high = (4, 12) if task_id == 0 else (20, VOCAB)
+    return torch.randint(low, high, (batch, length), generator=generator)
+
+
+def _seq_cls_batch(task_id: int) -> dict:
+    ids = _tokens(task_id)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1]) + 2 * task_id}
+
+
+def _causal_batch(task_id: int) -> dict:
+    ids = _tokens(task_id)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _seq2seq_batch(task_id: int) -> dict:
+    ids = _tokens(task_id)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": _tokens(task_id + 7, length=3)}
+
+
+def _image_batch(task_id: int) -> dict:
+    generator = torch.Generator().manual_seed(200 + task_id)
+    return {"pixel_values": torch.randn(1, 3, 8, 8, generator=generator), "labels": torch.tensor([task_id])}
+
+
+def tiny_bert(num_labels: int = 4) -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(config)
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=HIDDEN,
+        n_layer=2,
+        n_head=4,
+        n_positions=32,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_t5() -> T5ForConditionalGeneration:
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=HIDDEN,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    return T5ForConditionalGeneration(config)
+
+
+def tiny_vit(num_labels: int = 4) -> ViTForImageClassification:
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return ViTForImageClassification(config)
+
+
+CASES = [
+    Case("bert", tiny_bert, {"task_type": "SEQ_CLS", "target_modules": ["query", "value"]}, _seq_cls_batch),
+    Case(
+        "gpt2",
+        tiny_gpt2,
+        {"task_type": "CAUSAL_LM", "target_modules": ["c_attn"], "fan_in_fan_out": True},
+        _causal_batch,
+    ),
+    Case("llama", tiny_llama, {"task_type": "CAUSAL_LM", "target_modules": ["q_proj", "v_proj"]}, _causal_batch),
+    Case("t5", tiny_t5, {"task_type": "SEQ_2_SEQ_LM", "target_modules": ["q", "v"]}, _seq2seq_batch),
+    Case("vit", tiny_vit, {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["classifier"]}, _image_batch),
+]
+
+
+def train_steps(model, batch, steps: int, optimizer=None, lr: float = 1e-2) -> list[float]:
+    """A plain training loop on one batch; returns the losses."""
+    optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+# ---- a tiny BERT's two classification tasks, and Trainer settings -----------------------------------------------
+
+LENGTH = 6
+
+
+def task_dataset(task_id: int, size: int) -> Dataset:
+    """Fixed-length rows with padding at the end; task 0 draws from few tokens so its features are low-rank."""
+    generator = torch.Generator().manual_seed(task_id)
+    low, high = (4, 10) if task_id == 0 else (20, 60)
+    rows = {"input_ids": [], "attention_mask": [], "labels": []}
+    for index in range(size):
+        length = int(torch.randint(3, LENGTH + 1, (1,), generator=generator))
+        ids = torch.randint(low, high, (length,), generator=generator).tolist()
+        rows["input_ids"].append(ids + [0] * (LENGTH - length))
+        rows["attention_mask"].append([1] * length + [0] * (LENGTH - length))
+        rows["labels"].append(2 * task_id + index % 2)
+    return Dataset.from_dict(rows)
+
+
+def gp_model(paradigm: str = "lora", **gp):
+    settings = {"gp_threshold": 1.0, "gp_projection": "update", **gp}
+    if paradigm == "adapter":
+        config = GPAdapterConfig(task_type="SEQ_CLS", bottleneck_size=64, **settings)
+    else:
+        config = GPLoraConfig(
+            task_type="SEQ_CLS", r=16, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"], **settings
+        )
+    return get_peft_model(tiny_bert(), config)
+
+
+def training_args(tmp_path, **overrides) -> TrainingArguments:
+    settings = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_train_epochs=6,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        optim="adamw_torch",
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def logits_on(model, dataset: Dataset) -> torch.Tensor:
+    batch = default_data_collator([dataset[i] for i in range(len(dataset))])
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits.clone()
+
+
+def mean_loss(model, dataset: Dataset) -> float:
+    batch = default_data_collator([dataset[i] for i in range(len(dataset))])
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+TASK2_STEPS = 12
+
+
+def task2_args(out):
+    return training_args(
+        os.path.join(out, "task2"), save_strategy="steps", save_steps=1, max_steps=TASK2_STEPS, num_train_epochs=1
+    )
+
+
+# ---- generative tasks on tiny causal LMs and T5 -----------------------------------------------------------------
+
+PROMPT = 3  # the first PROMPT tokens of each example are the prompt: label -100, but they feed the memory too
+
+MODELS = {
+    "llama": (tiny_llama, {"task_type": "CAUSAL_LM", "target_modules": ["q_proj", "v_proj"]}),
+    "gpt2": (tiny_gpt2, {"task_type": "CAUSAL_LM", "target_modules": ["c_attn"], "fan_in_fan_out": True}),
+    "t5": (tiny_t5, {"task_type": "SEQ_2_SEQ_LM", "target_modules": ["q", "v"]}),
+}
+
+
+def token_ids(task_id: int, rows: int, length: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(10 * task_id + seed)
+    low, high = (4, 12) if task_id == 0 else (20, VOCAB)  # task 1: few distinct tokens, low-rank features
+    return torch.randint(low, high, (rows, length), generator=generator).tolist()
+
+
+def lm_task(task_id: int, rows: int = 4, length: int = 6) -> Dataset:
+    """Prompt + answer, tokenized, with a precomputed list ``labels`` column (-100 on the prompt)."""
+    ids = token_ids(task_id, rows, length)
+    labels = [[-100] * PROMPT + row[PROMPT:] for row in ids]
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * length] * rows, "labels": labels})
+
+
+def seq2seq_task(task_id: int, rows: int = 4) -> Dataset:
+    ids, targets = token_ids(task_id, rows, 6), token_ids(task_id, rows, 4, seed=1)
+    labels = [row[:3] + [-100] if i % 2 else row for i, row in enumerate(targets)]  # some padded targets
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 6] * rows, "labels": labels})
+
+
+def task_data(name: str, task_id: int) -> Dataset:
+    return seq2seq_task(task_id) if name == "t5" else lm_task(task_id)
+
+
+def causal_gp_model(name: str, **gp):
+    build, lora = MODELS[name]
+    settings = {"gp_threshold": 1.0, "gp_projection": "update", **gp}
+    return get_peft_model(build(), GPLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, **lora, **settings))
+
+
+def outputs(model, dataset: Dataset) -> torch.Tensor:
+    model.eval()
+    batch = default_data_collator(list(dataset))
+    with torch.no_grad():
+        return model(**batch).logits.detach().clone()
+
+
+def relative_change(before: torch.Tensor, after: torch.Tensor) -> float:
+    return (after - before).abs().max().item() / before.abs().max().item()
+
+
+def args_for(out, cls=TrainingArguments, **overrides):
+    settings = {
+        "num_train_epochs": 5,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1e-2,
+        "weight_decay": 0.1,
+        "report_to": [],
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+        "use_cpu": True,
+        **overrides,
+    }
+    return cls(str(out), **settings)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="t1"))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", unk_token="t1", eos_token="t2")
+
+
+def loss_on(model, dataset: Dataset) -> float:
+    model.eval()
+    with torch.no_grad():
+        return model(**default_data_collator(list(dataset))).loss.item()
+
+
+def assert_kept_and_learned(model, old: Dataset, before: torch.Tensor, new: Dataset, new_loss_before: float) -> None:
+    assert relative_change(before, outputs(model, old)) <= 1e-4
+    assert loss_on(model, new) < new_loss_before - 0.05  # the new task still learns
+
+
+# ---- text classification material for the continual runner ---------------------------------------------------
+
+CLASS_NAMES = ["apple", "bird", "car", "dune", "echo", "fern"]
+WORDS_PER_CLASS = 4
+
+
+def words(label: int) -> list[str]:
+    return [f"{CLASS_NAMES[label]}{j}" for j in range(WORDS_PER_CLASS)]
+
+
+def text_dataset(per_class_train: int = 8, per_class_test: int = 4, seed: int = 0) -> DatasetDict:
+    """Each example is four words of its class, shuffled; ``label`` is a ``ClassLabel`` over ``CLASS_NAMES``."""
+    rng = random.Random(seed)
+    features = Features({"text": Value("string"), "label": ClassLabel(names=CLASS_NAMES)})
+    splits = {}
+    for split, count in (("train", per_class_train), ("test", per_class_test)):
+        texts, labels = [], []
+        for label in range(len(CLASS_NAMES)):
+            for _ in range(count):
+                texts.append(" ".join(rng.choices(words(label), k=4)))
+                labels.append(label)
+        splits[split] = Dataset.from_dict({"text": texts, "label": labels}, features=features)
+    return DatasetDict(splits)
+
+
+def save_tiny_text_model(folder: Path, arch: str = "bert") -> Path:
+    """A 2-layer BERT (or, ``arch="llama"``, a 2-layer Llama decoder; hidden 32) and a word-level tokenizer over the
+    dataset's words, saved to ``folder``."""
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"])}
+    for label in range(len(CLASS_NAMES)):
+        for word in words(label):
+            vocab[word] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+    torch.manual_seed(0)
+    if arch == "llama":  # pads with [PAD]; the sequence-classification head reads the last non-pad token
+        config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                             pad_token_id=vocab["[PAD]"], initializer_range=0.2)  # fmt: skip
+        model = LlamaModel(config)
+    else:
+        model = BertModel(BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=16,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            initializer_range=0.2,  # random features that differ between inputs (0.02: constant pooled output)
+        ))
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
