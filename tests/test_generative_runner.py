@@ -148,6 +148,22 @@ def test_generative_run_records_exact_match_loss_and_perplexity(tmp_path, tokeni
     assert plain_only.main.perplexity == [] and plain_only.main.accuracy_matrix == plain.accuracy_matrix
 
 
+def test_folder_tasks_take_a_prompt_or_text_column(tmp_path):
+    from datasets import DatasetDict
+
+    from peft_gp.continual.generative_data import load_generative_tasks
+
+    for column in ("prompt", "text"):
+        rows = {column: ["Say red:", "Say blue:"], "answer": ["red", "blue"]}
+        DatasetDict(train=Dataset.from_dict(rows), test=Dataset.from_dict(rows)).save_to_disk(tmp_path / column)
+    tasks = load_generative_tasks([str(tmp_path / "prompt"), str(tmp_path / "text")], 0, 0.2, None, None)
+    assert [t.name for t in tasks] == ["prompt", "text"] and all(t.info["template"] == "{text}" for t in tasks)
+    assert tasks[0].train["text"] == ["Say red:", "Say blue:"] and tasks[1].class_names == ["blue", "red"]
+    Dataset.from_dict({"question": ["x"], "answer": ["y"]}).save_to_disk(tmp_path / "wrong")
+    with pytest.raises(RunConfigError, match="lacks a 'prompt'"):
+        load_generative_tasks([str(tmp_path / "wrong")], 0, 0.2, None, None)
+
+
 def test_bad_generative_input_fails_before_training(tmp_path, tokenizer_dir):
     with pytest.raises(RunConfigError, match="classification datasets"):
         run_sequence(run_config(tmp_path, tokenizer_dir, dataset=["bbc_news"]))

@@ -38,7 +38,7 @@ class RunConfig:
             folder; a list of them makes one task per dataset (``scenario`` ``task`` or ``domain``). With ``scenario:
             generative``, the prompt -> answer tasks in order: built-ins (``bbc_topic``, ``quote_language``,
             ``fortune_file``, ``fortune_file_de``; see ``peft_gp.continual.generative_data``) or folders with
-            ``prompt`` and ``answer`` columns.
+            ``prompt`` (or ``text``) and ``answer`` columns.
         scenario: ``class`` (one shared head, no task id at test time), ``task`` (the task id picks the task's classes
             at test time), ``domain`` (every task has the same classes) or ``generative`` (a causal LM answers each
             task's prompts; exact match of greedy answers is the accuracy, plus answer loss and perplexity).

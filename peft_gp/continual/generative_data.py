@@ -144,23 +144,24 @@ def general_text(source: str, seed: int = 0, samples: int = 128, root: Path = FO
                        heldout=Dataset.from_dict({"text": passages[half : 2 * half]}))  # fmt: skip
 
 
+def folder_task(name: str, seed: int, test_size: float) -> Task:
+    """A generative task from a ``save_to_disk`` folder (or Hub dataset) with ``train``/``test`` splits of a
+    ``prompt`` (or ``text``) and an ``answer`` column; the whole prompt is the template's text."""
+    data = load_source(name, seed, test_size)
+    columns = set(data["train"].column_names)
+    prompt = "prompt" if "prompt" in columns else "text"
+    if prompt not in columns or "answer" not in columns or "test" not in data:
+        raise RunConfigError(
+            f"Generative task {name!r} is not a built-in ({sorted(LOADERS)}) and its data lacks a 'prompt' (or "
+            f"'text') column, an 'answer' column or a test split (columns {sorted(columns)}, splits {list(data)})."
+        )
+    splits = {s: data[s].rename_column(prompt, "text") if prompt != "text" else data[s] for s in ("train", "test")}
+    return Task(name=Path(name).name, train=splits["train"], test=splits["test"], classes=[],
+                class_names=sorted(set(splits["train"]["answer"])), info={"template": "{text}"})  # fmt: skip
+
+
 def load_generative_tasks(names: list[str], seed: int, test_size: float, train_per_answer: int | None,
                           test_per_answer: int | None) -> list[Task]:  # fmt: skip
-    """The tasks a config names: built-ins, or ``save_to_disk`` folders with ``prompt``/``answer`` columns."""
-    tasks = []
-    for name in names:
-        if name in LOADERS:
-            tasks.append(generative_task(name, seed, test_size, train_per_answer, test_per_answer))
-            continue
-        data = load_source(name, seed, test_size)
-        missing = {"prompt", "answer"} - set(data["train"].column_names)
-        if missing or "test" not in data:
-            raise RunConfigError(
-                f"Generative task {name!r} is not a built-in ({sorted(LOADERS)}) and its data lacks "
-                f"{sorted(missing) or 'a test split'}: give a folder with train/test splits of 'prompt' and 'answer'."
-            )
-        splits = {s: data[s].rename_column("prompt", "text") for s in ("train", "test")}
-        answers = sorted(set(splits["train"]["answer"]))
-        tasks.append(Task(name=Path(name).name, train=splits["train"], test=splits["test"], classes=[],
-                          class_names=answers, info={"template": "{text}"}))  # fmt: skip
-    return tasks
+    """The tasks a config names: built-ins (``LOADERS``) or folders (``folder_task``)."""
+    return [generative_task(name, seed, test_size, train_per_answer, test_per_answer) if name in LOADERS
+            else folder_task(name, seed, test_size) for name in names]  # fmt: skip
