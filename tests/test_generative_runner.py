@@ -167,6 +167,8 @@ def test_folder_tasks_take_a_prompt_or_text_column(tmp_path):
 def test_bad_generative_input_fails_before_training(tmp_path, tokenizer_dir):
     with pytest.raises(RunConfigError, match="classification datasets"):
         run_sequence(run_config(tmp_path, tokenizer_dir, dataset=["bbc_news"]))
+    with pytest.raises(RunConfigError, match="Did you mean 'bbc_topic'"):
+        run_sequence(run_config(tmp_path, tokenizer_dir, dataset=["bbc_topics", "fortune_file"]))
     with pytest.raises(RunConfigError, match="needs scenario 'generative'"):
         RunConfig(reference_memory=True)
     with pytest.raises(RunConfigError, match="general_text_samples"):

@@ -9,6 +9,7 @@ the reference memory, and plain PEFT with ``compare_baseline``) from the same in
 
 from __future__ import annotations
 
+import difflib
 import os
 import time
 from collections.abc import Sequence
@@ -52,6 +53,10 @@ def check_generative_config(config: RunConfig) -> list[str]:
             f"scenario 'generative' needs prompt -> answer tasks, but {wrong} are classification datasets. Use "
             f"generative built-ins ({', '.join(sorted(LOADERS))}) or folders with 'prompt' and 'answer' columns."
         )
+    for name in names:
+        close = difflib.get_close_matches(str(name), list(LOADERS), n=1, cutoff=0.75)
+        if name not in LOADERS and close and not Path(str(name)).exists():
+            raise RunConfigError(f"Unknown generative task {name!r}. Did you mean {close[0]!r}?")
     if config.push_to_hub:
         raise RunConfigError("push_to_hub is not supported in the generative scenario yet: leave it unset.")
     if config.reference_memory and not (config.gp or config.compare_baseline):
