@@ -50,6 +50,7 @@ def hub_env(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_saved_token"))
     monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the fake Hub speaks LFS, not Xet
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     return monkeypatch
 
@@ -147,7 +148,9 @@ def test_two_tasks_pushed_then_resumed_from_task_branch(hub, tmp_path, paradigm)
 def test_plain_peft_in_a_fresh_process_with_hf_endpoint(hub, tmp_path):
     model = finished_task(tmp_path)
     expected = logits_on(model, task_dataset(0, 8))
+    hub.lfs_threshold = 16 * 1024  # the adapter weights (35 kB) go through LFS and come back by redirect
     push_task_to_hub(model, REPO, local_dir=str(tmp_path / "local"))
+    assert "adapter_model.safetensors" in hub.lfs_paths(REPO, "task-01")
     out = tmp_path / "logits.pt"
     env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "home")}
     env["OMP_NUM_THREADS"] = "1"
@@ -156,6 +159,7 @@ def test_plain_peft_in_a_fresh_process_with_hf_endpoint(hub, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     torch.testing.assert_close(torch.load(out), expected, rtol=0, atol=0)
+    assert hub.calls("GET", "/objects/", server="storage")  # downloaded from the LFS storage
 
 
 def test_subfolder_private_and_pull_request(hub, tmp_path):
@@ -182,8 +186,11 @@ def test_subfolder_private_and_pull_request(hub, tmp_path):
 
 
 def assert_token_hidden(error: BaseException, caplog, token: str = TOKEN) -> None:
+    """Not in the message, the traceback or the logs; and no chained error (the HTTP client's errors hold the
+    request, whose headers hold the token)."""
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     assert token not in text and token not in caplog.text
+    assert error.__cause__ is None and error.__context__ is None
 
 
 def assert_saved(local_dir: Path) -> None:
