@@ -16,9 +16,11 @@ from typing import Any
 
 from torch import nn
 
-from ..core.hub_errors import GPHubError, hub_errors
+from ..core.hub_errors import GPHubError, hub_errors, raise_unchained, redacted_logs
 from ..wiring.task_record import GP_TASKS_NAME, GPTaskState
 from .card import MODEL_CARD_NAME, task_branch
+from .checks import check_repo_id
+from .manifest import files_to_push
 from .save import save_task
 
 
@@ -63,11 +65,15 @@ def push_task_folder(
     opens a pull request against ``main`` instead and no branch is made: load it with ``revision="refs/pr/N"``
     (``TaskPush.revision``). An existing task branch is never moved: delete it first to re-push a task. This is also
     the retry after a failed push: the folder holds everything.
-    """
-    from huggingface_hub import HfApi
 
+    Only the files the task save wrote are uploaded (listed in its ``gp_push_files.json``); a folder that holds
+    anything else is refused with a ``ValueError`` naming the files, before any request. The token never appears in
+    an error (nor in its chained errors) or in a log record of the Hub client while the push runs.
+    """
+    check_repo_id(repo_id)
+    files = files_to_push(local_dir)
     tasks_path = os.path.join(local_dir, GP_TASKS_NAME)
-    if not os.path.isfile(tasks_path):
+    if GP_TASKS_NAME not in files:
         raise FileNotFoundError(
             f"{local_dir} holds no {GP_TASKS_NAME}: it was not written by peft_gp.hub.save_task / push_task_to_hub."
         )
@@ -82,10 +88,17 @@ def push_task_folder(
     try:
         token = _resolve_token(token)
     except GPHubError as error:
-        raise GPHubError(f"{error} {retry}", local_dir=local_dir) from None
-    api = HfApi(token=token)
-    message = commit_message or f"Task {task_id + 1} ({state.task_names[task_id]}): adapter, GP memory and model card"
+        raise_unchained(GPHubError(f"{error} {retry}", local_dir=local_dir))
+    name = _one_line(state.task_names[task_id])
+    message = commit_message or f"Task {task_id + 1} ({name}): adapter, GP memory and model card"
+    with redacted_logs(token):
+        return _push(local_dir, files, repo_id, task_id, branch, subfolder, message, private, create_pr, retry, token)
 
+
+def _push(local_dir, files, repo_id, task_id, branch, subfolder, message, private, create_pr, retry, token):
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
     with hub_errors(f"Creating the Hub repo {repo_id!r}", retry, local_dir, token):
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
         repo_id = getattr(repo_url, "repo_id", None) or repo_id
@@ -93,7 +106,7 @@ def push_task_folder(
         _drop_unknown_base_model(api, os.path.join(local_dir, MODEL_CARD_NAME))
     if not create_pr:
         _refuse_existing_branch(api, repo_id, branch, task_id, local_dir, retry, token)
-    operations = _operations(local_dir, subfolder)  # after the card is final: each records its file's hash
+    operations = _operations(local_dir, files, subfolder)  # after the card is final: each records its file's hash
     with hub_errors(f"Uploading task {task_id + 1} to {repo_id!r}", retry, local_dir, token):
         commit = api.create_commit(repo_id, operations, commit_message=message, revision="main", create_pr=create_pr)
     if create_pr:
@@ -101,6 +114,12 @@ def push_task_folder(
     with hub_errors(f"Creating branch {branch!r} of {repo_id!r}", retry, local_dir, token):
         api.create_branch(repo_id, branch=branch, revision=commit.oid)
     return TaskPush(repo_id, task_id, branch, subfolder, commit, local_dir)
+
+
+def _one_line(text) -> str:
+    """A task name in a commit message: one line, at most 100 characters."""
+    words = " ".join(str(text).split())
+    return words if len(words) <= 100 else words[:99] + "…"
 
 
 def _retry_text(local_dir: str, repo_id: str, task_id: int, subfolder_per_task: bool, create_pr: bool) -> str:
@@ -123,19 +142,15 @@ def _refuse_existing_branch(api, repo_id: str, branch: str, task_id: int, local_
         )
 
 
-def _operations(local_dir: str, subfolder: str | None) -> list:
-    """One upload per file of ``local_dir`` (the card at the root, the rest under ``subfolder`` when given)."""
+def _operations(local_dir: str, files: list[str], subfolder: str | None) -> list:
+    """One upload per file of the task save (the card at the root, the rest under ``subfolder`` when given)."""
     from huggingface_hub import CommitOperationAdd
 
     operations = []
-    for root, _, files in os.walk(local_dir):
-        for name in sorted(files):
-            if name.startswith(".tmp-"):  # left by an atomic write that was killed
-                continue
-            path = os.path.join(root, name)
-            relative = os.path.relpath(path, local_dir).replace(os.sep, "/")
-            in_repo = relative if subfolder is None or relative == MODEL_CARD_NAME else f"{subfolder}/{relative}"
-            operations.append(CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=path))
+    for relative in sorted(files):
+        path = os.path.join(local_dir, *relative.split("/"))
+        in_repo = relative if subfolder is None or relative == MODEL_CARD_NAME else f"{subfolder}/{relative}"
+        operations.append(CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=path))
     return operations
 
 
@@ -186,21 +201,15 @@ def push_task_to_hub(
         classes: the labels of this task (recorded in ``gp_tasks.json``: the classes seen so far).
         accuracy_matrix: ``R[t][k]`` so far, shown in the card as a table, with its metrics and plot.
         plot_path: a PNG of the accuracy matrix to use instead of drawing one.
-        extra_files: more files to put beside the adapter (e.g. a training log).
+        extra_files: more files to put beside the adapter (e.g. a training log); not one named like the task's own
+            files, and never pickles (``*.bin``, ``*.pt``, ``*.pth``, ``training_args*``), hidden files or keys.
         adapter_name: the adapter to push (default: the active one).
+
+    Arguments and ``local_dir`` (new, empty or an earlier task save) are checked before anything is written.
     """
-    task_id = save_task(
-        model,
-        local_dir,
-        task_id,
-        task_name,
-        classes=classes,
-        accuracy_matrix=accuracy_matrix,
-        plot_path=plot_path,
-        extra_files=extra_files,
-        repo_id=repo_id,
-        adapter_name=adapter_name,
-    )
+    check_repo_id(repo_id)
+    task_id = save_task(model, local_dir, task_id, task_name, classes=classes, accuracy_matrix=accuracy_matrix,
+                        plot_path=plot_path, extra_files=extra_files, repo_id=repo_id, adapter_name=adapter_name)
     return push_task_folder(
         local_dir,
         repo_id,

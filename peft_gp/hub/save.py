@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 
 from torch import nn
 
@@ -13,6 +14,8 @@ from ..wiring.persistence import save_pretrained
 from ..wiring.state import get_state
 from ..wiring.task_record import GP_TASKS_NAME, GPTaskState, normalize_matrix
 from .card import MODEL_CARD_NAME, PLOT_NAME, model_card
+from .checks import check_accuracy_matrix, check_repo_id
+from .manifest import check_extra_files, check_save_folder, write_manifest
 
 
 def record_task(
@@ -66,24 +69,69 @@ def save_task(
 
     ``local_dir`` receives PEFT's adapter files (weights with the head of ``modules_to_save``, config),
     ``gp_memory.safetensors``, ``gp_tasks.json``, the model card ``README.md``, the accuracy-matrix plot (the given
-    ``plot_path``, else drawn with matplotlib when installed) and copies of ``extra_files``.
+    ``plot_path``, else drawn with matplotlib when installed), copies of ``extra_files``, and last
+    ``gp_push_files.json``, the list of these files: the only ones ``push_task_folder`` uploads.
+
+    Everything is checked before anything is written: ``repo_id``, ``accuracy_matrix`` (accuracies in [0, 1]),
+    ``extra_files`` (no name of the save's own files, no pickles, hidden files or keys), and ``local_dir``, which
+    must be new, empty, or an earlier task save (a folder holding other files is refused, naming them). The files are
+    written to a temporary folder beside ``local_dir`` that then takes its place.
     """
+    if repo_id is not None:
+        check_repo_id(repo_id)
+    extras = check_extra_files(extra_files)
+    if plot_path is not None and not os.path.isfile(plot_path):
+        raise ValueError(f"plot_path={plot_path!r} is not a file. Nothing was written.")
     peft_model = unwrap_peft_model(model)
     adapter_name = adapter_name or peft_model.active_adapter
-    task_id = record_task(model, task_id, task_name, classes, accuracy_matrix, adapter_name)
     state = get_state(model, adapter_name).tasks
-    os.makedirs(local_dir, exist_ok=True)
-    save_pretrained(peft_model, local_dir, selected_adapters=[adapter_name])
-    adapter_dir = adapter_directory(local_dir, adapter_name)
-    plot_written = _write_plot(state, plot_path, os.path.join(local_dir, PLOT_NAME))
-    for path in extra_files or []:
-        shutil.copyfile(path, os.path.join(local_dir, os.path.basename(path)))
-    card = model_card(peft_model, task_id, repo_id=repo_id, adapter_name=adapter_name, plot=plot_written)
-    with open(os.path.join(local_dir, MODEL_CARD_NAME), "w") as handle:
-        handle.write(card)
-    if adapter_dir != local_dir:  # push_task_folder reads the task record at the top of the folder
-        state.save(os.path.join(local_dir, GP_TASKS_NAME))
+    check_accuracy_matrix(accuracy_matrix if accuracy_matrix is not None else state.accuracy_matrix)
+    check_save_folder(local_dir)
+    task_id = record_task(model, task_id, task_name, classes, accuracy_matrix, adapter_name)
+    stage = _new_sibling(local_dir)
+    try:
+        _write_task(peft_model, stage, task_id, adapter_name, plot_path, extras, repo_id)
+        write_manifest(stage)  # last: a folder without it is not pushed
+        _put_in_place(stage, local_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return task_id
+
+
+def _write_task(peft_model, folder: str, task_id: int, adapter_name: str, plot_path, extras, repo_id) -> None:
+    state = get_state(peft_model, adapter_name).tasks
+    save_pretrained(peft_model, folder, selected_adapters=[adapter_name])
+    plot_written = _write_plot(state, plot_path, os.path.join(folder, PLOT_NAME))
+    for path in extras:
+        shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))
+    card = model_card(peft_model, task_id, repo_id=repo_id, adapter_name=adapter_name, plot=plot_written)
+    with open(os.path.join(folder, MODEL_CARD_NAME), "w", encoding="utf-8") as handle:
+        handle.write(card)
+    if adapter_directory(folder, adapter_name) != folder:  # push_task_folder reads the task record at the top
+        state.save(os.path.join(folder, GP_TASKS_NAME))
+
+
+def _new_sibling(local_dir: str) -> str:
+    """A new empty folder beside ``local_dir`` (same file system: it can be renamed into place)."""
+    target = os.path.abspath(local_dir)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    path = os.path.join(os.path.dirname(target), f".tmp-{os.path.basename(target)}-{uuid.uuid4().hex[:12]}")
+    os.mkdir(path)
+    return path
+
+
+def _put_in_place(stage: str, local_dir: str) -> None:
+    """Rename the finished ``stage`` to ``local_dir``; an earlier save there (checked by ``check_save_folder``) is
+    moved aside first and then deleted."""
+    if os.path.isdir(local_dir) and not os.listdir(local_dir):
+        os.rmdir(local_dir)
+    if not os.path.lexists(local_dir):
+        os.rename(stage, local_dir)
+        return
+    old = f"{stage}.old"
+    os.rename(local_dir, old)
+    os.rename(stage, local_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_plot(state: GPTaskState, plot_path: str | None, path: str) -> bool:
