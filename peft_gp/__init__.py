@@ -12,9 +12,9 @@ from .training.callback import GPCallback, last_checkpoint
 from .training.trainer import GPTrainer
 from .wiring.build import get_peft_model
 from .wiring.checkpoints import GPCheckpointError
-from .wiring.collect import GPCapacityWarning, update_memory
+from .wiring.collect import update_memory
 from .wiring.config import GPAdapterConfig, GPConfigMixin, GPLoraConfig, GPPrefixTuningConfig, GPPromptTuningConfig
-from .wiring.guard import UnprotectedTrainingWarning
+from .wiring.guard import GPCapacityWarning, UnprotectedTrainingWarning
 from .wiring.memory import GP_MEMORY_NAME, GPMemory, GPMemoryError
 from .wiring.persistence import from_pretrained, load_memory, load_task_state, save_memory, save_pretrained
 from .wiring.projector import GPProjector

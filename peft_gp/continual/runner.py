@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..wiring.collect import GPCapacityWarning
+from ..wiring.guard import GPCapacityWarning
 from ..wiring.persistence import save_pretrained
 from .config import RunConfig
 from .generative_runner import run_generative

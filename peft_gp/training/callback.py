@@ -36,7 +36,7 @@ from ..wiring import checkpoints
 from ..wiring.collect import summarize_report, update_memory
 from ..wiring.config import gp_config_of
 from ..wiring.memory_data import memory_sample, task_classes
-from ..wiring.persistence import load_memory, load_task_state, save_gp_files
+from ..wiring.persistence import load_gp_files, save_gp_files
 from ..wiring.projector import GPProjector, raw_optimizer
 from ..wiring.state import get_memory
 
@@ -119,12 +119,13 @@ class GPCallback(TrainerCallback):
     def check_resume(self, checkpoint: str, model: nn.Module) -> dict:
         """Check, before anything is loaded, that ``checkpoint`` continues the task ``model`` trains next."""
         self.bind(model)
-        if not checkpoints.is_complete(checkpoint, self.adapter_name):
+        reason = checkpoints.problem(checkpoint, self.adapter_name)
+        if reason is not None:
             raise checkpoints.GPCheckpointError(
-                f"Cannot resume from {checkpoint}: it lacks {checkpoints.TRAINER_STATE_NAME}, "
-                f"gp_memory.safetensors or {checkpoints.GP_CHECKPOINT_NAME} (a save cut off, or not written by "
-                "GPCallback/GPTrainer). Training without its memory would not protect the earlier tasks: resume from "
-                "a complete checkpoint, or start the task afresh with resume_from_checkpoint=None."
+                f"Cannot resume from {checkpoint}: {reason} (it needs {checkpoints.TRAINER_STATE_NAME}, "
+                f"gp_memory.safetensors and {checkpoints.GP_CHECKPOINT_NAME} from one save; a save cut off, or not "
+                "written by GPCallback/GPTrainer). Training without its memory would not protect the earlier tasks: "
+                "resume from a complete checkpoint, or start the task afresh with resume_from_checkpoint=None."
             )
         tasks_stored = get_memory(model, self.adapter_name).tasks_seen
         return checkpoints.check_resumable(checkpoint, tasks_stored, self.adapter_name)
@@ -259,8 +260,7 @@ class GPCallback(TrainerCallback):
         checkpoint = self.resume_from or self._find_resumed(args.output_dir, state.global_step, model)
         record = self.check_resume(checkpoint, model)
         subfolder = None if self.adapter_name == "default" else self.adapter_name
-        load_memory(model, checkpoint, adapter_name=self.adapter_name, subfolder=subfolder)
-        load_task_state(model, checkpoint, adapter_name=self.adapter_name, subfolder=subfolder)
+        load_gp_files(model, checkpoint, self.adapter_name, subfolder=subfolder)
         return int(record["task_id"])
 
     def _find_resumed(self, output_dir: str, step: int, model) -> str:

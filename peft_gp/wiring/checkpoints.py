@@ -14,9 +14,13 @@ import json
 import os
 import re
 
-from ..core.files import atomic_write_bytes
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+
+from ..core.files import atomic_write_bytes, read_json
 from ..core.peft_utils import adapter_directory
+from .consistency import check_saved_together
 from .memory import GP_MEMORY_NAME, GPMemory, GPMemoryError
+from .task_record import GP_TASKS_NAME, GPTaskState
 
 GP_CHECKPOINT_NAME = "gp_checkpoint.json"
 TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer's own name for it
@@ -44,19 +48,38 @@ def read_record(checkpoint: str, adapter_name: str = "default") -> dict | None:
     """The ``gp_checkpoint.json`` of a checkpoint (``None`` if absent or unreadable: an incomplete save)."""
     path = os.path.join(adapter_directory(checkpoint, adapter_name), GP_CHECKPOINT_NAME)
     try:
-        with open(path, encoding="utf-8") as handle:
-            record = json.load(handle)
-        int(record["task_id"]), int(record["global_step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        record = read_json(path, "")
+        if not isinstance(record, dict):
+            return None
+        for key in ("task_id", "global_step"):
+            if isinstance(record.get(key), bool) or not isinstance(record.get(key), int) or record[key] < 0:
+                return None
+    except ValueError:
         return None
     return record
 
 
+def problem(checkpoint: str, adapter_name: str = "default") -> str | None:
+    """Why the checkpoint cannot be resumed (``None`` when it can): it must hold a trainer state that parses, its
+    ``gp_checkpoint.json``, and a memory, task record and adapter weights that load and come from one save."""
+    folder = adapter_directory(checkpoint, adapter_name)
+    try:
+        read_json(os.path.join(checkpoint, TRAINER_STATE_NAME), "")
+        if read_record(checkpoint, adapter_name) is None:
+            return f"no readable {GP_CHECKPOINT_NAME}"
+        memory = GPMemory.load(os.path.join(folder, GP_MEMORY_NAME))
+        tasks_path = os.path.join(folder, GP_TASKS_NAME)
+        tasks = GPTaskState.load(tasks_path) if os.path.isfile(tasks_path) else None
+        weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+        check_saved_together(memory, tasks, weights if os.path.isfile(weights) else None, checkpoint)
+    except ValueError as error:  # GPMemoryError, GPTaskStateError, unreadable JSON
+        return str(error).split(". ")[0]
+    return None
+
+
 def is_complete(checkpoint: str, adapter_name: str = "default") -> bool:
-    """The checkpoint holds the trainer state, the memory and its ``gp_checkpoint.json``."""
-    memory = os.path.join(adapter_directory(checkpoint, adapter_name), GP_MEMORY_NAME)
-    state = os.path.join(checkpoint, TRAINER_STATE_NAME)
-    return os.path.isfile(state) and os.path.isfile(memory) and read_record(checkpoint, adapter_name) is not None
+    """The checkpoint can be resumed (see ``problem``)."""
+    return problem(checkpoint, adapter_name) is None
 
 
 def _checkpoints_in(folder: str) -> list[tuple[int, str]]:
@@ -82,10 +105,10 @@ def last_checkpoint(output_dir: str, task_id: int, adapter_name: str = "default"
     """
     skipped = []
     for path in reversed(task_checkpoints(output_dir, task_id)):
-        record = read_record(path, adapter_name)
-        if is_complete(path, adapter_name) and int(record["task_id"]) == task_id:
+        reason = problem(path, adapter_name)
+        if reason is None and int(read_record(path, adapter_name)["task_id"]) == task_id:
             return path, skipped
-        skipped.append(path)
+        skipped.append(f"{path} ({reason or 'another task'})")
     return None, skipped
 
 

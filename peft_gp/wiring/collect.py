@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from collections.abc import Iterable, Mapping
@@ -13,11 +14,8 @@ from ..core import maths
 from ..core.peft_utils import unwrap_peft_model
 from .config import gp_config_of
 from .grams import collect_grams
+from .guard import GPCapacityWarning
 from .state import get_state
-
-
-class GPCapacityWarning(UserWarning):
-    """A memory update filled the whole feature space of some projected groups: they can no longer learn."""
 
 
 def update_memory(
@@ -31,6 +29,7 @@ def update_memory(
 ) -> dict[str, dict[str, float]]:
     """Store a finished task in the memory: the plain-PyTorch counterpart of ``GPCallback``'s update.
 
+    Storing the very same features as the last stored task again changes nothing (no phantom task is recorded).
     The task is also recorded in the task record (``peft_gp.get_task_state``, saved as ``gp_tasks.json``) under
     ``task_name`` (default ``task-XX``). Called before the first task on a reference corpus (``task_name="reference"``,
     "task 0"), it protects the pretrained model's behaviour on that corpus from the first task on.
@@ -54,6 +53,9 @@ def update_memory(
     memory, groups = state.memory, state.groups
     max_samples = config.gp_memory_samples if max_samples is None else max_samples
     grams, _ = collect_grams(model, groups, batches, max_samples=max_samples)
+    fingerprint = _fingerprint(grams)
+    if memory.tasks_seen and memory.info.get("last_task_fingerprint") == fingerprint:
+        return _unchanged_report(memory, grams)  # the last task again: idempotent, no phantom task recorded
     threshold = maths.threshold_for_task(config.gp_threshold, config.gp_threshold_increment, memory.tasks_seen)
     full_before = set(memory.full_groups())
     moved, totals = _idle_input_sides(groups, grams, memory, threshold)
@@ -61,8 +63,13 @@ def update_memory(
     with torch.no_grad():
         for group, weight in moved:
             group.weight.copy_(weight.to(group.weight.dtype))
+    memory.info["last_task_fingerprint"] = fingerprint
     state.tasks.record_through(memory.tasks_seen - 1, task_name, classes)
-    newly_full = [name for name in memory.full_groups() if name not in full_before]
+    _warn_if_full([name for name in memory.full_groups() if name not in full_before], stacklevel + 1)
+    return report
+
+
+def _warn_if_full(newly_full: list[str], stacklevel: int) -> None:
     if newly_full:
         warnings.warn(
             f"The memory now fills the whole feature space of {len(newly_full)} projected group(s), e.g. "
@@ -72,7 +79,27 @@ def update_memory(
             GPCapacityWarning,
             stacklevel=stacklevel,
         )
+
+
+def _unchanged_report(memory, grams: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    report = {}
+    for name, gram in grams.items():
+        captured = maths.captured_energy(gram, memory.bases[name].to(gram.device, torch.float64))
+        size = memory.bases[name].shape[1]
+        report[name] = {"captured_before": captured, "captured_after": captured, "added": 0, "basis_size": size,
+                        "dim": memory.dims[name]}  # fmt: skip
     return report
+
+
+def _fingerprint(grams: dict[str, torch.Tensor]) -> str:
+    """A digest of a task's Gram matrices (names, diagonals, column sums): equal only for the very same features."""
+    digest = hashlib.sha256()
+    for name in sorted(grams):
+        gram = grams[name].detach().to("cpu", torch.float64)
+        digest.update(name.encode())
+        digest.update(gram.diagonal().numpy().tobytes())
+        digest.update(gram.sum(0).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _idle_input_sides(groups, grams, memory, threshold) -> tuple[list, dict[str, float]]:

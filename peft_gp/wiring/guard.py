@@ -15,6 +15,11 @@ import weakref
 from torch import nn
 
 
+class GPCapacityWarning(UserWarning):
+    """Layers' feature spaces are full (a memory update filled them, or a task's gradient was almost all removed):
+    they can no longer learn."""
+
+
 class UnprotectedTrainingWarning(UserWarning):
     """A GP adapter with stored tasks gets gradients while no projector is attached: old tasks are not protected."""
 

@@ -7,19 +7,13 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from ..core import maths
-from ..core.files import atomic_write_bytes, newer_format_message
+from ..core.files import atomic_write_bytes
+from .memory_file import FORMAT_VERSION, GPMemoryError, read_memory_file
 
 GP_MEMORY_NAME = "gp_memory.safetensors"
-FORMAT_VERSION = 1
-
-
-class GPMemoryError(ValueError):
-    """A memory file or state that does not fit the model, or cannot be read."""
 
 
 @dataclass
@@ -86,63 +80,31 @@ class GPMemory:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: basis.detach().to("cpu", torch.float32).contiguous() for name, basis in self.bases.items()}
 
-    def metadata(self) -> dict[str, str]:
+    def metadata(self, adapter_sha256: str | None = None) -> dict[str, str]:
+        info = {key: value for key, value in self.info.items() if key != "adapter_sha256"}
         return {
             "format": "pt",
             "gp_format_version": str(FORMAT_VERSION),
             "gp_tasks_seen": str(self.tasks_seen),
             "gp_thresholds": json.dumps(self.thresholds),
             "gp_dims": json.dumps(self.dims, sort_keys=True),
-            **{f"gp_{key}": value for key, value in self.info.items()},
+            **{f"gp_{key}": value for key, value in info.items()},
+            **({"gp_adapter_sha256": adapter_sha256} if adapter_sha256 else {}),
         }
 
-    def save(self, path: str) -> None:
-        """Write ``gp_memory.safetensors`` atomically (temporary file, then rename)."""
-        atomic_write_bytes(path, save_safetensors_bytes(self.state_dict(), metadata=self.metadata()))
+    def save(self, path: str, adapter_sha256: str | None = None) -> None:
+        """Write ``gp_memory.safetensors`` atomically (temporary file, then rename), with the SHA-256 of the adapter
+        weights saved beside it when given."""
+        data = save_safetensors_bytes(self.state_dict(), metadata=self.metadata(adapter_sha256))
+        atomic_write_bytes(path, data)
 
     @classmethod
     def load(cls, path: str) -> GPMemory:
-        """Read a memory file, checking its format; shapes against a model are checked by ``check_fits``."""
+        """Read a memory file, every field checked (``memory_file``); shapes against a model: ``check_fits``."""
         if not os.path.isfile(path):
             raise GPMemoryError(f"No memory file at {path}.")
-        with open(path, "rb") as handle:
-            data = handle.read()
-        try:
-            tensors = load_safetensors_bytes(data)
-            metadata = _read_metadata(data)
-        except (SafetensorError, ValueError, json.JSONDecodeError) as error:
-            raise GPMemoryError(
-                f"{path} is not a readable gp memory file ({error}). It may be truncated or damaged: restore it from "
-                "an earlier checkpoint."
-            ) from error
-        try:
-            version = int(metadata["gp_format_version"])
-            dims = {str(k): int(v) for k, v in json.loads(metadata["gp_dims"]).items()}
-            thresholds = [float(t) for t in json.loads(metadata["gp_thresholds"])]
-        except (KeyError, ValueError, TypeError, AttributeError) as error:
-            raise GPMemoryError(
-                f"{path} lacks valid gp metadata ({error!r}): it was not written by peft_gp."
-            ) from error
-        newer = newer_format_message(path, "memory", version, FORMAT_VERSION)
-        if newer:
-            raise GPMemoryError(newer)
-        if set(tensors) != set(dims):
-            raise GPMemoryError(f"{path}: the bases {sorted(tensors)[:4]} do not match the recorded layers.")
-        for name, basis in tensors.items():
-            if basis.dtype != torch.float32:
-                raise GPMemoryError(f"{path}: basis {name!r} has dtype {basis.dtype}, expected torch.float32.")
-            if basis.dim() != 2 or basis.shape[0] != dims[name] or basis.shape[1] > dims[name]:
-                raise GPMemoryError(
-                    f"{path}: basis {name!r} has shape {tuple(basis.shape)}, expected ({dims[name]}, k)."
-                )
-            if not torch.isfinite(basis).all():
-                raise GPMemoryError(f"{path}: basis {name!r} holds NaN or inf; the file is damaged.")
-            if maths.orthonormality_error(basis) > 1e-3:
-                raise GPMemoryError(f"{path}: basis {name!r} is not orthonormal; the file is damaged.")
-        info = {key[3:]: value for key, value in metadata.items() if key.startswith("gp_")}
-        for key in ("format_version", "tasks_seen", "thresholds", "dims"):
-            info.pop(key, None)
-        return cls(dims=dims, bases=dict(tensors), thresholds=thresholds, info=info)
+        dims, bases, thresholds, info = read_memory_file(path)
+        return cls(dims=dims, bases=bases, thresholds=thresholds, info=info)
 
     def check_fits(self, expected_dims: dict[str, int], source: str = "the memory") -> None:
         """Raise a ``GPMemoryError`` naming every layer whose basis does not fit ``expected_dims``."""
@@ -164,9 +126,3 @@ class GPMemory:
                 f"{source} does not fit this model/adapter ({'; '.join(details)}). It belongs to another adapter or "
                 "base model: load it with the base model and adapter config it was trained with."
             )
-
-
-def _read_metadata(data: bytes) -> dict[str, str]:
-    header_size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_size])
-    return header.get("__metadata__", {}) or {}

@@ -7,31 +7,48 @@
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 from dataclasses import fields
 
 from peft import PeftModel
-from peft.utils import CONFIG_NAME
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
+from ..core.files import read_json, replace_directory, sha256_file, sibling_temporary_folder
 from ..core.hub_errors import hub_errors
 from ..core.peft_utils import adapter_directory, unwrap_peft_model
 from .attention import vocabulary_for_prefix
+from .checkpoints import GP_CHECKPOINT_NAME
 from .config import GP_CONFIG_CLASSES, is_gp_config
+from .consistency import check_saved_together
 from .memory import GP_MEMORY_NAME, GPMemory, GPMemoryError
 from .state import get_memory, get_state, get_task_state, has_task_state, set_memory, set_task_state
 from .task_record import GP_TASKS_NAME, GPTaskState
 
+# what a save decides about: never carried over from an older save of the same folder
+MANAGED_FILES = frozenset((SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, CONFIG_NAME, "README.md"))
+MANAGED_FILES |= {GP_MEMORY_NAME, GP_TASKS_NAME, GP_CHECKPOINT_NAME}
+
 
 def save_memory(model: nn.Module, save_directory: str, adapter_name: str | None = None) -> str:
-    """Write the memory of ``adapter_name`` (default: active) to ``gp_memory.safetensors``; returns the path."""
+    """Write the memory of ``adapter_name`` (default: active) to ``gp_memory.safetensors``; returns the path.
+
+    When the adapter's weights are already in that folder, their SHA-256 goes into the memory's metadata, so that a
+    memory and an adapter from different saves are told apart on load.
+    """
     peft_model = unwrap_peft_model(model)
     adapter_name = adapter_name or peft_model.active_adapter
-    path = os.path.join(adapter_directory(save_directory, adapter_name), GP_MEMORY_NAME)
-    get_memory(peft_model, adapter_name).save(path)
+    folder = adapter_directory(save_directory, adapter_name)
+    path = os.path.join(folder, GP_MEMORY_NAME)
+    get_memory(peft_model, adapter_name).save(path, adapter_sha256=_weights_sha256(folder))
     return path
+
+
+def _weights_sha256(folder: str) -> str | None:
+    weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+    return sha256_file(weights) if os.path.isfile(weights) else None
 
 
 def save_gp_files(model: nn.Module, save_directory: str, adapter_name: str | None = None) -> None:
@@ -40,23 +57,32 @@ def save_gp_files(model: nn.Module, save_directory: str, adapter_name: str | Non
     adapter_name = adapter_name or peft_model.active_adapter
     save_memory(peft_model, save_directory, adapter_name)
     if has_task_state(peft_model, adapter_name):
-        path = os.path.join(adapter_directory(save_directory, adapter_name), GP_TASKS_NAME)
-        get_task_state(peft_model, adapter_name).save(path)
+        folder = adapter_directory(save_directory, adapter_name)
+        tasks = get_task_state(peft_model, adapter_name)
+        tasks.adapter_sha256 = _weights_sha256(folder)
+        tasks.save(os.path.join(folder, GP_TASKS_NAME))
 
 
 def save_pretrained(model: nn.Module, save_directory: str, **kwargs) -> None:
-    """``model.save_pretrained(save_directory, **kwargs)`` (PEFT's files), then each GP adapter's memory and record.
+    """PEFT's ``save_pretrained`` and each GP adapter's memory and task record, put in place as one folder.
 
-    PEFT's own ``save_pretrained`` writes only the adapter; the memory is peft_gp's, so saving it goes through here
-    (and through ``GPCallback``'s checkpoint hook). Only the main process writes (``is_main_process``).
+    Everything is written to a temporary folder beside ``save_directory``, which then replaces it in one step
+    (``core.files.replace_directory``): killed at any moment, the folder holds the previous save or this one, never
+    a mix. Other files already in ``save_directory`` are kept. ``kwargs`` go to PEFT's ``save_pretrained``; only the
+    main process writes (``is_main_process``).
     """
     peft_model = unwrap_peft_model(model)
-    peft_model.save_pretrained(save_directory, **kwargs)
     if not kwargs.get("is_main_process", True):
         return
-    for adapter_name in kwargs.get("selected_adapters") or list(peft_model.peft_config):
-        if is_gp_config(peft_model.peft_config[adapter_name]):
-            save_gp_files(peft_model, save_directory, adapter_name)
+    temporary = sibling_temporary_folder(save_directory)
+    try:
+        peft_model.save_pretrained(temporary, **kwargs)
+        for adapter_name in kwargs.get("selected_adapters") or list(peft_model.peft_config):
+            if is_gp_config(peft_model.peft_config[adapter_name]):
+                save_gp_files(peft_model, temporary, adapter_name)
+        replace_directory(temporary, save_directory, MANAGED_FILES)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def _resolve_file(
@@ -88,8 +114,9 @@ def load_gp_config(model_id: str, revision: str | None = None, subfolder: str | 
     path = _resolve_file(model_id, CONFIG_NAME, revision, subfolder)
     if path is None:
         raise FileNotFoundError(f"No {CONFIG_NAME} in {model_id!r} (subfolder={subfolder!r}, revision={revision!r}).")
-    with open(path) as handle:
-        raw = json.load(handle)
+    raw = read_json(path, f"It is not a valid {CONFIG_NAME}: restore the adapter folder from its save.")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} does not hold a JSON object: not a valid {CONFIG_NAME}.")
     peft_type = raw.get("peft_type")
     if peft_type not in GP_CONFIG_CLASSES:
         raise ValueError(f"{path}: peft_gp supports peft_type {sorted(GP_CONFIG_CLASSES)}, got {peft_type!r}.")
@@ -100,6 +127,12 @@ def load_gp_config(model_id: str, revision: str | None = None, subfolder: str | 
         )
     config_cls = GP_CONFIG_CLASSES[peft_type]
     known = {f.name for f in fields(config_cls)}
+    unknown = sorted(key for key in raw if key.startswith("gp_") and key not in known)
+    if unknown:
+        raise ValueError(
+            f"{path} has gp_* settings this peft_gp does not know: {unknown}. A newer peft_gp wrote it (pip install "
+            "-U peft-gp), or the file was edited: remove the unknown keys."
+        )
     return config_cls(**{key: value for key, value in raw.items() if key in known})
 
 
@@ -139,6 +172,36 @@ def load_task_state(
     state = GPTaskState.load(path)
     set_task_state(model, state, adapter_name)
     return state
+
+
+def adapter_weights(model_id: str, revision: str | None = None, subfolder: str | None = None) -> str:
+    """The local path of ``adapter_model.safetensors``; a folder that has only PEFT's ``.bin`` file is refused."""
+    path = _resolve_file(model_id, SAFETENSORS_WEIGHTS_NAME, revision, subfolder)
+    if path is not None:
+        return path
+    if _resolve_file(model_id, WEIGHTS_NAME, revision, subfolder, optional=True) is not None:
+        raise ValueError(
+            f"{model_id!r} holds the adapter only as {WEIGHTS_NAME}, a torch-serialised file that can run code on "
+            f"load, which peft_gp never reads. Save it as {SAFETENSORS_WEIGHTS_NAME} (peft_gp.save_pretrained, or "
+            "PEFT's save_pretrained with safe_serialization=True) from a source you trust."
+        )
+    raise FileNotFoundError(f"No {SAFETENSORS_WEIGHTS_NAME} in {model_id!r} (subfolder={subfolder!r}).")
+
+
+def load_gp_files(
+    model: nn.Module,
+    model_id: str,
+    adapter_name: str | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+) -> tuple[GPMemory, GPTaskState | None]:
+    """Load the memory and the task record of a save, after checking that they and the adapter weights beside them
+    come from one save (``check_saved_together``); attach both."""
+    memory = load_memory(model, model_id, adapter_name, revision, subfolder)
+    tasks = load_task_state(model, model_id, adapter_name, revision, subfolder)
+    weights = _resolve_file(model_id, SAFETENSORS_WEIGHTS_NAME, revision, subfolder, optional=True)
+    check_saved_together(memory, tasks, weights, f"{model_id!r}" + (f" ({subfolder})" if subfolder else ""))
+    return memory, tasks
 
 
 def _make_prompt_trainable(model: PeftModel, adapter_name: str) -> None:
@@ -181,6 +244,7 @@ def from_pretrained(
     where = f"{model_id!r}" + (f" at revision {revision!r}" if revision else "")
     with hub_errors(f"Loading {where} from the Hub"):
         config = load_gp_config(model_id, revision=revision, subfolder=subfolder)
+        adapter_weights(model_id, revision, subfolder)  # safetensors only, checked before PEFT falls back to .bin
         hub_kwargs = {key: value for key, value in (("revision", revision), ("subfolder", subfolder)) if value}
         # PEFT refuses is_trainable=True for prompt learning: load for inference, then make the prompt trainable
         prompt_learning = config.is_prompt_learning
@@ -196,7 +260,6 @@ def from_pretrained(
             )
         if is_trainable and prompt_learning:
             _make_prompt_trainable(model, adapter_name)
-        load_memory(model, model_id, adapter_name=adapter_name, revision=revision, subfolder=subfolder)
-        load_task_state(model, model_id, adapter_name=adapter_name, revision=revision, subfolder=subfolder)
+        load_gp_files(model, model_id, adapter_name, revision, subfolder)
     get_state(model, adapter_name)  # the prefix route, when there is one, is in place before the first forward
     return model

@@ -15,13 +15,17 @@ hooks go on the optimizer it wraps).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from ..core.peft_utils import unwrap_peft_model
 from .config import gp_config_of
 from .groups import ProjectedGroup
-from .state import get_state
+from .guard import GPCapacityWarning, UnprotectedTrainingWarning
+from .state import get_state, uncovered_parameters
+from .units import Unit, make_units
 
 
 def raw_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -32,88 +36,6 @@ def raw_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
             break
         optimizer = inner
     return optimizer
-
-
-class _Unit:
-    """What one projection step acts on: one group, or a run of groups (e.g. the heads of one prefix) that tile one
-    contiguous column block of a parameter with equal widths, projected together with one batched matmul against
-    their bases stacked and zero-padded to ``(groups, dim, k_max)`` (zero columns project nothing)."""
-
-    def __init__(self, groups: list[ProjectedGroup]) -> None:
-        self.groups = groups
-        first = groups[0]
-        self.parameters = first.parameters
-        self.frozen = first.frozen
-        self.has_bias = first.bias is not None
-        self.basis: torch.Tensor | None = None
-        if len(groups) > 1:
-            self.start, self.width = first.index[1].start, first.index[1].stop - first.index[1].start
-            self.transpose = first.transpose
-
-    def blocks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Views of the unit's block of each tensor (writing to them writes to the tensors), feature axis last."""
-        if len(self.groups) == 1:
-            return [self.groups[0].view(tensors[0]), *tensors[1:]]
-        block = tensors[0][:, self.start : self.start + len(self.groups) * self.width]
-        block = block.unflatten(1, (len(self.groups), self.width)).transpose(0, 1)  # (groups, rows, width)
-        return [block.transpose(1, 2) if self.transpose else block]
-
-    def joined(self, blocks: list[torch.Tensor]) -> torch.Tensor:
-        weight = blocks[0].to(self.basis.dtype)
-        if not self.has_bias:
-            return weight
-        return torch.cat([weight, blocks[1].to(self.basis.dtype).unsqueeze(-1)], dim=-1)
-
-    def split(self, joined: torch.Tensor) -> list[torch.Tensor]:
-        return [joined] if not self.has_bias else [joined[..., :-1], joined[..., -1]]
-
-    def load_basis(self, memory) -> None:
-        dtype = self.parameters[0].dtype
-        compute_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        bases = [memory.bases[group.name].to(self.parameters[0].device, compute_dtype) for group in self.groups]
-        width = max(basis.shape[1] for basis in bases)
-        if width == 0:
-            self.basis = None
-        elif len(bases) == 1:
-            self.basis = bases[0]
-        else:
-            self.basis = torch.stack([nn.functional.pad(basis, (0, width - basis.shape[1])) for basis in bases])
-
-
-def _tiles(group: ProjectedGroup) -> bool:
-    index = group.index
-    return (
-        group.bias is None
-        and not group.frozen
-        and group.weight.dim() == 2
-        and isinstance(index, tuple)
-        and len(index) == 2
-        and index[0] == slice(None)
-        and isinstance(index[1], slice)
-        and index[1].step in (None, 1)
-        and index[1].start is not None
-        and index[1].stop is not None
-    )
-
-
-def _units(groups: list[ProjectedGroup]) -> list[_Unit]:
-    """Group consecutive column blocks of one parameter (equal width, same orientation) into batched units."""
-    units: list[list[ProjectedGroup]] = []
-    for group in groups:
-        run = units[-1] if units else None
-        if (
-            run is not None
-            and _tiles(group)
-            and _tiles(run[-1])
-            and group.weight is run[-1].weight
-            and group.transpose == run[-1].transpose
-            and group.index[1].start == run[-1].index[1].stop
-            and group.index[1].stop - group.index[1].start == run[0].index[1].stop - run[0].index[1].start
-        ):
-            run.append(group)
-        else:
-            units.append([group])
-    return [_Unit(run) for run in units]
 
 
 class GPProjector:
@@ -142,21 +64,21 @@ class GPProjector:
         self.memory = self._state.memory
         self._model = peft_model
         self.groups: list[ProjectedGroup] = self._state.groups
-        self._units: list[_Unit] = _units(self.groups)
+        self._units: list[Unit] = make_units(self.groups)
         self._memory_state: tuple[int, int] | None = None
         self._handles: list = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._snapshots: list[list[torch.Tensor]] | None = None
-        self._stats = None
-        self.reset_stats()
+        self._stats = self._task_stats = _empty_stats()
 
     # ---- setup -------------------------------------------------------------------------------------------------
 
     @property
     def active(self) -> bool:
-        """Whether steps are projected: only once the memory holds at least one task (none during task 1)."""
+        """Whether steps are projected: once the memory holds a task (none during task 1). Decided from the bases
+        themselves as well, so that no metadata can switch the protection of stored directions off."""
         self._refresh()
-        return self.memory.tasks_seen > 0
+        return self.memory.tasks_seen > 0 or not self.memory.is_empty
 
     def _refresh(self) -> None:
         # the memory may have been replaced (resume from a checkpoint) or grown (end of a task)
@@ -189,12 +111,24 @@ class GPProjector:
         ]
         self._optimizer = optimizer
         self._state.guard.attached += 1
+        self._task_stats = _empty_stats()
+        uncovered = uncovered_parameters(self._model, self.adapter_name)
+        if uncovered:
+            warnings.warn(
+                f"{len(uncovered)} trainable parameter(s) are not protected by gradient projection and will change "
+                f"old-task outputs: {uncovered[:6]}{' ...' if len(uncovered) > 6 else ''}. Freeze them "
+                "(requires_grad_(False)), or put the module in modules_to_save (gp_modules_to_save='project').",
+                UnprotectedTrainingWarning,
+                stacklevel=2,
+            )
         return self
 
     def detach(self) -> None:
-        """Remove the hooks from the optimizer they were attached to."""
+        """Remove the hooks from the optimizer they were attached to; warn about the task that ends if its gradients
+        were mostly removed (full layers) or not finite."""
         if self._optimizer is not None:
             self._state.guard.attached -= 1
+            _warn_about_task(self._task_stats, self.memory)
         for handle in self._handles:
             handle.remove()
         self._handles, self._optimizer, self._snapshots = [], None, None
@@ -208,7 +142,7 @@ class GPProjector:
             self._project_gradients()
 
     def _project_gradients(self) -> None:
-        total = removed = None
+        total = removed = non_finite = None
         for unit in self._units:
             grads = [p.grad for p in unit.parameters]
             if any(g is None for g in grads):
@@ -222,14 +156,20 @@ class GPProjector:
                 continue
             joined = unit.joined(grads)
             inside = (joined @ unit.basis) @ unit.basis.mT
-            total = joined.square().sum() if total is None else total + joined.square().sum()
-            removed = inside.square().sum() if removed is None else removed + inside.square().sum()
-            for grad, new in zip(grads, unit.split(joined - inside)):
+            # a NaN or inf would spread through the projection to every entry of its row: leave such a unit as it is
+            finite = torch.isfinite(joined).all()
+            square, removed_square = joined.square().sum(), inside.square().sum()
+            total = _add(total, torch.where(finite, square, 0.0))
+            removed = _add(removed, torch.where(finite, removed_square, 0.0))
+            non_finite = _add(non_finite, (~finite).float())
+            for grad, new in zip(grads, unit.split(torch.where(finite, joined - inside, joined))):
                 grad.copy_(new)
         if total is not None:  # kept on the device: no sync until the next log
-            self._stats["grad_sq"] = self._stats["grad_sq"] + total.float()
-            self._stats["removed_sq"] = self._stats["removed_sq"] + removed.float()
-            self._stats["steps"] += 1
+            for stats in (self._stats, self._task_stats):
+                stats["grad_sq"] = stats["grad_sq"] + total.float()
+                stats["removed_sq"] = stats["removed_sq"] + removed.float()
+                stats["non_finite"] = stats["non_finite"] + non_finite
+                stats["steps"] += 1
 
     @torch.no_grad()
     def _before_step(self) -> None:
@@ -257,7 +197,8 @@ class GPProjector:
                     param.copy_(before)
                 continue
             joined = unit.joined([param - before for param, before in zip(params, old)])
-            deltas = unit.split(joined - (joined @ unit.basis) @ unit.basis.mT)
+            projected = joined - (joined @ unit.basis) @ unit.basis.mT
+            deltas = unit.split(torch.where(torch.isfinite(joined).all(), projected, joined))
             for param, before, delta in zip(params, old, deltas):
                 param.copy_(before + delta.to(param.dtype))
         self._snapshots = None
@@ -265,7 +206,7 @@ class GPProjector:
     # ---- statistics --------------------------------------------------------------------------------------------
 
     def reset_stats(self) -> None:
-        self._stats = {"grad_sq": 0.0, "removed_sq": 0.0, "steps": 0}
+        self._stats = _empty_stats()
 
     def pop_stats(self) -> dict[str, float]:
         """Share of the gradient norm² removed by the projection since the last call (for logging)."""
@@ -275,3 +216,40 @@ class GPProjector:
             return {}
         share = (stats["removed_sq"] / stats["grad_sq"].clamp_min(1e-30)).item()
         return {"gp_grad_removed": share}
+
+
+def _empty_stats() -> dict:
+    return {"grad_sq": 0.0, "removed_sq": 0.0, "non_finite": 0.0, "steps": 0}
+
+
+def _add(total, value):
+    return value if total is None else total + value
+
+
+FLAT_SHARE = 0.99  # a task whose projection removed this share of its gradient could barely learn
+
+
+def _warn_about_task(stats: dict, memory) -> None:
+    """One warning per task: non-finite gradients left unprojected, or a task whose gradient was almost all
+    removed (its layers' spaces are full)."""
+    if stats["steps"] == 0:
+        return
+    non_finite = float(stats["non_finite"])
+    if non_finite > 0:
+        warnings.warn(
+            f"Non-finite gradients (NaN or inf) reached {non_finite:.0f} projected block(s) in this task: they were "
+            "left unprojected, so those steps did not protect the old tasks there. Check the loss, the learning "
+            "rate and mixed precision (the Trainer's logging_nan_inf_filter hides such losses from the logs).",
+            UnprotectedTrainingWarning,
+            stacklevel=3,
+        )
+    share = float(stats["removed_sq"] / max(float(stats["grad_sq"]), 1e-30))
+    if share >= FLAT_SHARE:
+        full = memory.full_groups()
+        warnings.warn(
+            f"Gradient projection removed {100 * share:.1f}% of this task's gradient: it could barely learn. Full "
+            f"layers ({len(full)}): {full[:6]}{' ...' if len(full) > 6 else ''}. Lower gp_threshold, or widen the "
+            "layers' spaces (LoRA rank, bottleneck size, virtual tokens).",
+            GPCapacityWarning,
+            stacklevel=3,
+        )

@@ -14,6 +14,7 @@ import weakref
 from dataclasses import dataclass
 
 from peft import PeftModel
+from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from ..core.peft_utils import unwrap_peft_model
@@ -44,7 +45,6 @@ def resolve_groups(model: nn.Module, adapter_name: str | None = None) -> list[Pr
     """All projected groups of ``adapter_name``: the paradigm's own plus those of ``modules_to_save``.
 
     Called once at setup; the training step then works on the returned parameters without any name matching.
-    Warns about trainable parameters that nothing protects.
     """
     peft_model = unwrap_peft_model(model)
     adapter_name = adapter_name or peft_model.active_adapter
@@ -57,18 +57,6 @@ def resolve_groups(model: nn.Module, adapter_name: str | None = None) -> list[Pr
     if not groups:
         raise ValueError(f"Adapter {adapter_name!r} has no parameters that gradient projection can protect.")
 
-    covered = {id(p) for group in groups for p in group.parameters}
-    uncovered = [
-        name
-        for name, param in peft_model.named_parameters()
-        if param.requires_grad and id(param) not in covered and f".{adapter_name}." in f".{name}."
-    ]
-    if uncovered and config.gp_modules_to_save != "train":
-        warnings.warn(
-            f"These trainable parameters of adapter {adapter_name!r} are not protected by gradient projection and "
-            f"will change old-task outputs: {uncovered[:8]}{' ...' if len(uncovered) > 8 else ''}",
-            stacklevel=2,
-        )
     return groups
 
 
@@ -123,6 +111,28 @@ def get_state(model: nn.Module, adapter_name: str | None = None) -> GPState:
     return state
 
 
+def uncovered_parameters(model: nn.Module, adapter_name: str | None = None) -> list[str]:
+    """Trainable parameters of the whole model that no projected group covers, named with their module's type.
+
+    Judged by what they are (``requires_grad`` and not in a group), not by their names: a head, a base ``Linear`` or a
+    LayerNorm unfrozen by hand counts. The ``modules_to_save`` copies of a ``gp_modules_to_save="train"`` adapter are
+    free on purpose and left out.
+    """
+    peft_model = unwrap_peft_model(model)
+    state = get_state(peft_model, adapter_name)
+    covered = {id(p) for group in state.groups for p in group.parameters}
+    if gp_config_of(peft_model, state.adapter_name).gp_modules_to_save == "train":
+        for module in peft_model.modules():
+            if isinstance(module, ModulesToSaveWrapper) and state.adapter_name in module.modules_to_save:
+                covered |= {id(p) for p in module.modules_to_save[state.adapter_name].parameters()}
+    found = []
+    for module_name, module in peft_model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad and id(param) not in covered:
+                found.append(f"{module_name}.{name} ({type(module).__name__})")
+    return found
+
+
 def get_memory(model: nn.Module, adapter_name: str | None = None) -> GPMemory:
     """The GP memory of ``adapter_name`` (default: the active adapter), created empty on first use."""
     return get_state(model, adapter_name).memory
@@ -162,6 +172,6 @@ def set_memory(model: nn.Module, memory: GPMemory, adapter_name: str | None = No
             "shapes match; if these are not the same weights, old tasks are not protected.",
             stacklevel=2,
         )
-    memory.info = {**expected, "base_model": recorded_base or expected_base}
+    memory.info = {**memory.info, **expected, "base_model": recorded_base or expected_base}
     memory.version += 1
     state.memory = memory

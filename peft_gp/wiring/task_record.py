@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.files import atomic_write_bytes, newer_format_message
+from ..core.files import atomic_write_bytes, newer_format_message, read_json
 
 GP_TASKS_NAME = "gp_tasks.json"
 TASKS_FORMAT_VERSION = 1
@@ -43,6 +43,7 @@ class GPTaskState:
     task_names: list[str] = field(default_factory=list)
     task_classes: list[list[Label] | None] = field(default_factory=list)
     accuracy_matrix: list[list[float | None]] | None = None
+    adapter_sha256: str | None = None  # of the adapter weights saved beside it (checked on load)
 
     @property
     def tasks_seen(self) -> int:
@@ -85,23 +86,40 @@ class GPTaskState:
             "task_classes": [None if c is None else list(c) for c in self.task_classes],
             "classes_seen": self.classes_seen,
             "accuracy_matrix": normalize_matrix(self.accuracy_matrix),
+            **({"adapter_sha256": self.adapter_sha256} if self.adapter_sha256 else {}),
         }
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = "task state") -> GPTaskState:
-        try:
-            version = int(raw["gp_format_version"])
-            names = [str(name) for name in raw["task_names"]]
-            task_classes = [None if c is None else _labels(c) for c in raw["task_classes"]]
-            matrix = raw.get("accuracy_matrix")
-        except (KeyError, TypeError, ValueError) as error:
-            raise GPTaskStateError(f"{source} is not a valid {GP_TASKS_NAME} ({error!r}).") from error
+        """A task record from its JSON form, every field's type checked (a file that fails names itself)."""
+        fix = "Restore it from the same save as its adapter and memory."
+        if not isinstance(raw, dict) or not {"gp_format_version", "task_names", "task_classes"} <= set(raw):
+            raise GPTaskStateError(
+                f"{source} is not a valid {GP_TASKS_NAME}: it lacks gp_format_version, task_names or task_classes. "
+                + fix
+            )
+        version = raw["gp_format_version"]
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise GPTaskStateError(f"{source}: gp_format_version must be a whole number, got {version!r}. {fix}")
         newer = newer_format_message(source, GP_TASKS_NAME, version, TASKS_FORMAT_VERSION)
         if newer:
             raise GPTaskStateError(newer)
+        names, task_classes = raw["task_names"], raw["task_classes"]
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise GPTaskStateError(f"{source}: task_names must be a list of strings, got {names!r}. {fix}")
+        if not isinstance(task_classes, list) or not all(c is None or isinstance(c, list) for c in task_classes):
+            raise GPTaskStateError(f"{source}: task_classes must hold a list (or null) per task. {fix}")
         if len(task_classes) != len(names):
-            raise GPTaskStateError(f"{source}: {len(names)} task names but {len(task_classes)} class lists.")
-        return cls(names, task_classes, normalize_matrix(matrix))
+            raise GPTaskStateError(f"{source}: {len(names)} task names but {len(task_classes)} class lists. {fix}")
+        adapter_sha256 = raw.get("adapter_sha256")
+        if adapter_sha256 is not None and not (isinstance(adapter_sha256, str) and len(adapter_sha256) == 64):
+            raise GPTaskStateError(f"{source}: adapter_sha256 must be a SHA-256 hex digest. {fix}")
+        try:
+            classes = [None if c is None else _labels(c) for c in task_classes]
+            matrix = normalize_matrix(raw.get("accuracy_matrix"))
+        except GPTaskStateError as error:
+            raise GPTaskStateError(f"{source}: {error} {fix}") from None
+        return cls(list(names), classes, matrix, adapter_sha256)
 
     def save(self, path: str) -> None:
         atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
@@ -109,14 +127,15 @@ class GPTaskState:
     @classmethod
     def load(cls, path: str) -> GPTaskState:
         try:
-            with open(path) as handle:
-                raw = json.load(handle)
-        except (OSError, json.JSONDecodeError) as error:
-            raise GPTaskStateError(f"Cannot read {path}: {error}") from error
+            raw = read_json(path, f"Restore {GP_TASKS_NAME} from the same save as its adapter and memory.")
+        except ValueError as error:
+            raise GPTaskStateError(str(error)) from None
         return cls.from_dict(raw, source=path)
 
 
 def _labels(classes) -> list[Label]:
+    if isinstance(classes, (str, bytes, dict)) or not hasattr(classes, "__iter__"):
+        raise GPTaskStateError(f"A task's classes are a list of labels, got {classes!r} ({type(classes).__name__}).")
     labels = []
     for label in classes:
         if hasattr(label, "item"):  # numpy / torch scalars
@@ -128,15 +147,22 @@ def _labels(classes) -> list[Label]:
 
 
 def normalize_matrix(matrix) -> list[list[float | None]] | None:
-    """An accuracy matrix as plain lists of floats, with ``None`` for missing (or NaN) entries."""
+    """An accuracy matrix as plain lists of floats in [0, 1], ``None`` for missing (or NaN) entries; anything else
+    (a value outside [0, 1], an infinity, a string) is a ``GPTaskStateError`` naming it."""
     if matrix is None:
         return None
+    if not isinstance(matrix, (list, tuple)) or not all(isinstance(row, (list, tuple)) for row in matrix):
+        raise GPTaskStateError(f"An accuracy matrix is a list of rows (lists), got {matrix!r}.")
     rows = []
-    for row in matrix:
+    for t, row in enumerate(matrix):
         values = []
-        for value in row:
+        for k, value in enumerate(row):
+            if hasattr(value, "item"):  # numpy / torch scalars
+                value = value.item()
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 values.append(None)
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise GPTaskStateError(f"Accuracy R[{t}][{k}] = {value!r} is not a fraction in [0, 1] (or null).")
             else:
                 values.append(float(value))
         rows.append(values)

@@ -1,0 +1,121 @@
+"""Reading ``gp_memory.safetensors``: every field of its metadata and every basis checked before use.
+
+A memory that loads decides what is protected, so nothing in it is taken on trust: the format version, the number of
+tasks stored (equal to the number of thresholds, each finite and in (0, 1]), the layer dimensions, and each basis
+(float32, ``(d, k)`` with ``k ≤ d``, finite, orthonormal; empty when no task is stored). A file that fails any check
+raises ``GPMemoryError`` naming the file, what is wrong and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+
+from ..core import maths
+from ..core.files import newer_format_message, parse_json
+
+FORMAT_VERSION = 1
+DAMAGED = "It may be truncated or damaged: restore it from an earlier checkpoint or save."
+
+
+class GPMemoryError(ValueError):
+    """A memory file or state that does not fit the model, or cannot be read."""
+
+
+def _header_metadata(data: bytes, path: str) -> dict[str, str]:
+    if len(data) < 8:
+        raise GPMemoryError(f"{path} is {len(data)} bytes: not a safetensors file. {DAMAGED}")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise GPMemoryError(f"{path}: its header claims {size} bytes, the file has {len(data) - 8}. {DAMAGED}")
+    try:
+        header = parse_json(data[8 : 8 + size], f"The header of {path}", DAMAGED, max_depth=4)
+    except ValueError as error:
+        raise GPMemoryError(str(error)) from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise GPMemoryError(f"{path} has no valid gp metadata: it was not written by peft_gp.")
+    return metadata
+
+
+def _field(metadata: dict[str, str], key: str, path: str):
+    if key not in metadata:
+        raise GPMemoryError(f"{path} lacks the gp metadata field {key!r}: it was not written by peft_gp.")
+    try:
+        return parse_json(metadata[key], f"The metadata field {key!r} of {path}", DAMAGED, max_depth=2)
+    except ValueError as error:
+        raise GPMemoryError(str(error)) from None
+
+
+def _whole(value, key: str, path: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise GPMemoryError(f"{path}: metadata {key} must be a whole number ≥ {minimum}, got {value!r}. {DAMAGED}")
+    return value
+
+
+def read_metadata(metadata: dict[str, str], path: str) -> tuple[dict[str, int], list[float], dict[str, str]]:
+    """The checked layer dims, thresholds (one per stored task) and other ``gp_*`` info of a memory file."""
+    version = _whole(_field(metadata, "gp_format_version", path), "gp_format_version", path, 1)
+    newer = newer_format_message(path, "memory", version, FORMAT_VERSION)
+    if newer:
+        raise GPMemoryError(newer)
+    tasks = _whole(_field(metadata, "gp_tasks_seen", path), "gp_tasks_seen", path, 0)
+    thresholds = _field(metadata, "gp_thresholds", path)
+    if not isinstance(thresholds, list) or len(thresholds) != tasks:
+        raise GPMemoryError(
+            f"{path} records {tasks} task(s) stored but thresholds {thresholds!r}: there must be one threshold per "
+            f"task. {DAMAGED}"
+        )
+    for value in thresholds:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise GPMemoryError(f"{path}: threshold {value!r} is not a finite number. {DAMAGED}")
+        if not 0.0 < value <= 1.0:
+            raise GPMemoryError(f"{path}: threshold {value!r} is outside (0, 1]. {DAMAGED}")
+    dims = _field(metadata, "gp_dims", path)
+    if not isinstance(dims, dict) or not dims:
+        raise GPMemoryError(f"{path}: metadata gp_dims must map layer names to dimensions, got {dims!r}. {DAMAGED}")
+    dims = {str(name): _whole(dim, f"gp_dims[{name!r}]", path, 1) for name, dim in dims.items()}
+    info = {key[3:]: value for key, value in metadata.items() if key.startswith("gp_")}
+    for key in ("format_version", "tasks_seen", "thresholds", "dims"):
+        info.pop(key, None)
+    return dims, [float(t) for t in thresholds], info
+
+
+def check_bases(tensors: dict[str, torch.Tensor], dims: dict[str, int], tasks: int, path: str) -> None:
+    """Every basis fits its recorded layer, is finite and orthonormal; none holds directions with no task stored."""
+    if set(tensors) != set(dims):
+        raise GPMemoryError(f"{path}: the bases {sorted(tensors)[:4]} do not match the recorded layers. {DAMAGED}")
+    for name, basis in tensors.items():
+        if basis.dtype != torch.float32:
+            raise GPMemoryError(f"{path}: basis {name!r} has dtype {basis.dtype}, expected torch.float32.")
+        if basis.dim() != 2 or basis.shape[0] != dims[name] or basis.shape[1] > dims[name]:
+            raise GPMemoryError(f"{path}: basis {name!r} has shape {tuple(basis.shape)}, expected ({dims[name]}, k).")
+        if not torch.isfinite(basis).all():
+            raise GPMemoryError(f"{path}: basis {name!r} holds NaN or inf; the file is damaged.")
+        if maths.orthonormality_error(basis) > 1e-3:
+            raise GPMemoryError(f"{path}: basis {name!r} is not orthonormal; the file is damaged.")
+        if tasks == 0 and basis.shape[1] > 0:
+            raise GPMemoryError(
+                f"{path} records no stored task, but basis {name!r} holds {basis.shape[1]} direction(s): the metadata "
+                f"does not match the bases. {DAMAGED}"
+            )
+
+
+def read_memory_file(path: str) -> tuple[dict[str, int], dict[str, torch.Tensor], list[float], dict[str, str]]:
+    """The checked ``(dims, bases, thresholds, info)`` of a memory file."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise GPMemoryError(f"Cannot read the memory file {path} ({error.strerror or error}).") from None
+    metadata = _header_metadata(data, path)
+    try:
+        tensors = load_safetensors_bytes(data)
+    except (SafetensorError, ValueError) as error:
+        raise GPMemoryError(f"{path} is not a readable gp memory file ({error}). {DAMAGED}") from None
+    dims, thresholds, info = read_metadata(metadata, path)
+    check_bases(tensors, dims, len(thresholds), path)
+    return dims, dict(tensors), thresholds, info
