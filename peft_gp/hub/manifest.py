@@ -4,7 +4,7 @@
 ``training_args.bin``, which holds the Hub token; a home folder holds ``.env`` or ``id_rsa``), and refuses extra
 files that would replace one of its own files. ``push_task_folder`` uploads exactly the files of the manifest, and
 refuses a folder that holds anything else, or a manifest that lists a file no task save writes (``*.bin``, ``*.pt``,
-``*.pth``, pickles, ``training_args*``, hidden files, keys).
+``*.pth``, ``*.pkl``, ``training_args*``, hidden files, keys).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ MANIFEST_VERSION = 1
 RESERVED_NAMES = frozenset(
     {SAFETENSORS_WEIGHTS_NAME, CONFIG_NAME, GP_MEMORY_NAME, GP_TASKS_NAME, MODEL_CARD_NAME, PLOT_NAME, MANIFEST_NAME}
 )
-# never uploaded, even when listed: pickles (torch.save, Trainer state: training_args.bin holds the Hub token),
-# hidden files (.env, .git, .ssh) and private keys
-NEVER_PUSHED = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "training_args*", ".*", "id_rsa*",
+# never uploaded, even when listed: torch.save and other Python-serialised files (the Trainer's training_args.bin
+# holds the token), hidden files (.env, .git, .ssh) and private keys
+NEVER_PUSHED = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt", "training_args*", ".*", "id_rsa*",
                 "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.key", "*.p12")  # fmt: skip
 _SHOWN = 12
 
@@ -59,7 +59,7 @@ def folder_files(folder: str) -> list[str]:
 
 def check_extra_files(extra_files) -> list[str]:
     """The ``extra_files`` of a task save, checked before anything is written: files that exist, with distinct
-    names that a task save does not write itself and that are never pushed (pickles, hidden files, keys)."""
+    names that a task save does not write itself and that are never pushed (torch.save files, hidden files, keys)."""
     if extra_files is None:
         return []
     if isinstance(extra_files, (str, bytes, os.PathLike)):
@@ -78,8 +78,8 @@ def check_extra_files(extra_files) -> list[str]:
         pattern = never_pushed(name)
         if pattern:
             raise ValueError(
-                f"extra_files: {path!r} matches {pattern!r}, a kind of file that is never pushed (pickles such as "
-                "training_args.bin hold the Hub token; hidden files and keys hold secrets). Nothing was written."
+                f"extra_files: {path!r} matches {pattern!r}, a kind of file that is never pushed (torch.save files "
+                "such as training_args.bin hold the Hub token; hidden files and keys hold secrets). Nothing written."
             )
         if name.lower() in names:
             raise ValueError(f"extra_files: {names[name.lower()]!r} and {path!r} have the same name {name!r}.")
@@ -158,8 +158,8 @@ def files_to_push(local_dir: str) -> list[str]:
     if unsafe:
         raise ValueError(
             f"{os.path.join(local_dir, MANIFEST_NAME)} lists files that are never pushed: {_listing(unsafe)} "
-            "(pickles such as training_args.bin hold the Hub token; hidden files and keys hold secrets; paths must "
-            f"stay inside the folder). Nothing was sent. {fix}"
+            "(torch.save files such as training_args.bin hold the Hub token; hidden files and keys hold secrets; "
+            f"paths must stay inside the folder). Nothing was sent. {fix}"
         )
     present = set(folder_files(local_dir)) - {MANIFEST_NAME}
     extra = present - set(listed)

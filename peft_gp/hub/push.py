@@ -202,7 +202,7 @@ def push_task_to_hub(
         accuracy_matrix: ``R[t][k]`` so far, shown in the card as a table, with its metrics and plot.
         plot_path: a PNG of the accuracy matrix to use instead of drawing one.
         extra_files: more files to put beside the adapter (e.g. a training log); not one named like the task's own
-            files, and never pickles (``*.bin``, ``*.pt``, ``*.pth``, ``training_args*``), hidden files or keys.
+            files, never torch.save files (``*.bin``, ``*.pt``, ``*.pth``, ``training_args*``), hidden files, keys.
         adapter_name: the adapter to push (default: the active one).
 
     Arguments and ``local_dir`` (new, empty or an earlier task save) are checked before anything is written.

@@ -73,9 +73,9 @@ def save_task(
     ``gp_push_files.json``, the list of these files: the only ones ``push_task_folder`` uploads.
 
     Everything is checked before anything is written: ``repo_id``, ``accuracy_matrix`` (accuracies in [0, 1]),
-    ``extra_files`` (no name of the save's own files, no pickles, hidden files or keys), and ``local_dir``, which
-    must be new, empty, or an earlier task save (a folder holding other files is refused, naming them). The files are
-    written to a temporary folder beside ``local_dir`` that then takes its place.
+    ``extra_files`` (no name of the save's own files, no torch.save files, hidden files or keys), and ``local_dir``,
+    which must be new, empty, or an earlier task save (a folder holding other files is refused, naming them). The
+    files are written to a temporary folder beside ``local_dir`` that then takes its place.
     """
     if repo_id is not None:
         check_repo_id(repo_id)
