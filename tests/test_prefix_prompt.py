@@ -147,6 +147,8 @@ def test_prefix_refusals_are_clear():
         GPPrefixTuningConfig(num_virtual_tokens=4)
     with pytest.raises(TypeError, match="gp_per_head"):
         GPPrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4, gp_per_head="yes")
+    with pytest.raises(ValueError, match="gp_protect_values=True needs gp_per_head=True"):
+        GPPrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4, gp_per_head=False, gp_protect_values=True)
     t5 = get_peft_model(tiny_t5(), GPPrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4))
     with pytest.raises(NotImplementedError, match="encoder-decoder"):
         resolve_groups(t5)
@@ -159,7 +161,8 @@ def test_prefix_refusals_are_clear():
 
 def _prompt_model(name, tokens: int = PREFIX_TOKENS, **gp):
     build, task_type, make_batch = PROMPT_CASES[name]
-    config = GPPromptTuningConfig(task_type=task_type, num_virtual_tokens=tokens, gp_threshold=1.0, **gp)
+    settings = {"gp_threshold": 1.0, **gp}
+    config = GPPromptTuningConfig(task_type=task_type, num_virtual_tokens=tokens, **settings)
     return peft_gp.get_peft_model(build(), config), task_type, make_batch
 
 
@@ -353,7 +356,7 @@ def test_prefix_memory_grams_are_those_of_the_real_queries_without_padding():
     torch.testing.assert_close(padded[value.name], maths.feature_gram(weights))
 
 
-def test_prompt_memory_holds_the_token_embeddings_and_the_prompt_rows():
+def test_prompt_memory_keeps_token_embeddings_and_prompt_rows_apart():
     from peft_gp.core import maths
     from peft_gp.wiring.grams import collect_grams
 
@@ -361,11 +364,39 @@ def test_prompt_memory_holds_the_token_embeddings_and_the_prompt_rows():
     groups = resolve_groups(model)
     ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
     mask = (ids != 0).long()
-    grams, _ = collect_grams(model, groups, [{"input_ids": ids, "attention_mask": mask}])
+    exact = {}
+    grams, _ = collect_grams(model, groups, [{"input_ids": ids, "attention_mask": mask}], exact_grams=exact)
     tokens = model.word_embeddings(ids[mask.bool()]).detach()
     prompt = model.prompt_encoder["default"].embedding.weight.detach()
-    expected = maths.feature_gram(tokens) + ids.shape[0] * maths.feature_gram(prompt)
-    torch.testing.assert_close(grams["prompt_encoder.embedding"], expected)
+    torch.testing.assert_close(grams["prompt_encoder.embedding"], maths.feature_gram(tokens))
+    torch.testing.assert_close(exact["prompt_encoder.embedding"], maths.feature_gram(prompt))
+
+
+@pytest.mark.parametrize("init", ["random", "text", "times_100", "times_0.01"])
+def test_prompt_basis_keeps_the_threshold_of_old_token_energy_whatever_the_prompt_scale(init):
+    """The old tokens' basis keeps ≥ τ of their energy and the old prompt rows' span is kept whole, whatever the
+    prompt's scale; one Gram over both (as before) lets large prompt rows take the whole threshold."""
+    from peft_gp.core import maths
+
+    model, task_type, _ = _prompt_model("bert", tokens=10, gp_threshold=0.97)
+    prompt = model.prompt_encoder["default"].embedding.weight
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        if init == "text":  # what PEFT's TEXT initialisation does: rows copied from token embeddings
+            prompt.copy_(model.word_embeddings.weight[torch.randint(4, VOCAB, (10,), generator=generator)])
+        elif init != "random":  # PEFT's default is N(0, 1) rows: norm² ≈ d, far above token embeddings
+            prompt.mul_(100.0 if init == "times_100" else 0.01)
+    ids = torch.randint(4, VOCAB, (8, 12), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.arange(8) % 2}
+    peft_gp.update_memory(model, [batch])
+    basis = peft_gp.get_memory(model).bases["prompt_encoder.embedding"].double()
+    tokens = maths.feature_gram(model.word_embeddings(ids.flatten()).detach())
+    rows = maths.feature_gram(prompt.detach())
+    assert maths.captured_energy(tokens, basis) >= 0.97 - 1e-6
+    assert maths.captured_energy(rows, basis) >= 1 - 1e-6
+    if init == "times_100":
+        mixed, _ = maths.grow_basis(tokens + rows, None, 0.97)
+        assert maths.captured_energy(tokens, mixed) < 0.5  # the prompt rows took the threshold for themselves
 
 
 def test_memory_of_per_head_bases_does_not_fit_a_shared_basis_config(tmp_path):

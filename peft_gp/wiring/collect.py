@@ -52,14 +52,15 @@ def update_memory(
     state = get_state(peft_model, adapter_name)
     memory, groups = state.memory, state.groups
     max_samples = config.gp_memory_samples if max_samples is None else max_samples
-    grams, _ = collect_grams(model, groups, batches, max_samples=max_samples)
-    fingerprint = _fingerprint(grams)
+    exact: dict[str, torch.Tensor] = {}
+    grams, _ = collect_grams(model, groups, batches, max_samples=max_samples, exact_grams=exact)
+    fingerprint = _fingerprint({**grams, **{f"{name}#exact": gram for name, gram in exact.items()}})
     if memory.tasks_seen and memory.info.get("last_task_fingerprint") == fingerprint:
         return _unchanged_report(memory, grams)  # the last task again: idempotent, no phantom task recorded
     threshold = maths.threshold_for_task(config.gp_threshold, config.gp_threshold_increment, memory.tasks_seen)
     full_before = set(memory.full_groups())
     moved, totals = _idle_input_sides(groups, grams, memory, threshold)
-    report = memory.update(grams, threshold, total_energies=totals)
+    report = memory.update(grams, threshold, total_energies=totals, exact_grams=exact)
     with torch.no_grad():
         for group, weight in moved:
             group.weight.copy_(weight.to(group.weight.dtype))

@@ -195,6 +195,12 @@ class GPPrefixTuningConfig(GPConfigMixin, PrefixTuningConfig):
         for name in ("gp_per_head", "gp_protect_values"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.gp_protect_values and not self.gp_per_head:
+            raise ValueError(
+                "gp_protect_values=True needs gp_per_head=True: with one basis over all heads only the sum over heads "
+                "of the old attention scores is kept, so the old attention weights on the prefix, against which the "
+                "values are protected, still change and the value condition would not hold. Set gp_per_head=True."
+            )
 
     def gp_fields(self) -> dict:
         return {**super().gp_fields(), "gp_per_head": self.gp_per_head, "gp_protect_values": self.gp_protect_values}

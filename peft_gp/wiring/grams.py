@@ -87,6 +87,7 @@ class GramCollector:
         self.encoder_decoder = bool(getattr(getattr(self.base_model, "config", None), "is_encoder_decoder", 0))
         self.device = next(p.device for p in self.peft_model.parameters())
         self.grams = {g.name: torch.zeros(g.dim, g.dim, dtype=torch.float64, device=self.device) for g in groups}
+        self.exact_grams: dict[str, torch.Tensor] = {}  # features kept whole, apart from the rest (prompt rows)
         self.distributed = _distributed()
         self.non_finite: list[str] = []
         self.mask: torch.Tensor | None = None
@@ -127,9 +128,13 @@ class GramCollector:
         return hook
 
     def emitter(self, group: ProjectedGroup):
-        def emit(features: torch.Tensor, masked: bool = True) -> None:
+        def emit(features: torch.Tensor, masked: bool = True, exact: bool = False) -> None:
             gram = self.gram_of(group, features, masked)
-            if gram is not None:
+            if gram is None:
+                return
+            if exact:
+                self.exact_grams[group.name] = self.exact_grams.get(group.name, 0) + gram
+            else:
                 self.grams[group.name] += gram
 
         return emit
@@ -205,7 +210,7 @@ class GramCollector:
         if flags[1].item() > 0:
             where = self.non_finite[0] if self.non_finite else "an adapted layer (another rank)"
             raise GPMemoryError(non_finite_message(where))
-        for gram in self.grams.values():
+        for gram in [*self.grams.values(), *self.exact_grams.values()]:
             dist.all_reduce(gram)
         return int(flags[0].item())
 
@@ -216,9 +221,11 @@ def collect_grams(
     groups: list[ProjectedGroup],
     batches: Iterable[Mapping[str, torch.Tensor]],
     max_samples: int | None = None,
+    exact_grams: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Stream ``batches`` through ``model`` (eval mode, no grad); each group's float64 Gram matrix and the examples
-    seen. Raises ``GPMemoryError`` when no example or no feature arrived, or a feature was not finite."""
+    seen. Features a source marks ``exact`` (kept whole, e.g. prompt rows) go to ``exact_grams`` when given (added to
+    the rest otherwise). Raises ``GPMemoryError`` when no example or no feature arrived, or one was not finite."""
     collector = GramCollector(model, groups)
     seen = collector.run(batches, max_samples)
     if collector.distributed:
@@ -233,4 +240,9 @@ def collect_grams(
             "No features reached the adapter during the memory update: is the adapter active "
             "(model.set_adapter(...)) and does the batch go through the adapted layers? Nothing was stored."
         )
+    if exact_grams is None:
+        for name, gram in collector.exact_grams.items():
+            collector.grams[name] += gram
+    else:
+        exact_grams.update(collector.exact_grams)
     return collector.grams, seen

@@ -44,12 +44,18 @@ class GPMemory:
         return all(basis.shape[1] == 0 for basis in self.bases.values())
 
     def update(
-        self, grams: dict[str, torch.Tensor], threshold: float, total_energies: dict[str, float] | None = None
+        self,
+        grams: dict[str, torch.Tensor],
+        threshold: float,
+        total_energies: dict[str, float] | None = None,
+        exact_grams: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, dict[str, float]]:
         """Grow every basis with one finished task's Gram matrices; returns the per-group growth report.
 
         ``total_energies`` overrides, per group, the energy its captured share is measured against (see
-        ``maths.grow_basis``).
+        ``maths.grow_basis``). ``exact_grams`` are features of another kind for some groups (a prompt's own rows,
+        beside the token embeddings): their whole span is added after the threshold's share of ``grams``, never
+        weighed against them (their scales may differ by orders of magnitude).
         """
         missing = sorted(set(self.dims) - set(grams))
         if missing:
@@ -60,6 +66,8 @@ class GPMemory:
                 raise GPMemoryError(f"Gram matrix of {name!r} is {tuple(gram.shape)}, expected d = {self.dims[name]}.")
             total = (total_energies or {}).get(name)
             grown, stats = maths.grow_basis(gram, self.bases[name], threshold, total_energy=total)
+            if exact_grams and name in exact_grams:
+                grown, _ = maths.grow_basis(exact_grams[name], grown, 1.0)
             new_bases[name] = grown.to(torch.float32).contiguous()
             report[name] = {**stats, "basis_size": grown.shape[1], "dim": self.dims[name]}
         self.bases.update(new_bases)  # all or nothing: no basis changes if one group fails

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from peft import PeftModel
 
@@ -11,8 +9,11 @@ from ..groups import FeatureSource, ProjectedGroup
 
 
 class PromptFeatures(FeatureSource):
-    """The rows that sit beside the prompt in the first layer's input: the token embeddings of each batch (padding
-    left out) and, once per example, the current prompt rows (so ``Δp`` also keeps ``p_old Δpᵀ = 0``)."""
+    """The rows that sit beside the prompt in the first layer's input, from two sources kept apart: the token
+    embeddings of each batch (padding left out), whose basis keeps the energy threshold's share, and the current
+    prompt rows, whose span is kept whole (``exact``: at most ``num_virtual_tokens`` directions a task), so that
+    ``Δp`` keeps both ``x Δpᵀ = 0`` and ``p_old Δpᵀ = 0``. In one Gram matrix the prompt rows (norm² ≈ d for PEFT's
+    N(0, 1) initialisation, against ≈ 1 for token embeddings) would take the whole threshold for themselves."""
 
     def __init__(self, word_embeddings: torch.nn.Module, prompt: torch.nn.Parameter, rows: slice) -> None:
         self.word_embeddings, self.prompt, self.rows = word_embeddings, prompt, rows
@@ -20,8 +21,7 @@ class PromptFeatures(FeatureSource):
     def attach(self, emit):
         def hook(module, args, output):
             emit(output, True)
-            batch = output.shape[0] if output.dim() >= 3 else 1
-            emit(self.prompt.detach()[self.rows].double() * math.sqrt(batch), False)  # counted once per example
+            emit(self.prompt.detach()[self.rows].double(), False, True)
 
         return self.word_embeddings.register_forward_hook(hook)
 
