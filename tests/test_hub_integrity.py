@@ -193,7 +193,6 @@ def test_repo_id_is_checked_before_anything_is_written(hub, tmp_path):
     assert check_repo_id("user/cl-run.v2") == "user/cl-run.v2" and check_repo_id("cl-run") == "cl-run"
 
 
-@pytest.mark.xfail(strict=True, reason="needs GPTrainer.__init__ to call peft_gp.hub.check_repo_id(gp_push_to_hub)")
 def test_gp_trainer_checks_the_repo_id_when_built(tmp_path):
     model = base.gp_model()
     with pytest.raises(ValueError, match="not a valid Hub repo id"):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..hub.checks import check_repo_id
 from ..wiring.config import GP_DEFAULTS, check_gp_settings
 
 SCENARIOS = ("class", "task", "domain", "generative")
@@ -153,8 +154,11 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise RunConfigError(f"{name} must be a positive number, got {value!r}.")
-        if self.push_to_hub is not None and (not isinstance(self.push_to_hub, str) or "/" not in self.push_to_hub):
-            raise RunConfigError(f"push_to_hub must be a Hub repo id like 'me/my-run', got {self.push_to_hub!r}.")
+        if self.push_to_hub is not None:
+            try:
+                check_repo_id(self.push_to_hub)
+            except ValueError as error:
+                raise RunConfigError(f"push_to_hub: {error}") from None
         samples = self.general_text_samples
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise RunConfigError(f"general_text_samples must be a positive integer, got {samples!r}.")

@@ -8,6 +8,7 @@ from typing import Any
 from transformers import Trainer
 
 from ..hub.card import task_branch
+from ..hub.checks import check_repo_id
 from ..hub.push import TaskPush, push_task_to_hub
 from ..wiring.memory import GPMemory
 from ..wiring.persistence import save_gp_files
@@ -72,6 +73,8 @@ class GPTrainer(Trainer):
                     "gp_push_to_hub=True takes the repo id from TrainingArguments.hub_model_id, which is not set. "
                     "Pass gp_push_to_hub='user/repo' or set hub_model_id."
                 )
+        if gp_push_to_hub:
+            check_repo_id(gp_push_to_hub)  # before any training: a bad id would fail only after the first task
         if self.is_fsdp_enabled or self.is_deepspeed_enabled or self.args.fsdp or self.args.deepspeed:
             raise NotImplementedError(
                 "GPTrainer does not support FSDP or DeepSpeed yet: they shard the adapter parameters and their "
