@@ -126,17 +126,21 @@ def _carry_over(old: str, new: str, managed: frozenset[str]) -> None:
                 shutil.copy2(source, target)
 
 
-def replace_directory(source: str, target: str, managed: frozenset[str] = frozenset()) -> None:
+def replace_directory(
+    source: str, target: str, managed: frozenset[str] = frozenset(), carry_over: bool = True
+) -> None:
     """Put the complete folder ``source`` at ``target`` in one step: a reader sees the old folder or the new one.
 
-    Files of the old ``target`` that the new one lacks are kept, except the ``managed`` names (those the new save
-    decides about: a stale memory must not survive beside a new adapter). Where the system has no atomic exchange of
-    two folders, two renames do it (a kill between them leaves the old folder beside, named ``<target>.old-*``).
+    Files of the old ``target`` that the new one lacks are kept (unless ``carry_over`` is false), except the
+    ``managed`` names (those the new save decides about: a stale memory must not survive beside a new adapter).
+    Where the system has no atomic exchange of two folders, two renames do it (a kill between them leaves the old
+    folder beside, named ``<target>.old-*``).
     """
     if not os.path.exists(target):
         os.rename(source, target)
         return
-    _carry_over(target, source, managed)
+    if carry_over:
+        _carry_over(target, source, managed)
     if _exchange(source, target):
         shutil.rmtree(source)  # the old folder, now at the temporary name
         return

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 
 from torch import nn
 
+from ..core.files import replace_directory, sibling_temporary_folder
 from ..core.peft_utils import adapter_directory, unwrap_peft_model
 from ..core.plots import plot_accuracy_matrix
 from ..wiring.persistence import save_pretrained
@@ -88,11 +88,11 @@ def save_task(
     check_accuracy_matrix(accuracy_matrix if accuracy_matrix is not None else state.accuracy_matrix)
     check_save_folder(local_dir)
     task_id = record_task(model, task_id, task_name, classes, accuracy_matrix, adapter_name)
-    stage = _new_sibling(local_dir)
+    stage = sibling_temporary_folder(local_dir)
     try:
         _write_task(peft_model, stage, task_id, adapter_name, plot_path, extras, repo_id)
         write_manifest(stage)  # last: a folder without it is not pushed
-        _put_in_place(stage, local_dir)
+        replace_directory(stage, local_dir, carry_over=False)  # one step: the old save or the new one
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return task_id
@@ -109,29 +109,6 @@ def _write_task(peft_model, folder: str, task_id: int, adapter_name: str, plot_p
         handle.write(card)
     if adapter_directory(folder, adapter_name) != folder:  # push_task_folder reads the task record at the top
         state.save(os.path.join(folder, GP_TASKS_NAME))
-
-
-def _new_sibling(local_dir: str) -> str:
-    """A new empty folder beside ``local_dir`` (same file system: it can be renamed into place)."""
-    target = os.path.abspath(local_dir)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    path = os.path.join(os.path.dirname(target), f".tmp-{os.path.basename(target)}-{uuid.uuid4().hex[:12]}")
-    os.mkdir(path)
-    return path
-
-
-def _put_in_place(stage: str, local_dir: str) -> None:
-    """Rename the finished ``stage`` to ``local_dir``; an earlier save there (checked by ``check_save_folder``) is
-    moved aside first and then deleted."""
-    if os.path.isdir(local_dir) and not os.listdir(local_dir):
-        os.rmdir(local_dir)
-    if not os.path.lexists(local_dir):
-        os.rename(stage, local_dir)
-        return
-    old = f"{stage}.old"
-    os.rename(local_dir, old)
-    os.rename(stage, local_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_plot(state: GPTaskState, plot_path: str | None, path: str) -> bool:
