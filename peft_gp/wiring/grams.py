@@ -98,9 +98,7 @@ class GramCollector:
 
     def gram_of(self, group: ProjectedGroup, inputs: torch.Tensor, masked: bool) -> torch.Tensor | None:
         mask = self.masks.get("encoder") if _same_tensor(inputs, self.masks.get("encoder_output")) else self.mask
-        if masked and mask is not None and inputs.dim() >= 3 and tuple(inputs.shape[:2]) == tuple(mask.shape):
-            inputs = inputs[mask]
-        rows = group.features(inputs.detach())
+        rows = group.features(inputs.detach(), mask if masked else None)  # the group leaves padding out
         if not torch.isfinite(rows).all():
             if not self.distributed:
                 raise GPMemoryError(non_finite_message(group.name))
@@ -115,7 +113,7 @@ class GramCollector:
                 return
             # Sibling layers often read the very same tensor (LoRA on query and value): one Gram serves them all.
             # The cache holds the tensor itself, so its id cannot be reused by another tensor during this forward.
-            key = (id(inputs), group.bias is not None)
+            key = (id(inputs), group.feature_key)
             cached = self.cache.get(key)
             gram = cached[1] if cached is not None and cached[0] is inputs else None
             if gram is None:

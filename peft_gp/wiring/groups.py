@@ -9,6 +9,36 @@ import torch
 from torch import nn
 
 
+def token_rows(inputs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Feature rows of a tensor with the feature axis last; with ``mask`` (the batch's ``(batch, sequence)`` padding
+    mask) and inputs laid out as ``(batch, sequence, ...)``, only the real tokens' rows."""
+    if mask is not None and inputs.dim() >= 3 and tuple(inputs.shape[:2]) == tuple(mask.shape):
+        inputs = inputs[mask]
+    return inputs.reshape(-1, inputs.shape[-1])
+
+
+class FeatureRows:
+    """How a feature module's input becomes a group's feature rows when they are not its last axis (convolution
+    patches, token ids, a block of channels). ``key``: groups whose keys are equal get the same rows from one input
+    tensor, so their Gram matrix is computed once."""
+
+    key: tuple = ("rows",)
+
+    def __call__(self, inputs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class StepRule:
+    """A parameter whose value after each projected optimizer step is a function of the others' (DoRA's magnitude):
+    ``before()`` runs before the step and returns what ``after(state)`` needs once the step is done."""
+
+    def before(self):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def after(self, state) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
 class FeatureSource:
     """Where a group's features come from when they are not a module's first input (queries, attention weights).
 
@@ -25,10 +55,12 @@ class FeatureSource:
 class ProjectedGroup:
     """Parameters whose update is projected against one basis, and where the features of that basis come from.
 
-    ``weight`` has the input-feature axis last (``(out, d_in)``, as ``nn.Linear``). With a ``bias`` the basis lives
-    in ``d_in + 1`` dimensions: the bias is the weight of a constant-1 feature, so ``[W | b]`` is projected as one
-    matrix and the protection stays exact for every old input. A group may also own a block of a larger parameter
-    (``index``, e.g. one head's slice of a prefix) and project it along its first axis (``transpose``).
+    ``weight`` has the input-feature axis last (``(out, d_in)``, as ``nn.Linear``; with ``rows``, a convolution kernel
+    ``(out, in, *kernel)`` is read as ``(out, in · kernel)``). With a ``bias`` the basis lives in ``d_in + 1``
+    dimensions: the bias is the weight of a constant-1 feature, so ``[W | b]`` is projected as one matrix and the
+    protection stays exact for every old input. A group may also own a block of a larger parameter (``index``, e.g. one
+    head's slice of a prefix, one group of a grouped convolution, with ``bias_index`` for its bias) and project it
+    along its first axis (``transpose``).
 
     Attributes:
         name: key of the basis in the memory (module path inside the base model, adapter name left out).
@@ -42,6 +74,9 @@ class ProjectedGroup:
         output_side: the group whose features are this group's outputs (``lora_B`` for ``lora_A``), when they are
             exactly ``view(weight) @ x``: while that group's weight is zero, the memory keeps this group's rows out of
             the stored space instead of protecting the output side (``collect.update_memory``).
+        rows: how ``feature_module``'s input becomes feature rows (``None``: its last axis, padding left out).
+        bias_index: basic index of the group's block of ``bias`` (``None``: all of it).
+        rule: the group is set by this rule after every projected step instead of being projected.
     """
 
     name: str
@@ -53,11 +88,22 @@ class ProjectedGroup:
     transpose: bool = False
     source: FeatureSource | None = None
     output_side: ProjectedGroup | None = None
+    rows: FeatureRows | None = None
+    bias_index: tuple | slice | None = None
+    rule: StepRule | None = None
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
         """The projected block of ``tensor`` (the weight, its gradient or update), feature axis last; a view."""
         block = tensor if self.index is None else tensor[self.index]
-        return block.T if self.transpose else block
+        if self.transpose:
+            return block.T
+        if self.rows is None or block.dim() <= 2:
+            return block
+        return block.view(block.shape[0], -1)  # a kernel (out, in, *k) read as (out, in · k); raises rather than copy
+
+    def bias_view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The group's block of ``tensor`` (the bias, its gradient or update); a view."""
+        return tensor if self.bias_index is None else tensor[self.bias_index]
 
     @property
     def dim(self) -> int:
@@ -67,9 +113,15 @@ class ProjectedGroup:
     def parameters(self) -> list[nn.Parameter]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
-    def features(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Feature rows of this basis from the feature module's input (constant-1 column appended with a bias)."""
-        rows = inputs.reshape(-1, inputs.shape[-1])
+    @property
+    def feature_key(self) -> tuple:
+        """Groups with equal keys get equal feature rows from one input tensor (their Gram is computed once)."""
+        return (self.rows.key if self.rows is not None else ("rows",), self.bias is not None)
+
+    def features(self, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Feature rows of this basis from the feature module's input (constant-1 column appended with a bias);
+        ``mask``: the batch's padding mask, whose padded positions are left out where the input follows its layout."""
+        rows = token_rows(inputs, mask) if self.rows is None else self.rows(inputs, mask)
         if self.bias is not None:
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
         return rows

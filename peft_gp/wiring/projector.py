@@ -69,6 +69,7 @@ class GPProjector:
         self._handles: list = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._snapshots: list[list[torch.Tensor]] | None = None
+        self._rules = [(group.rule, None) for group in self.groups if group.rule is not None]  # DoRA's magnitude
         self._stats = self._task_stats = _empty_stats()
 
     # ---- setup -------------------------------------------------------------------------------------------------
@@ -183,6 +184,7 @@ class GPProjector:
             else None
             for unit in self._units
         ]
+        self._rules = [(rule, rule.before()) for rule, _ in self._rules]
 
     @torch.no_grad()
     def _after_step(self) -> None:
@@ -201,6 +203,8 @@ class GPProjector:
             deltas = unit.split(torch.where(torch.isfinite(joined).all(), projected, joined))
             for param, before, delta in zip(params, old, deltas):
                 param.copy_(before + delta.to(param.dtype))
+        for rule, state in self._rules:  # after the frozen groups were restored
+            rule.after(state)
         self._snapshots = None
 
     # ---- statistics --------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ class Unit:
     def blocks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Views of the unit's block of each tensor (writing to them writes to the tensors), feature axis last."""
         if len(self.groups) == 1:
-            return [self.groups[0].view(tensors[0]), *tensors[1:]]
+            return [self.groups[0].view(tensors[0]), *map(self.groups[0].bias_view, tensors[1:])]
         block = tensors[0][:, self.start : self.start + len(self.groups) * self.width]
         block = block.unflatten(1, (len(self.groups), self.width)).transpose(0, 1)  # (groups, rows, width)
         return [block.transpose(1, 2) if self.transpose else block]
