@@ -17,6 +17,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value  # noqa: 
 from peft import get_peft_model  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
 from tokenizers.models import WordLevel  # noqa: E402
+from torch import nn  # noqa: E402
 from transformers import (  # noqa: E402
     BertConfig,
     BertForSequenceClassification,
@@ -34,6 +35,7 @@ from transformers import (  # noqa: E402
     ViTForImageClassification,
     default_data_collator,
 )
+from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 
 from peft_gp import GPAdapterConfig, GPLoraConfig  # noqa: E402
 
@@ -53,6 +55,9 @@ class Case:
     build: Callable[[], torch.nn.Module]
     lora: dict
     make_batch: Callable[[int], dict]  # task_id -> batch (task 0 uses few distinct tokens: low-rank features)
+    # PEFT's MultiheadAttention adds LoRA into its weights for every forward and subtracts it after: its base weights
+    # carry float roundoff, so a model that ran forwards differs from a freshly loaded one by about this (relative)
+    roundoff: float = 0.0
 
     def output(self, model, batch) -> torch.Tensor:
         model.eval()
@@ -164,6 +169,71 @@ def tiny_vit(num_labels: int = 4) -> ViTForImageClassification:
     return ViTForImageClassification(config)
 
 
+class TinyConvNet(nn.Module):
+    """``conv_a`` (3 → 8 channels, kernel 3, padding 1), ReLU, ``conv_b`` (kernel 3, stride 2, padding 1, ``groups``),
+    the mean over positions and a linear head: a classifier over 1-d signals or 2-d images."""
+
+    def __init__(self, dims: int, groups: int = 1) -> None:
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.conv_a = conv(3, 8, 3, padding=1)
+        self.conv_b = conv(8, 8, 3, stride=2, padding=1, groups=groups)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, pixel_values, labels=None):
+        hidden = self.conv_b(torch.relu(self.conv_a(pixel_values))).flatten(2).mean(-1)
+        logits = self.head(hidden)
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class TinyAttention(nn.Module):
+    """Token embeddings, one ``nn.MultiheadAttention`` (batch first, padding masked) and a linear head on the mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 32)
+        self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        hidden = self.embed(input_ids)
+        padding = None if attention_mask is None else attention_mask == 0
+        logits = self.head(self.mha(hidden, hidden, hidden, key_padding_mask=padding)[0].mean(1))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def tiny_convnet(dims: int, groups: int = 1) -> Callable[[], TinyConvNet]:
+    def build() -> TinyConvNet:
+        torch.manual_seed(0)
+        return TinyConvNet(dims, groups)
+
+    return build
+
+
+def tiny_attention() -> TinyAttention:
+    torch.manual_seed(0)
+    return TinyAttention()
+
+
+def _signal_batch(dims: int) -> Callable[[int], dict]:
+    """Task 0: two signals that are constant over positions on one channel, so the patches of both convolutions span
+    a few directions only (low-rank features); task 1: noise on every channel."""
+
+    def batch(task_id: int) -> dict:
+        generator = torch.Generator().manual_seed(300 + task_id)
+        shape = (2, 3) + (12 if dims == 1 else 6,) * dims
+        if task_id == 0:
+            pixels = torch.zeros(shape)
+            pixels[:, 0] = torch.randn((2,) + (1,) * dims, generator=generator) + 1.0
+        else:
+            pixels = torch.randn(shape, generator=generator)
+        return {"pixel_values": pixels, "labels": torch.tensor([0, 1]) + 2 * task_id}
+
+    return batch
+
+
 CASES = [
     Case("bert", tiny_bert, {"task_type": "SEQ_CLS", "target_modules": ["query", "value"]}, _seq_cls_batch),
     Case(
@@ -175,7 +245,36 @@ CASES = [
     Case("llama", tiny_llama, {"task_type": "CAUSAL_LM", "target_modules": ["q_proj", "v_proj"]}, _causal_batch),
     Case("t5", tiny_t5, {"task_type": "SEQ_2_SEQ_LM", "target_modules": ["q", "v"]}, _seq2seq_batch),
     Case("vit", tiny_vit, {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["classifier"]}, _image_batch),
+    # LoRA's other layer types and options (the LoRA rows of the matrix only; TRANSFORMER_CASES for the others)
+    Case(
+        "gpt2-embedding",  # an nn.Embedding target beside transformers' Conv1D
+        tiny_gpt2,
+        {"task_type": "CAUSAL_LM", "target_modules": ["wte", "c_attn"], "fan_in_fan_out": True},
+        _causal_batch,
+    ),
+    Case(
+        "bert-lora-bias",
+        tiny_bert,
+        {"task_type": "SEQ_CLS", "target_modules": ["query", "value"], "lora_bias": True},
+        _seq_cls_batch,
+    ),
+    Case(
+        "conv1d-lora-bias",
+        tiny_convnet(1),
+        {"target_modules": ["conv_a", "conv_b"], "modules_to_save": ["head"], "lora_bias": True},
+        _signal_batch(1),
+    ),
+    Case(
+        "conv2d-grouped",
+        tiny_convnet(2, groups=2),
+        {"target_modules": ["conv_a", "conv_b"], "modules_to_save": ["head"]},
+        _signal_batch(2),
+    ),
+    Case("mha", tiny_attention, {"target_modules": ["mha"], "modules_to_save": ["head"]}, _seq_cls_batch, 1e-6),
+    Case("bert-dora", tiny_bert, {"task_type": "SEQ_CLS", "target_modules": ["query", "value"], "use_dora": True},
+         _seq_cls_batch),  # fmt: skip
 ]
+TRANSFORMER_CASES = ("bert", "gpt2", "llama", "t5", "vit")
 
 
 def train_steps(model, batch, steps: int, optimizer=None, lr: float = 1e-2) -> list[float]:

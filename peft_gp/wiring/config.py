@@ -111,16 +111,13 @@ class GPLoraConfig(GPConfigMixin, LoraConfig):
 
     Both ``lora_A`` (against the inputs ``x`` of the adapted layer) and ``lora_B`` (against ``A x``) are protected, so
     with exact projection the adapted layer's output on old-task inputs does not change. Use it wherever a
-    ``LoraConfig`` goes: ``get_peft_model(model, GPLoraConfig(r=8, target_modules=["query", "value"]))``.
+    ``LoraConfig`` goes: ``get_peft_model(model, GPLoraConfig(r=8, target_modules=["query", "value"]))``. Linear,
+    ``Conv1D``, embedding, convolution (grouped too) and ``nn.MultiheadAttention`` targets, 2-d ``target_parameters``,
+    ``lora_bias``, ``trainable_token_indices`` and the variants DoRA, aLoRA, VeLoRA, MiCA, KaSA, MonteCLoRA and BD-LoRA
+    are protected exactly (docs/paradigms.md); what cannot be (Arrow, QA-LoRA, 3-d expert parameters) is refused when
+    the adapter's GP state is set up.
     The saved ``adapter_config.json`` stays loadable by plain PEFT for inference (it warns about the ``gp_*`` keys).
     """
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.use_dora:
-            raise ValueError("GPLoraConfig does not support use_dora=True yet: set use_dora=False.")
-        if self.lora_bias:
-            raise ValueError("GPLoraConfig does not support lora_bias=True yet: set lora_bias=False.")
 
 
 @dataclass
