@@ -365,3 +365,65 @@ def test_activated_lora_keeps_old_outputs():
     with torch.no_grad():
         assert (model(**old).logits - before).abs().max().item() <= 1e-4 * before.abs().max().item()
     assert losses[-1] < losses[0]
+
+
+def test_deleted_adapter_leaves_no_gp_state_and_a_copy_keeps_its_own():
+    """PEFT's own tests check that ``delete_adapter`` leaves nothing keyed by the adapter: neither does peft_gp, and a
+    new adapter under the old name starts fresh; ``copy.deepcopy`` of a model carries its memory, tied to the copy."""
+    import copy
+
+    model = peft_gp.get_peft_model(Mlp(), GPLoraConfig(target_modules=["lin0"]))
+    peft_gp.update_memory(model, [batch("mlp", 0)])
+    copied = copy.deepcopy(model)
+    assert peft_gp.get_memory(copied).tasks_seen == 1 and peft_gp.get_memory(copied) is not peft_gp.get_memory(model)
+    weight = peft_gp.wiring.state.get_state(copied).groups[0].weight
+    assert any(weight is param for param in copied.parameters())
+
+    model.add_adapter("other", GPLoraConfig(target_modules=["lin0"]))
+    model.delete_adapter("default")
+    assert "default" not in model.gp_states
+    model.add_adapter("default", GPLoraConfig(target_modules=["lin0"]))
+    assert peft_gp.get_memory(model, "default").tasks_seen == 0
+
+
+def test_modules_to_save_that_cannot_be_projected_are_kept_fixed():
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin0, self.gru = nn.Linear(16, 6), nn.GRU(6, 5, batch_first=True)
+
+        def forward(self, X):
+            return self.gru(self.lin0(X))[0][:, -1]
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"'gru' \(GRU\), which cannot be projected.*kept fixed"):
+        model = peft_gp.get_peft_model(Recurrent(), GPLoraConfig(target_modules=["lin0"], modules_to_save=["gru"]))
+    assert all(group.frozen for group in resolve_groups(model) if group.name.startswith("gru."))
+    old = {"X": batch("mlp", 0)["X"].reshape(2, 4, 16)}
+    peft_gp.update_memory(model, [old])
+    model.eval()
+    before = model(**old).detach()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    GPProjector(model).attach(optimizer)
+    model.train()
+    model(X=torch.randn(2, 4, 16)).pow(2).mean().backward()
+    optimizer.step()
+    model.eval()
+    assert (model(**old) - before).abs().max().item() <= 1e-6
+
+
+def test_custom_lora_layers_are_refused():
+    from peft.tuners import lora
+
+    class MyLora(nn.Module, lora.LoraLayer):
+        def __init__(self, base_layer, adapter_name, **kwargs):
+            super().__init__()
+            lora.LoraLayer.__init__(self, base_layer, **kwargs)
+            self._active_adapter = adapter_name
+
+    config = GPLoraConfig(target_modules=["0"])
+    config._register_custom_module({nn.GRU: MyLora})
+    with pytest.warns(UserWarning, match="Unsupported layer type"):
+        model = get_peft_model(nn.Sequential(nn.GRU(4, 4)), config)
+    with pytest.raises(ValueError, match=r"custom LoRA layer MyLora on '0'.*_register_custom_module"):
+        resolve_groups(model)

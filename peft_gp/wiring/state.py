@@ -18,6 +18,7 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from ..core.peft_utils import unwrap_peft_model
+from .adapter_states import AdapterStates
 from .attention import PrefixRoute
 from .bottleneck import GPPeftType
 from .config import GPPrefixTuningConfig, gp_config_of
@@ -93,7 +94,9 @@ def get_state(model: nn.Module, adapter_name: str | None = None) -> GPState:
     """The ``GPState`` of ``adapter_name`` (default: the active adapter), created on first use."""
     peft_model = unwrap_peft_model(model)
     adapter_name = adapter_name or peft_model.active_adapter
-    states = peft_model.__dict__.setdefault(STATES, {})
+    states = peft_model.__dict__.get(STATES)
+    if not isinstance(states, AdapterStates):  # forgets adapters PEFT deleted or replaced
+        states = peft_model.__dict__[STATES] = AdapterStates(peft_model, states)
     if adapter_name in states:
         return states[adapter_name]
     config = gp_config_of(peft_model, adapter_name)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 from peft import PeftModel
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from ...core.peft_utils import module_key
+from ..features import NoFeatures
 from ..groups import PooledHeadFeatures, ProjectedGroup
 
 
@@ -27,13 +30,15 @@ def modules_to_save_groups(model: PeftModel, adapter_name: str, policy: str) -> 
         if isinstance(copy, nn.Linear):
             source = PooledHeadFeatures(base, copy) if pooled else None
             groups.append(ProjectedGroup(name, copy.weight, copy.bias, copy, frozen=policy == "freeze", source=source))
-        elif policy == "freeze":
-            for param_name, param in copy.named_parameters():
-                groups.append(ProjectedGroup(f"{name}.{param_name}", param, None, copy, frozen=True))
         else:
-            raise ValueError(
-                f"modules_to_save holds {name!r} ({type(copy).__name__}), which gp_modules_to_save='project' cannot "
-                "protect (only nn.Linear can be projected). Set gp_modules_to_save='freeze' to keep it fixed after "
-                "the first task, or 'train' to leave it unprotected."
-            )
+            if policy == "project":  # only nn.Linear can be projected: the exact protection left is to keep it fixed
+                warnings.warn(
+                    f"modules_to_save holds {name!r} ({type(copy).__name__}), which cannot be projected (only "
+                    "nn.Linear can): it is kept fixed from the second task on. Set gp_modules_to_save='freeze' to say "
+                    "so, or 'train' to leave it unprotected.",
+                    stacklevel=4,
+                )
+            for param_name, param in copy.named_parameters():  # kept fixed: no features needed
+                fixed = ProjectedGroup(f"{name}.{param_name}", param, None, None, frozen=True, source=NoFeatures())
+                groups.append(fixed)
     return groups
