@@ -8,7 +8,8 @@ registries and changes nothing else of PEFT.
 
 from .core.hub_errors import GPHubError
 from .hub import push_task_to_hub
-from .training.callback import GPCallback, last_checkpoint
+from .training.callback import GPCallback
+from .training.resume import last_checkpoint
 from .training.trainer import GPTrainer
 from .wiring.build import get_peft_model
 from .wiring.checkpoints import GPCheckpointError
@@ -18,6 +19,7 @@ from .wiring.guard import GPCapacityWarning, UnprotectedTrainingWarning
 from .wiring.memory import GP_MEMORY_NAME, GPMemory, GPMemoryError
 from .wiring.persistence import from_pretrained, load_memory, load_task_state, save_memory, save_pretrained
 from .wiring.projector import GPProjector
+from .wiring.stat_heads import apply_statistics_head, statistics_head
 from .wiring.state import get_memory, get_task_state
 from .wiring.task_record import GP_TASKS_NAME, GPTaskState
 
@@ -41,6 +43,7 @@ __all__ = [
     "GPTaskState",
     "GPTrainer",
     "UnprotectedTrainingWarning",
+    "apply_statistics_head",
     "from_pretrained",
     "get_memory",
     "get_peft_model",
@@ -51,5 +54,6 @@ __all__ = [
     "push_task_to_hub",
     "save_memory",
     "save_pretrained",
+    "statistics_head",
     "update_memory",
 ]

@@ -19,49 +19,26 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 from typing import Any
 
 import datasets
-import torch
-from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from ..core.peft_utils import adapter_directory, unwrap_peft_model
+from ..core.peft_utils import unwrap_peft_model
 from ..wiring import checkpoints
 from ..wiring.collect import summarize_report, update_memory
 from ..wiring.config import gp_config_of
 from ..wiring.memory_data import memory_sample, task_classes
 from ..wiring.persistence import load_gp_files, save_gp_files
 from ..wiring.projector import GPProjector, raw_optimizer
+from ..wiring.stat_heads import HEAD_KINDS, apply_statistics_head
 from ..wiring.state import get_memory
+from .resume import find_resumed
 
 logger = logging.getLogger(__name__)
-
-
-def last_checkpoint(output_dir: str, model: nn.Module, adapter_name: str | None = None) -> str:
-    """The newest complete checkpoint, under ``output_dir``, of the task ``model`` trains next.
-
-    That task is the one after those its memory stores (task 1 for a new model). Pass the result to
-    ``trainer.train(resume_from_checkpoint=...)``; ``GPTrainer.train(resume_from_checkpoint=True)`` does this itself.
-    """
-    peft_model = unwrap_peft_model(model)
-    adapter_name = adapter_name or peft_model.active_adapter
-    task_id = get_memory(peft_model, adapter_name).tasks_seen
-    path, skipped = checkpoints.last_checkpoint(output_dir, task_id, adapter_name)
-    if path is None:
-        raise checkpoints.GPCheckpointError(
-            f"No complete checkpoint of task {task_id + 1} (task_id={task_id}) in "
-            f"{checkpoints.task_folder(output_dir, task_id)}; found {skipped or 'none'}. The model's memory stores "
-            f"{task_id} task(s), so that is the task it trains next. Start it afresh (resume_from_checkpoint=None)."
-        )
-    if skipped:
-        warnings.warn(f"Skipping incomplete checkpoint(s) {skipped}; resuming from {path}.", stacklevel=2)
-    return path
 
 
 class GPCallback(TrainerCallback):
@@ -78,6 +55,9 @@ class GPCallback(TrainerCallback):
         log_per_layer: also log each layer's basis size (``gp_basis/<layer>``) after a memory update.
         per_task_checkpoints: save task ``task_id``'s checkpoints under ``<output_dir>/task-XX`` (1-based), so that
             tasks trained into one ``output_dir`` never overwrite each other's.
+        statistics_head: after each task's memory update, write a head built from the class statistics (``"ncm"``,
+            ``"lda"`` or ``"aligned"``; see ``peft_gp.statistics_head``) into the model's classification head. Needs
+            ``gp_class_statistics=True`` in the GP config. The next task trains on from that head.
     """
 
     def __init__(
@@ -88,6 +68,7 @@ class GPCallback(TrainerCallback):
         memory_dataset=None,
         log_per_layer: bool = True,
         per_task_checkpoints: bool = True,
+        statistics_head: str | None = None,
     ) -> None:
         self.adapter_name = adapter_name
         self.task_name = task_name
@@ -95,6 +76,9 @@ class GPCallback(TrainerCallback):
         self.memory_dataset = memory_dataset
         self.log_per_layer = log_per_layer
         self.per_task_checkpoints = per_task_checkpoints
+        if statistics_head is not None and statistics_head not in HEAD_KINDS:
+            raise ValueError(f"statistics_head must be one of {HEAD_KINDS} (or None), got {statistics_head!r}.")
+        self.statistics_head = statistics_head
         self.projector: GPProjector | None = None
         self.trainer = None  # set by GPTrainer: memory statistics then reach every reporter through Trainer.log
         self.resume_from: str | None = None  # set by GPTrainer.train with the checkpoint it resumes from
@@ -110,7 +94,12 @@ class GPCallback(TrainerCallback):
         """Resolve the adapter and its projector for ``model`` (done at ``on_train_begin`` when not called before)."""
         peft_model = unwrap_peft_model(model)
         self.adapter_name = self.adapter_name or peft_model.active_adapter
-        gp_config_of(peft_model, self.adapter_name)  # a clear error for a model without a GP config
+        config = gp_config_of(peft_model, self.adapter_name)  # a clear error for a model without a GP config
+        if self.statistics_head and not config.gp_class_statistics:
+            raise ValueError(
+                f"statistics_head={self.statistics_head!r} needs class statistics: build the adapter's GP config with "
+                "gp_class_statistics=True."
+            )
         if self.projector is None or self.projector._model is not peft_model:
             self.projector = GPProjector(peft_model, self.adapter_name)
         self.trainer = trainer if trainer is not None else self.trainer
@@ -179,6 +168,8 @@ class GPCallback(TrainerCallback):
         if not self.update_memory_at_end:
             return
         self.update_memory(model, args, state, train_dataloader=train_dataloader)
+        if self.statistics_head:
+            apply_statistics_head(model, self.statistics_head, self.adapter_name, seed=args.seed)
         final = self._last_save
         if final is not None and args.should_save and final.endswith(f"checkpoint-{state.global_step}"):
             save_gp_files(model, final, self.adapter_name)  # resuming from it must not store the task again
@@ -257,40 +248,13 @@ class GPCallback(TrainerCallback):
 
     def _load_resumed(self, args, state, model) -> int:
         """Load the memory of the checkpoint the trainer resumed from; returns the task it belongs to."""
-        checkpoint = self.resume_from or self._find_resumed(args.output_dir, state.global_step, model)
+        checkpoint = self.resume_from or find_resumed(args.output_dir, state.global_step, model, self.adapter_name)
         record = self.check_resume(checkpoint, model)
         subfolder = None if self.adapter_name == "default" else self.adapter_name
         load_gp_files(model, checkpoint, self.adapter_name, subfolder=subfolder)
         return int(record["task_id"])
 
-    def _find_resumed(self, output_dir: str, step: int, model) -> str:
-        # A plain Trainer resumed from a path it does not tell callbacks: find the complete checkpoint of that step
-        # (its weights are the model's now) among the task folders.
-        tasks = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
-        folders = [os.path.join(output_dir, task) for task in tasks if checkpoints.TASK_FOLDER_PATTERN.match(task)]
-        paths = [os.path.join(folder, f"checkpoint-{step}") for folder in folders]
-        candidates = [path for path in paths if checkpoints.is_complete(path, self.adapter_name)]
-        matching = [path for path in candidates if _holds_weights_of(path, model, self.adapter_name)]
-        if len(matching) != 1:
-            raise checkpoints.GPCheckpointError(
-                f"GPCallback cannot tell which checkpoint this run resumed from (step {step}; candidates under "
-                f"{output_dir}: {candidates or 'none'}), so it cannot load its memory. Resume with "
-                "trainer.train(resume_from_checkpoint=peft_gp.last_checkpoint(args.output_dir, model)), or set "
-                "gp_callback.resume_from to the checkpoint's path before train()."
-            )
-        return matching[0]
-
     def _restore_output_dir(self) -> None:
         if self._output_dir is not None:
             args, output_dir = self._output_dir
             args.output_dir, self._output_dir = output_dir, None
-
-
-def _holds_weights_of(checkpoint: str, model: nn.Module, adapter_name: str) -> bool:
-    """Whether the checkpoint's adapter weights are the model's current ones (the checkpoint just loaded)."""
-    path = os.path.join(adapter_directory(checkpoint, adapter_name), SAFETENSORS_WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        return False
-    saved = load_file(path)
-    current = get_peft_model_state_dict(unwrap_peft_model(model), adapter_name=adapter_name)
-    return all(name in saved and torch.equal(saved[name], value.detach().cpu()) for name, value in current.items())

@@ -14,7 +14,8 @@ from ..wiring.memory import GPMemory
 from ..wiring.persistence import save_gp_files
 from ..wiring.projector import GPProjector
 from ..wiring.state import get_memory, get_task_state
-from .callback import GPCallback, last_checkpoint
+from .callback import GPCallback
+from .resume import last_checkpoint
 
 
 class GPTrainer(Trainer):
@@ -40,6 +41,9 @@ class GPTrainer(Trainer):
             ``peft_gp.hub.GPHubError`` after that save. ``args.hub_private_repo`` and ``args.hub_token`` apply.
         gp_push_kwargs: more arguments for ``push_task_to_hub`` (``create_pr``, ``subfolder_per_task``,
             ``accuracy_matrix``, ``plot_path``, ``extra_files``, ...).
+        gp_statistics_head: ``"ncm"``, ``"lda"`` or ``"aligned"``: after each task, write the head built from the
+            class statistics into the model's head (``GPCallback(statistics_head=...)``; needs
+            ``gp_class_statistics=True``).
     """
 
     _tag_names = ["peft", "peft-gp", "continual-learning"]
@@ -53,6 +57,7 @@ class GPTrainer(Trainer):
         gp_task_name: str | None = None,
         gp_push_to_hub: str | bool = False,
         gp_push_kwargs: dict[str, Any] | None = None,
+        gp_statistics_head: str | None = None,
         **kwargs: Any,
     ):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
@@ -89,6 +94,7 @@ class GPTrainer(Trainer):
             task_name=gp_task_name,
             update_memory=gp_update_memory,
             log_per_layer=gp_log_per_layer,
+            statistics_head=gp_statistics_head,
         )
         self.gp_callback.bind(self.model, trainer=self)
         self.callback_handler.callbacks.insert(0, self.gp_callback)  # first: its log entries reach every reporter

@@ -12,9 +12,11 @@ from torch import nn
 
 from ..core import maths
 from ..core.peft_utils import unwrap_peft_model
+from .class_stats import ClassStatistics, StatisticsObserver, head_module
 from .config import gp_config_of
 from .grams import collect_grams
 from .guard import GPCapacityWarning
+from .memory_file import GPMemoryError
 from .state import get_state
 
 
@@ -53,7 +55,14 @@ def update_memory(
     memory, groups = state.memory, state.groups
     max_samples = config.gp_memory_samples if max_samples is None else max_samples
     exact: dict[str, torch.Tensor] = {}
-    grams, _ = collect_grams(model, groups, batches, max_samples=max_samples, exact_grams=exact)
+    observer = _statistics_observer(peft_model, adapter_name, config)
+    observers = [observer] if observer is not None else []
+    grams, _ = collect_grams(model, groups, batches, max_samples=max_samples, exact_grams=exact, observers=observers)
+    if observer is not None and not observer.stats.labels:
+        raise GPMemoryError(
+            "gp_class_statistics is on, but no example of the task had a class label (a 1-d 'labels' tensor in the "
+            "batch), so no class statistics could be taken. Nothing was stored."
+        )
     fingerprint = _fingerprint({**grams, **{f"{name}#exact": gram for name, gram in exact.items()}})
     if memory.tasks_seen and memory.info.get("last_task_fingerprint") == fingerprint:
         return _unchanged_report(memory, grams)  # the last task again: idempotent, no phantom task recorded
@@ -65,6 +74,8 @@ def update_memory(
         for group, weight in moved:
             group.weight.copy_(weight.to(group.weight.dtype))
     memory.info["last_task_fingerprint"] = fingerprint
+    if observer is not None:
+        _merge_statistics(state, observer.stats, memory.tasks_seen)
     state.tasks.record_through(memory.tasks_seen - 1, task_name, classes)
     _warn_if_full([name for name in memory.full_groups() if name not in full_before], stacklevel + 1)
     return report
@@ -80,6 +91,22 @@ def _warn_if_full(newly_full: list[str], stacklevel: int) -> None:
             GPCapacityWarning,
             stacklevel=stacklevel,
         )
+
+
+def _statistics_observer(model, adapter_name: str, config) -> StatisticsObserver | None:
+    """With ``gp_class_statistics``: an observer taking the head input's class statistics in the same pass."""
+    if not config.gp_class_statistics:
+        return None
+    dim = head_module(model, adapter_name).in_features
+    return StatisticsObserver(model, ClassStatistics(dim=dim), adapter_name)
+
+
+def _merge_statistics(state, stats: ClassStatistics, tasks_seen: int) -> None:
+    if state.class_stats is None:
+        state.class_stats = stats
+    else:
+        state.class_stats.merge(stats)
+    state.class_stats.tasks_seen = tasks_seen
 
 
 def _unchanged_report(memory, grams: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:

@@ -41,6 +41,8 @@ def check_gp_settings(settings: dict) -> None:
             raise TypeError(f"gp_memory_samples must be a positive integer, got {samples!r}.")
         if samples < 1:
             raise ValueError(f"gp_memory_samples must be at least 1, got {samples}.")
+    if "gp_class_statistics" in settings and not isinstance(settings["gp_class_statistics"], bool):
+        raise TypeError(f"gp_class_statistics must be True or False, got {settings['gp_class_statistics']!r}.")
     if "gp_modules_to_save" in settings and settings["gp_modules_to_save"] not in MODULES_TO_SAVE_POLICIES:
         raise ValueError(
             f"gp_modules_to_save must be one of {MODULES_TO_SAVE_POLICIES}, got {settings['gp_modules_to_save']!r}."
@@ -90,6 +92,13 @@ class GPConfigMixin:
         metadata={
             "help": "From the second task on, 'project' protects nn.Linear modules_to_save (e.g. a classifier head), "
             "'freeze' keeps them fixed, 'train' leaves them unprotected."
+        },
+    )
+    gp_class_statistics: bool = field(
+        default=False,
+        metadata={
+            "help": "Also take per-class statistics of the classification head's input in each memory update "
+            "(gp_class_stats.safetensors), for the replay-free heads of peft_gp.statistics_head."
         },
     )
 

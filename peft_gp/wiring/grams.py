@@ -80,8 +80,8 @@ def _distributed() -> bool:
 class GramCollector:
     """The forward hooks of one memory update and the float64 Gram matrices they fill."""
 
-    def __init__(self, model: nn.Module, groups: list[ProjectedGroup]) -> None:
-        self.model, self.groups = model, groups
+    def __init__(self, model: nn.Module, groups: list[ProjectedGroup], observers: list | None = None) -> None:
+        self.model, self.groups, self.observers = model, groups, list(observers or [])
         self.peft_model = unwrap_peft_model(model)
         self.base_model = self.peft_model.get_base_model()
         self.encoder_decoder = bool(getattr(getattr(self.base_model, "config", None), "is_encoder_decoder", 0))
@@ -160,6 +160,7 @@ class GramCollector:
 
     def attach(self) -> list:
         handles = self.side_hooks() if self.encoder_decoder else []
+        handles += [observer.attach() for observer in self.observers]
         for group in self.groups:
             if group.source is not None:
                 handles.append(group.source.attach(self.emitter(group)))
@@ -220,11 +221,13 @@ def collect_grams(
     batches: Iterable[Mapping[str, torch.Tensor]],
     max_samples: int | None = None,
     exact_grams: dict[str, torch.Tensor] | None = None,
+    observers: list | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Stream ``batches`` through ``model`` (eval mode, no grad); each group's float64 Gram matrix and the examples
     seen. Features a source marks ``exact`` (kept whole, e.g. prompt rows) go to ``exact_grams`` when given (added to
-    the rest otherwise). Raises ``GPMemoryError`` when no example or no feature arrived, or one was not finite."""
-    collector = GramCollector(model, groups)
+    the rest otherwise). ``observers`` (objects whose ``attach()`` returns a handle) watch the same pass (class
+    statistics). Raises ``GPMemoryError`` when no example or no feature arrived, or one was not finite."""
+    collector = GramCollector(model, groups, observers)
     seen = collector.run(batches, max_samples)
     if collector.distributed:
         seen = collector.reduce(seen)

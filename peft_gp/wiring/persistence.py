@@ -21,6 +21,7 @@ from ..core.hub_errors import hub_errors
 from ..core.peft_utils import adapter_directory, unwrap_peft_model
 from .attention import vocabulary_for_prefix
 from .checkpoints import GP_CHECKPOINT_NAME
+from .class_stats import GP_CLASS_STATS_NAME, ClassStatistics
 from .config import GP_CONFIG_CLASSES, is_gp_config
 from .consistency import check_saved_together
 from .memory import GP_MEMORY_NAME, GPMemory, GPMemoryError
@@ -29,7 +30,7 @@ from .task_record import GP_TASKS_NAME, GPTaskState
 
 # what a save decides about: never carried over from an older save of the same folder
 MANAGED_FILES = frozenset((SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, CONFIG_NAME, "README.md"))
-MANAGED_FILES |= {GP_MEMORY_NAME, GP_TASKS_NAME, GP_CHECKPOINT_NAME}
+MANAGED_FILES |= {GP_MEMORY_NAME, GP_TASKS_NAME, GP_CHECKPOINT_NAME, GP_CLASS_STATS_NAME}
 
 
 def save_memory(model: nn.Module, save_directory: str, adapter_name: str | None = None) -> str:
@@ -56,6 +57,9 @@ def save_gp_files(model: nn.Module, save_directory: str, adapter_name: str | Non
     peft_model = unwrap_peft_model(model)
     adapter_name = adapter_name or peft_model.active_adapter
     save_memory(peft_model, save_directory, adapter_name)
+    stats = get_state(peft_model, adapter_name).class_stats
+    if stats is not None:
+        stats.save(os.path.join(adapter_directory(save_directory, adapter_name), GP_CLASS_STATS_NAME))
     if has_task_state(peft_model, adapter_name):
         folder = adapter_directory(save_directory, adapter_name)
         tasks = get_task_state(peft_model, adapter_name)
@@ -200,7 +204,17 @@ def load_gp_files(
     memory = load_memory(model, model_id, adapter_name, revision, subfolder)
     tasks = load_task_state(model, model_id, adapter_name, revision, subfolder)
     weights = _resolve_file(model_id, SAFETENSORS_WEIGHTS_NAME, revision, subfolder, optional=True)
-    check_saved_together(memory, tasks, weights, f"{model_id!r}" + (f" ({subfolder})" if subfolder else ""))
+    where = f"{model_id!r}" + (f" ({subfolder})" if subfolder else "")
+    check_saved_together(memory, tasks, weights, where)
+    stats_path = _resolve_file(model_id, GP_CLASS_STATS_NAME, revision, subfolder, optional=True)
+    if stats_path is not None:
+        stats = ClassStatistics.load(stats_path)
+        if stats.tasks_seen != memory.tasks_seen:
+            raise GPMemoryError(
+                f"{GP_CLASS_STATS_NAME} in {where} holds {stats.tasks_seen} task(s), the memory {memory.tasks_seen}: "
+                "they come from different saves. Restore both from one save."
+            )
+        get_state(model, adapter_name).class_stats = stats
     return memory, tasks
 
 

@@ -21,6 +21,7 @@ from ..core.peft_utils import unwrap_peft_model
 from .adapter_states import AdapterStates
 from .attention import PrefixRoute
 from .bottleneck import GPPeftType
+from .class_stats import ClassStatistics
 from .config import GPPrefixTuningConfig, gp_config_of
 from .groups import ProjectedGroup
 from .guard import TrainingGuard
@@ -71,6 +72,7 @@ class GPState:
     tasks: GPTaskState
     guard: TrainingGuard | None = None
     route: PrefixRoute | None = None
+    class_stats: ClassStatistics | None = None  # with gp_class_statistics: the head's input per class
 
 
 def _describe(model: PeftModel, adapter_name: str) -> dict[str, str]:

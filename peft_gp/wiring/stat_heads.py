@@ -1,0 +1,70 @@
+"""Heads from the class statistics stored with an adapter: build one, or write it into the model's head.
+
+``statistics_head(model, kind)`` returns the labels and the ``(weight, bias)`` of an ``"ncm"``, ``"lda"`` or
+``"aligned"`` head (``core.class_heads``) over every class stored so far; ``apply_statistics_head`` writes it into
+the rows of those classes in the model's classification head (integer labels are the head's output rows), so that
+the model's own forward, ``from_pretrained`` included, predicts with it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core.class_heads import aligned_head, lda_head, ncm_head
+from ..core.peft_utils import unwrap_peft_model
+from .class_stats import head_module
+from .state import get_state
+
+HEAD_KINDS = ("ncm", "lda", "aligned")
+
+
+def statistics_head(
+    model: nn.Module, kind: str = "lda", adapter_name: str | None = None, shrinkage: float = 0.1, seed: int = 0
+) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """``(labels, weight, bias)`` of the head ``kind`` built from the adapter's class statistics."""
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"A statistics head is one of {HEAD_KINDS}, got {kind!r}.")
+    stats = get_state(model, adapter_name).class_stats
+    if stats is None or not stats.labels:
+        raise ValueError(
+            "This adapter has no class statistics: build its GP config with gp_class_statistics=True, so that each "
+            "finished task's memory update also takes them (or load a save that has gp_class_stats.safetensors)."
+        )
+    if kind == "ncm":
+        weight, bias = ncm_head(stats.means)
+    elif kind == "lda":
+        weight, bias = lda_head(stats.means, stats.covariance(), shrinkage)
+    else:
+        head = head_module(model, adapter_name)
+        rows = _rows(stats.labels, head)
+        start = (head.weight.detach()[rows], head.bias.detach()[rows] if head.bias is not None else None)
+        bias0 = start[1] if start[1] is not None else torch.zeros(len(rows))
+        weight, bias = aligned_head(stats.means, stats.covariance(), start[0], bias0, shrinkage=shrinkage, seed=seed)
+    return list(stats.labels), weight, bias
+
+
+def _rows(labels: list, head: nn.Linear) -> list[int]:
+    if any(isinstance(label, bool) or not isinstance(label, int) for label in labels):
+        raise ValueError(f"Writing a statistics head needs integer labels (the head's rows), got {labels[:5]}.")
+    if max(labels) >= head.out_features or min(labels) < 0:
+        raise ValueError(f"Labels {labels} do not fit the head's {head.out_features} outputs.")
+    return list(labels)
+
+
+@torch.no_grad()
+def apply_statistics_head(
+    model: nn.Module, kind: str = "lda", adapter_name: str | None = None, shrinkage: float = 0.1, seed: int = 0
+) -> list:
+    """Write the statistics head into the rows of the stored classes of the model's classification head; returns
+    the labels written. The head must have a bias (or ``kind="ncm"``, whose bias is zero)."""
+    peft_model = unwrap_peft_model(model)
+    labels, weight, bias = statistics_head(peft_model, kind, adapter_name, shrinkage, seed)
+    head = head_module(peft_model, adapter_name)
+    rows = _rows(labels, head)
+    head.weight[rows] = weight.to(head.weight.dtype)
+    if head.bias is not None:
+        head.bias[rows] = bias.to(head.bias.dtype)
+    elif bool((bias != 0).any()):
+        raise ValueError(f"The {kind} head needs a bias and the model's head has none: use kind='ncm'.")
+    return labels
