@@ -13,38 +13,44 @@ from torch import nn
 
 from ..core.class_heads import aligned_head, lda_head, ncm_head
 from ..core.peft_utils import unwrap_peft_model
-from .class_stats import head_module
+from .class_stats import ClassStatistics, head_module
 from .state import get_state
 
 HEAD_KINDS = ("ncm", "lda", "aligned")
+
+
+def head_from_statistics(
+    stats: ClassStatistics, kind: str, head: nn.Linear, shrinkage: float = 0.1, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight, bias)`` of the head ``kind`` over ``stats.labels`` (``aligned`` starts from ``head``'s rows)."""
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"A statistics head is one of {HEAD_KINDS}, got {kind!r}.")
+    if kind == "ncm":
+        return ncm_head(stats.means)
+    if kind == "lda":
+        return lda_head(stats.means, stats.covariance(), shrinkage)
+    rows = head_rows(stats.labels, head)
+    start = head.weight.detach()[rows]
+    bias = head.bias.detach()[rows] if head.bias is not None else torch.zeros(len(rows))
+    return aligned_head(stats.means, stats.covariance(), start, bias, shrinkage=shrinkage, seed=seed)
 
 
 def statistics_head(
     model: nn.Module, kind: str = "lda", adapter_name: str | None = None, shrinkage: float = 0.1, seed: int = 0
 ) -> tuple[list, torch.Tensor, torch.Tensor]:
     """``(labels, weight, bias)`` of the head ``kind`` built from the adapter's class statistics."""
-    if kind not in HEAD_KINDS:
-        raise ValueError(f"A statistics head is one of {HEAD_KINDS}, got {kind!r}.")
     stats = get_state(model, adapter_name).class_stats
     if stats is None or not stats.labels:
         raise ValueError(
             "This adapter has no class statistics: build its GP config with gp_class_statistics=True, so that each "
             "finished task's memory update also takes them (or load a save that has gp_class_stats.safetensors)."
         )
-    if kind == "ncm":
-        weight, bias = ncm_head(stats.means)
-    elif kind == "lda":
-        weight, bias = lda_head(stats.means, stats.covariance(), shrinkage)
-    else:
-        head = head_module(model, adapter_name)
-        rows = _rows(stats.labels, head)
-        start = (head.weight.detach()[rows], head.bias.detach()[rows] if head.bias is not None else None)
-        bias0 = start[1] if start[1] is not None else torch.zeros(len(rows))
-        weight, bias = aligned_head(stats.means, stats.covariance(), start[0], bias0, shrinkage=shrinkage, seed=seed)
+    weight, bias = head_from_statistics(stats, kind, head_module(model, adapter_name), shrinkage, seed)
     return list(stats.labels), weight, bias
 
 
-def _rows(labels: list, head: nn.Linear) -> list[int]:
+def head_rows(labels: list, head: nn.Linear) -> list[int]:
+    """The head rows of ``labels`` (integer labels are the head's output rows)."""
     if any(isinstance(label, bool) or not isinstance(label, int) for label in labels):
         raise ValueError(f"Writing a statistics head needs integer labels (the head's rows), got {labels[:5]}.")
     if max(labels) >= head.out_features or min(labels) < 0:
@@ -61,7 +67,7 @@ def apply_statistics_head(
     peft_model = unwrap_peft_model(model)
     labels, weight, bias = statistics_head(peft_model, kind, adapter_name, shrinkage, seed)
     head = head_module(peft_model, adapter_name)
-    rows = _rows(labels, head)
+    rows = head_rows(labels, head)
     head.weight[rows] = weight.to(head.weight.dtype)
     if head.bias is not None:
         head.bias[rows] = bias.to(head.bias.dtype)
