@@ -18,6 +18,7 @@ from ..wiring.config import GP_DEFAULTS, check_gp_settings
 
 SCENARIOS = ("class", "task", "domain", "generative")
 HEAD_MASKING = ("seen", "current", "none")
+HEADS = ("trained", "ncm", "lda", "aligned")
 
 
 class RunConfigError(ValueError):
@@ -66,6 +67,16 @@ class RunConfig:
             the task's own classes and the task id picks them at test time (``task`` scenario, ``current`` masking:
             old classes' head rows get no gradient, so projecting the head would only slow the new task down),
             else to ``project``.
+        heads: Which heads each method is evaluated with, the first one being the method's main result:
+            ``trained`` (the classification head trained with the tasks), or a replay-free head built from class
+            statistics taken when each task ends (the head's input per class, over the memory sample of
+            ``gp_memory_samples`` examples): ``ncm`` (nearest class mean, cosine), ``lda`` (class means and one shared
+            covariance, shrunk) or ``aligned`` (the trained head retrained on features sampled from the stored
+            Gaussians, SLCA's classifier alignment). GP takes the statistics in its memory update
+            (``gp_class_statistics``); the plain run takes them the same way, but its features drift afterwards.
+            All heads are read from the same forward passes. A string is one head.
+        compare_frozen: Also evaluate the frozen encoder (no fine-tuning; the base model's features) with each
+            statistics head of ``heads``: the replay-free peer to beat (SimpleCIL / APER).
         epochs, batch_size, eval_batch_size, learning_rate, weight_decay, seed: Training settings (one
             ``TrainingArguments`` per task; the optimizer state starts fresh for every task).
         group_by_length: Batch texts of similar length together (transformers' ``group_by_length`` sampling). Every
@@ -115,6 +126,8 @@ class RunConfig:
     gp_projection: str = GP_DEFAULTS["gp_projection"]
     gp_memory_samples: int = GP_DEFAULTS["gp_memory_samples"]
     gp_modules_to_save: str | None = None
+    heads: list[str] = field(default_factory=lambda: ["trained"])
+    compare_frozen: bool = False
     epochs: float = 5.0
     batch_size: int = 32
     eval_batch_size: int = 64
@@ -137,7 +150,7 @@ class RunConfig:
             raise RunConfigError(f"scenario must be one of {SCENARIOS}, got {self.scenario!r}.")
         if self.head_masking is not None and self.head_masking not in HEAD_MASKING:
             raise RunConfigError(f"head_masking must be one of {HEAD_MASKING} (or null), got {self.head_masking!r}.")
-        settings = {name: getattr(self, name) for name in GP_DEFAULTS if getattr(self, name) is not None}
+        settings = {name: getattr(self, name) for name in GP_DEFAULTS if getattr(self, name, None) is not None}
         try:
             check_gp_settings(settings)  # the configs' own checks: one source of truth
         except (TypeError, ValueError) as error:
@@ -167,6 +180,7 @@ class RunConfig:
                 "reference_memory stores the general text as 'task 0': it needs scenario 'generative' and a "
                 "general_text (the built-in 'fortunes_general' or a text file)."
             )
+        self._check_heads()
         if not 0.0 < self.test_size < 1.0:
             raise RunConfigError(f"test_size must be in (0, 1), got {self.test_size!r}.")
         if not isinstance(self.paradigm_kwargs, dict):
@@ -175,6 +189,27 @@ class RunConfig:
             raise RunConfigError("Set 'model' (a Hub id, folder or built-in alias) or 'model_config'.")
         if self.model_config is not None and "model_type" not in self.model_config:
             raise RunConfigError("model_config needs a 'model_type' (e.g. 'vit' or 'bert'), as AutoConfig.for_model.")
+
+    def _check_heads(self) -> None:
+        self.heads = [self.heads] if isinstance(self.heads, str) else self.heads
+        if not isinstance(self.heads, list) or not self.heads or len(set(map(str, self.heads))) != len(self.heads):
+            raise RunConfigError(f"heads must be a non-empty list of distinct heads of {HEADS}, got {self.heads!r}.")
+        unknown = [head for head in self.heads if head not in HEADS]
+        if unknown:
+            raise RunConfigError(f"Unknown head(s) {unknown} in heads: the heads are {HEADS}.")
+        statistics = [head for head in self.heads if head != "trained"]
+        if statistics and self.scenario == "generative":
+            raise RunConfigError("Statistics heads need a classification head: scenario 'generative' has none.")
+        if self.compare_frozen and not statistics:
+            raise RunConfigError(
+                "compare_frozen evaluates the frozen encoder with statistics heads: add one to heads, e.g. "
+                "heads: [trained, lda]."
+            )
+
+    @property
+    def statistics_heads(self) -> list[str]:
+        """The heads of ``heads`` built from class statistics."""
+        return [head for head in self.heads if head != "trained"]
 
     @property
     def masking(self) -> str:

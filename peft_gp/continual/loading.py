@@ -116,6 +116,7 @@ def peft_config_for(config: RunConfig, tasks: Sequence[Task], base_model: nn.Mod
     gp_settings = {name: getattr(config, name) for name in GP_FIELDS} if gp else None
     if gp_settings is not None:
         gp_settings["gp_modules_to_save"] = config.modules_to_save_policy
+        gp_settings["gp_class_statistics"] = bool(config.statistics_heads)
     return make_peft_config(config.paradigm, options, gp_settings, task_type)
 
 

@@ -32,16 +32,26 @@ def matrix_table(result: MethodResult, task_names: Sequence[str]) -> str:
     return accuracy_matrix_markdown(result.accuracy_matrix, task_names)
 
 
+def metric_rows(results: Sequence[MethodResult]) -> list[tuple[str, dict[str, float], float]]:
+    """``(label, metrics, seconds)`` per method and, after it, per further head (``RunConfig.heads``)."""
+    rows = []
+    for result in results:
+        rows.append((result.head_label(), result.metrics, result.seconds))
+        for head, views in result.head_metrics().items():
+            rows.append((result.head_label(head), views["class"], result.seconds))
+    return rows
+
+
 def metrics_table(results: Sequence[MethodResult]) -> str:
-    """One row per method: the four metrics (percentage points) and the time."""
+    """One row per method (and per further head): the four metrics (percentage points) and the time."""
     lines = [
         "| method | " + " | ".join(METRIC_NAMES.values()) + " | time (s) |",
         "|---" * (len(METRIC_NAMES) + 2) + "|",
     ]
-    for result in results:
-        cells = [f"{100 * result.metrics[key]:+.1f}" if key == "backward_transfer" else
-                 f"{100 * result.metrics[key]:.1f}" for key in METRIC_NAMES]  # fmt: skip
-        lines.append(f"| {result.label} | " + " | ".join(cells) + f" | {result.seconds:.0f} |")
+    for label, metrics, seconds in metric_rows(results):
+        cells = [f"{100 * metrics[key]:+.1f}" if key == "backward_transfer" else
+                 f"{100 * metrics[key]:.1f}" for key in METRIC_NAMES]  # fmt: skip
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {seconds:.0f} |")
     return "\n".join(lines)
 
 
@@ -62,7 +72,7 @@ def summary_markdown(run: RunResult) -> str:
         "BWT is negative and forgetting positive when old tasks lost accuracy (`peft_gp.core.metrics`).",
     ]
     for result in run.results.values():
-        parts += ["", f"## Accuracy matrix: {result.label}", "", matrix_table(result, names)]
+        parts += ["", f"## Accuracy matrix: {result.head_label()}", "", matrix_table(result, names)]
     parts += ["", "## Tasks", "", "| task | classes | train | test |", "|---|---|---|---|"]
     parts += [
         f"| {t['task_id'] + 1} {t['name']} | {', '.join(t['class_names'])} | {t['train_examples']} | "
@@ -80,7 +90,7 @@ def comparison_text(run: RunResult) -> str:
     width = min(16, max(6, *(len(f"T{k + 1} {n}") for k, n in enumerate(names))))
     columns = []
     for result in run.results.values():
-        lines = [f"{result.label}: accuracy (%) after task t", "after " + " ".join(
+        lines = [f"{result.head_label()}: accuracy (%) after task t", "after " + " ".join(
             f"T{k + 1} {n}"[:width].rjust(width) for k, n in enumerate(names))]  # fmt: skip
         lines += [f"T{t + 1:<5}" + " ".join(_cell(v).rjust(width) for v in row)
                   for t, row in enumerate(result.accuracy_matrix)]  # fmt: skip
@@ -90,14 +100,14 @@ def comparison_text(run: RunResult) -> str:
         blocks = ["\n".join(" | ".join(line.ljust(side) for line in row).rstrip() for row in zip(*columns))]
     else:  # too wide for a terminal: one under the other
         blocks = ["\n".join(lines) for lines in columns]
-    label_width = max(len(r.label) for r in run.results.values())
+    rows = metric_rows(list(run.results.values()))
+    label_width = max(len(label) for label, _, _ in rows)
     lines = [f"{'method':<{label_width}} | final avg acc | avg inc acc |    BWT | forgetting | time"]
-    for result in run.results.values():
-        m = result.metrics
+    for label, m, seconds in rows:
         lines.append(
-            f"{result.label:<{label_width}} | {100 * m['average_accuracy']:12.1f}% | "
+            f"{label:<{label_width}} | {100 * m['average_accuracy']:12.1f}% | "
             f"{100 * m['average_incremental_accuracy']:10.1f}% | {100 * m['backward_transfer']:+6.1f} | "
-            f"{100 * m['forgetting']:10.1f} | {result.seconds:.0f}s"
+            f"{100 * m['forgetting']:10.1f} | {seconds:.0f}s"
         )
     return "\n\n".join(blocks + ["\n".join(lines)])
 
@@ -107,7 +117,7 @@ def write_outputs(run: RunResult, folder: Path) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     names = [task["name"] for task in run.stream]
     if run.config.plots:
-        matrices = {r.label: r.accuracy_matrix for r in run.results.values()}
+        matrices = {r.head_label(): r.accuracy_matrix for r in run.results.values()}
         title = run.config.name
         plot_accuracy_matrix(matrices, folder / HEATMAP_NAME, names, title)
         plot_task_accuracy(matrices, folder / CURVES_NAME, names, title)

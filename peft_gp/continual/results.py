@@ -10,13 +10,16 @@ from torch import nn
 from ..core.metrics import accuracy_matrix_summary
 from .config import RunConfig
 
+HEAD_LABELS = {"ncm": "NCM", "lda": "LDA", "aligned": "aligned head"}
+
 
 @dataclass
 class MethodResult:
     """One method's run over the stream: the accuracy matrix (fractions), its metrics, per-task records.
 
     ``task_il_matrix`` is the same evaluation with the task id given (the argmax over each task's own classes), from
-    the same forward passes; in the task-incremental scenario it equals ``accuracy_matrix``.
+    the same forward passes; in the task-incremental scenario it equals ``accuracy_matrix``. ``head_matrices`` holds
+    the same two views for each further head of ``RunConfig.heads`` (statistics heads), also from those passes.
 
     Each task record holds ``train_seconds`` (``train()``, including GP's memory update), ``memory_update_seconds``,
     the training loss, the accuracy row and GP statistics. ``model`` is the trained PEFT model (not serialised).
@@ -30,6 +33,18 @@ class MethodResult:
     seconds: float
     model: nn.Module | None = field(default=None, repr=False, compare=False)
     task_il_matrix: list[list[float | None]] | None = None
+    head_matrices: dict[str, dict[str, list]] | None = None  # statistics heads: head -> {"class": R, "task": R}
+    head: str = "trained"  # the head of accuracy_matrix (RunConfig.heads[0])
+
+    def head_label(self, head: str | None = None) -> str:
+        """The label of the method read with ``head`` (default: its main head)."""
+        head = head or self.head
+        return self.label if head == "trained" else f"{self.label} + {HEAD_LABELS.get(head, head)}"
+
+    def head_metrics(self) -> dict[str, dict[str, dict[str, float]]]:
+        """The metrics of each statistics head's matrices (``head -> view -> metrics``)."""
+        return {head: {view: accuracy_matrix_summary(matrix) for view, matrix in views.items()}
+                for head, views in (self.head_matrices or {}).items()}  # fmt: skip
 
     @property
     def task_il_metrics(self) -> dict[str, float] | None:
@@ -40,6 +55,7 @@ class MethodResult:
         record = {
             "method": self.method,
             "label": self.label,
+            "head": self.head,
             "accuracy_matrix": self.accuracy_matrix,
             "metrics": self.metrics,
             "tasks": self.tasks,
@@ -48,6 +64,9 @@ class MethodResult:
         if self.task_il_matrix is not None:
             record["task_il_matrix"] = self.task_il_matrix
             record["task_il_metrics"] = self.task_il_metrics
+        if self.head_matrices:
+            record["head_matrices"] = self.head_matrices
+            record["head_metrics"] = self.head_metrics()
         return record
 
 

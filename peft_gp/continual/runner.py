@@ -29,7 +29,7 @@ from .generative_runner import run_generative
 from .loading import prepare
 from .report import write_outputs
 from .results import MethodResult, RunResult
-from .stream import train_stream
+from .stream import frozen_stream, train_stream
 from .tasks import Task
 
 
@@ -86,10 +86,12 @@ def run_sequence(
             result, initial = train_stream(base_model, encoded, config, gp, say)
             results[result.method] = result
             initial_states.append(initial)
+        if config.compare_frozen:  # the replay-free peer: the base model's features with the statistics heads
+            results["frozen"] = frozen_stream(base_model, encoded, config, say)
     run = RunResult(config=config, stream=[task.describe() for task in encoded], results=results,
                     info=run_info(initial_states, began))  # fmt: skip
     if config.save_adapters:  # adapter weights (and, for GP, gp_memory.safetensors) of each method
-        for result in results.values():
+        for result in (result for result in results.values() if result.model is not None):
             folder = Path(config.run_dir) / f"adapter_{result.method}"
             save_pretrained(result.model, str(folder))
             run.paths[f"adapter_{result.method}"] = str(folder)

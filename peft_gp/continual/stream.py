@@ -18,14 +18,16 @@ from ..core.metrics import accuracy_matrix_summary
 from ..hub.card import task_branch
 from ..hub.push import push_task_to_hub
 from ..training.trainer import GPTrainer
+from ..wiring.class_stats import ClassStatistics, head_module
 from ..wiring.memory_data import example_lengths
-from ..wiring.state import get_memory
+from ..wiring.state import get_memory, get_state
 from .config import RunConfig
-from .evaluation import collate_batch, evaluate_views
+from .evaluation import collate_batch
 from .heads import MaskedCrossEntropy, prediction_classes, training_classes
 from .loading import peft_config_for
 from .paradigms import build_peft_model
-from .results import MethodResult
+from .results import HEAD_LABELS, MethodResult
+from .stat_heads import build_heads, evaluate_heads, take_statistics
 from .tasks import Task
 
 
@@ -125,9 +127,8 @@ def train_stream(
     torch.manual_seed(config.seed)  # same adapter initialisation for every method
     model = build_peft_model(copy.deepcopy(base_model), peft_config)
     initial, loss, label = _trainable_state(model), MaskedCrossEntropy(), _method_label(config, gp)
-    matrix: list[list[float | None]] = []
-    task_il_matrix: list[list[float | None]] = []
-    records, began = [], time.perf_counter()
+    matrices = HeadMatrices(config.heads)
+    records, began, stats = [], time.perf_counter(), None
     with tempfile.TemporaryDirectory() as scratch:
         for task in tasks:
             loss.allowed = training_classes(tasks, task.task_id, config.masking)
@@ -135,26 +136,93 @@ def train_stream(
             start = time.perf_counter()
             output = trainer.train()
             seconds = time.perf_counter() - start
-            views = [evaluate_views(model, tasks[k].test, [prediction_classes(tasks, task.task_id, k, config.scenario),
-                                                            tasks[k].classes], config.eval_batch_size)
-                     for k in range(task.task_id + 1)]  # fmt: skip
-            padding = [None] * (len(tasks) - task.task_id - 1)
-            row = [scenario_view for scenario_view, _ in views]
-            matrix.append(row + padding)
-            task_il_matrix.append([own for _, own in views] + padding)
+            stats = task_statistics(model, task, config, gp, stats)
+            row = matrices.add(evaluate_seen(model, tasks, task.task_id, config, stats), len(tasks))
             record: dict[str, Any] = {"task_id": task.task_id, "name": task.name, "train_examples": len(task.train),
                                       "train_seconds": round(seconds, 2), "train_loss": round(output.training_loss, 4),
                                       "accuracy": [round(v, 4) for v in row]}  # fmt: skip
             record.update(gp_record(trainer, model) if gp else {})
             if gp and config.push_to_hub:
-                record["hub_revision"] = push_task(model, task, config, matrix)
+                record["hub_revision"] = push_task(model, task, config, matrices.main("class"))
             records.append(record)
             say(_progress_line(label, tasks, task, record, row))
-    result = MethodResult(method="gp" if gp else "baseline", label=label, accuracy_matrix=matrix,
-                          metrics=accuracy_matrix_summary(matrix), tasks=records,
+    result = MethodResult(method="gp" if gp else "baseline", label=label, accuracy_matrix=matrices.main("class"),
+                          metrics=accuracy_matrix_summary(matrices.main("class")), tasks=records,
                           seconds=round(time.perf_counter() - began, 2), model=model,
-                          task_il_matrix=task_il_matrix)  # fmt: skip
+                          task_il_matrix=matrices.main("task"), head_matrices=matrices.others(),
+                          head=config.heads[0])  # fmt: skip
     return result, initial
+
+
+def task_statistics(
+    model: nn.Module, task: Task, config: RunConfig, gp: bool, stats: ClassStatistics | None
+) -> ClassStatistics | None:
+    """The class statistics of every task so far, when the run compares statistics heads: GP's own (taken in its
+    memory update), else taken now over the same memory sample and merged into ``stats``."""
+    if not config.statistics_heads:
+        return None
+    if gp:
+        return get_state(model).class_stats
+    taken = take_statistics(model, task.train, config.gp_memory_samples, config.seed, config.eval_batch_size)
+    if stats is None:
+        return taken
+    stats.merge(taken)
+    return stats
+
+
+def evaluate_seen(
+    model: nn.Module, tasks: Sequence[Task], trained_task: int, config: RunConfig, stats: ClassStatistics | None,
+    trained: bool = True,
+) -> list[dict[str, list[float]]]:  # fmt: skip
+    """Per task seen so far: ``head -> [scenario view, task view]`` accuracies, every head from one pass."""
+    heads = build_heads(stats, config.heads, head_module(model), config.seed)
+    return [evaluate_heads(model, tasks[k].test, [prediction_classes(tasks, trained_task, k, config.scenario),
+                                                 tasks[k].classes], heads, config.eval_batch_size, trained)
+            for k in range(trained_task + 1)]  # fmt: skip
+
+
+def frozen_stream(base_model: nn.Module, tasks: Sequence[Task], config: RunConfig, say=print) -> MethodResult:
+    """The frozen encoder with each statistics head: no training, the statistics of each task taken when it arrives
+    (a LoRA model with ``lora_B = 0`` computes exactly the base model's features)."""
+    frozen = config.replace(heads=config.statistics_heads, paradigm="lora",
+                            paradigm_kwargs=config.paradigm_kwargs if config.paradigm == "lora" else {})  # fmt: skip
+    torch.manual_seed(config.seed)
+    model = build_peft_model(copy.deepcopy(base_model), peft_config_for(frozen, tasks, base_model, gp=False))
+    matrices, stats, began = HeadMatrices(frozen.heads), None, time.perf_counter()
+    label = f"Frozen encoder + {HEAD_LABELS[frozen.heads[0]]}"
+    for task in tasks:
+        stats = task_statistics(model, task, frozen, False, stats)
+        row = matrices.add(evaluate_seen(model, tasks, task.task_id, frozen, stats, trained=False), len(tasks))
+        say(f"  [{label}] task {task.task_id + 1}/{len(tasks)} {task.name}: accuracy so far "
+            f"{[round(100 * v, 1) for v in row]}")  # fmt: skip
+    main = matrices.main("class")
+    return MethodResult(method="frozen", label="Frozen encoder", head=frozen.heads[0], accuracy_matrix=main,
+                        metrics=accuracy_matrix_summary(main), tasks=[],
+                        seconds=round(time.perf_counter() - began, 2), model=None,
+                        task_il_matrix=matrices.main("task"), head_matrices=matrices.others())  # fmt: skip
+
+
+class HeadMatrices:
+    """Accuracy matrices per head and view (``class``: the scenario's view; ``task``: the task id given). The first
+    of ``heads`` is the method's main matrix."""
+
+    def __init__(self, heads: Sequence[str]) -> None:
+        self.heads = list(heads)
+        self.matrices: dict[str, dict[str, list]] = {head: {"class": [], "task": []} for head in self.heads}
+
+    def add(self, per_task: list[dict[str, list[float]]], n_tasks: int) -> list[float]:
+        """Add one row (after a task) from ``evaluate_seen``; returns the main head's scenario row."""
+        padding = [None] * (n_tasks - len(per_task))
+        for head in self.heads:
+            for index, view in enumerate(("class", "task")):
+                self.matrices[head][view].append([task[head][index] for task in per_task] + padding)
+        return [task[self.heads[0]][0] for task in per_task]
+
+    def main(self, view: str) -> list:
+        return self.matrices[self.heads[0]][view]
+
+    def others(self) -> dict[str, dict[str, list]] | None:
+        return {head: self.matrices[head] for head in self.heads[1:]} or None
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler):

@@ -1,0 +1,132 @@
+"""Statistics heads in ``run_sequence`` (issue 22): heads from class statistics beside the trained head, the frozen
+encoder as a peer, one forward pass for all of them, and the config's checks."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import peft_gp
+from peft_gp.continual import RunConfig, RunConfigError, accuracy_matrix_summary, run_sequence
+from peft_gp.continual.heads import prediction_classes
+from peft_gp.continual.loading import prepare
+from peft_gp.continual.stat_heads import build_heads, evaluate_heads, take_statistics
+from peft_gp.wiring.class_stats import head_module
+from peft_gp.wiring.memory_data import memory_sample
+from peft_gp.wiring.state import get_state
+from tests.testing import save_tiny_text_model, text_dataset
+
+SILENT = dict(say=lambda *_: None)
+HEADS = ["trained", "lda", "ncm", "aligned"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_heads")
+    save_tiny_text_model(root / "model")
+    text_dataset().save_to_disk(str(root / "data"))
+    return root
+
+
+def tiny_config(tiny_dirs, tmp_path, **changes) -> RunConfig:
+    values = dict(name="heads", model=str(tiny_dirs / "model"), dataset=str(tiny_dirs / "data"),
+                  classes_per_task=[2, 2, 2], train_per_class=None, test_per_class=None, max_length=8, epochs=6,
+                  batch_size=8, learning_rate=5e-2, gp_memory_samples=32, output_dir=str(tmp_path / "run"),
+                  progress=False, plots=False)  # fmt: skip
+    return RunConfig(**{**values, **changes})
+
+
+@pytest.fixture(scope="module")
+def heads_run(tiny_dirs, tmp_path_factory):
+    config = tiny_config(tiny_dirs, tmp_path_factory.mktemp("run"), heads=HEADS, compare_baseline=True,
+                         compare_frozen=True)  # fmt: skip
+    return config, run_sequence(config, **SILENT)
+
+
+def test_every_method_is_read_with_every_head(heads_run):
+    config, run = heads_run
+    assert list(run.results) == ["gp", "baseline", "frozen"]
+    for name, result in run.results.items():
+        expected = ["ncm", "aligned"] if name == "frozen" else ["lda", "ncm", "aligned"]
+        assert list(result.head_matrices) == expected
+        for views in result.head_matrices.values():
+            for matrix in views.values():
+                assert len(matrix) == 3 and all(v is None for v in matrix[0][1:])
+                assert all(0.0 <= v <= 1.0 for row in matrix for v in row if v is not None)
+            # a prediction right over all seen classes is right over the task's own two
+            assert all(views["task"][t][k] >= views["class"][t][k] for t in range(3) for k in range(t + 1))
+    assert run.results["gp"].head == "trained" and run.results["frozen"].head == "lda"
+    assert run.results["frozen"].model is None and run.results["frozen"].tasks == []
+    saved = json.loads((config.run_dir / "result.json").read_text())
+    gp = saved["results"]["gp"]
+    assert gp["head_matrices"] == run.results["gp"].head_matrices
+    assert gp["head_metrics"]["lda"]["class"] == pytest.approx(
+        accuracy_matrix_summary(run.results["gp"].head_matrices["lda"]["class"])
+    )
+    summary = (config.run_dir / "summary.md").read_text()
+    for label in ("| GP-LoRA + LDA |", "| LoRA (no GP) + NCM |", "| Frozen encoder + LDA |",
+                  "| Frozen encoder + aligned head |"):  # fmt: skip
+        assert label in summary
+    # the GP run took its statistics in the memory update: one task's worth per task, all classes
+    stats = get_state(run.results["gp"].model).class_stats
+    assert stats.tasks_seen == 3 and sorted(stats.labels) == list(range(6))
+
+
+def test_a_statistics_head_scores_as_if_written_into_the_model(heads_run, tiny_dirs):
+    """The run's scoring of a statistics head (pooled features x its weights) predicts exactly what the model
+    predicts once that head is written into its classification layer (``peft_gp.apply_statistics_head``)."""
+    config, run = heads_run
+    model = run.results["gp"].model
+    encoded, _ = prepare(config)
+    stats = get_state(model).class_stats
+    heads = build_heads(stats, ["lda"], head_module(model), config.seed)
+    views = [prediction_classes(encoded, 2, k, "class") for k in range(3)]
+    scored = [evaluate_heads(model, encoded[k].test, [views[k]], heads, 8)["lda"][0] for k in range(3)]
+    assert scored == pytest.approx([row for row in run.results["gp"].head_matrices["lda"]["class"][2]])
+    with torch.no_grad():
+        peft_gp.apply_statistics_head(model, "lda")
+    written = [evaluate_heads(model, encoded[k].test, [views[k]], {}, 8)["trained"][0] for k in range(3)]
+    assert written == pytest.approx(scored)
+
+
+def test_frozen_statistics_are_the_base_models_features(heads_run, tiny_dirs):
+    """The frozen encoder's class means are the base model's pooled features averaged per class."""
+    config, _ = heads_run
+    encoded, base = prepare(config)
+    task = encoded[0]
+    peft_model = peft_gp.get_peft_model(
+        copy.deepcopy(base), peft_gp.GPLoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"])
+    )
+    stats = take_statistics(peft_model, task.train, 32, config.seed, 8)
+    sample = memory_sample(task.train, 32, config.seed)
+    base.eval()
+    with torch.no_grad():
+        pooled = base.bert(input_ids=torch.tensor(sample["input_ids"]),
+                           attention_mask=torch.tensor(sample["attention_mask"])).pooler_output  # fmt: skip
+    labels = sample["labels"] if "labels" in sample.column_names else sample["label"]
+    for row, label in enumerate(stats.labels):
+        chosen = torch.tensor([value == label for value in labels])
+        assert stats.counts[row] == chosen.sum()
+        torch.testing.assert_close(stats.means[row].float(), pooled[chosen].mean(0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(heads=["lda", "knn"]), "Unknown head"),
+        (dict(heads=["lda", "lda"]), "distinct"),
+        (dict(heads=[]), "non-empty"),
+        (dict(compare_frozen=True), "compare_frozen"),
+        (dict(heads=["lda"], scenario="generative"), "generative"),
+    ],
+)
+def test_bad_heads_are_refused_with_the_fix(changes, message, tmp_path):
+    with pytest.raises(RunConfigError, match=message):
+        RunConfig(**changes)
+
+
+def test_a_single_head_may_be_a_string():
+    assert RunConfig(heads="lda").heads == ["lda"] and RunConfig(heads="lda").statistics_heads == ["lda"]
