@@ -90,13 +90,8 @@ def pretrain(model: torch.nn.Module, task, args: argparse.Namespace, scratch: st
     return time.perf_counter() - start
 
 
-def main(argv=None) -> dict:
-    import tempfile
-
-    args = parse_args(argv)
-    quiet()
-    load_start = round(os.getloadavg()[0], 2)
-    began = time.perf_counter()
+def stream_config(args: argparse.Namespace) -> tuple[RunConfig, list]:
+    """The run's config and the raw stream: the first task (4 classes) to pretrain on, then 3 tasks of 2."""
     config = RunConfig(name="split_fashion_mnist_vit", model=None, model_config=VIT, dataset="fashion_mnist",
                        classes_per_task=[4, 2, 2, 2], train_per_class=args.train_per_class,
                        test_per_class=args.test_per_class, paradigm="lora",
@@ -104,11 +99,22 @@ def main(argv=None) -> dict:
                                         "target_modules": ["q_proj", "v_proj"]},
                        epochs=args.epochs, learning_rate=args.lr, gp_threshold=args.gp_threshold,
                        seed=args.seed, progress=False, plots=False)  # fmt: skip
+    data = fashion_mnist(Path(args.data_dir))
+    raw = class_incremental_split(data, classes_per_task=[4, 2, 2, 2], seed=args.seed,
+                                  train_per_class=args.train_per_class,
+                                  test_per_class=args.test_per_class)  # fmt: skip
+    return config, raw
+
+
+def main(argv=None) -> dict:
+    import tempfile
+
+    args = parse_args(argv)
+    quiet()
+    load_start = round(os.getloadavg()[0], 2)
+    began = time.perf_counter()
     try:
-        data = fashion_mnist(Path(args.data_dir))
-        raw = class_incremental_split(data, classes_per_task=[4, 2, 2, 2], seed=args.seed,
-                                      train_per_class=args.train_per_class,
-                                      test_per_class=args.test_per_class)  # fmt: skip
+        config, raw = stream_config(args)
         torch.manual_seed(args.seed)
         encoded, base = prepare(config, tasks=raw)
     except RunConfigError as error:

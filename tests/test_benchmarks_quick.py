@@ -121,13 +121,11 @@ def write_idx(path: Path, array) -> None:
     path.write_bytes(gzip.compress(header + array.tobytes()))
 
 
-def test_split_fashion_mnist_quick_pretrains_then_compares(tmp_path):
-    """The vision benchmark on synthetic IDX files (a bright band per class): pretraining, both PEFT runs, record."""
+def write_fashion(folder: Path) -> Path:
+    """Synthetic Fashion-MNIST IDX files: noise with a bright band per class."""
     import numpy as np
 
-    benchmark = load_benchmark("split_fashion_mnist_vit")
     rng = np.random.default_rng(0)
-    folder = tmp_path / "fmnist"
     folder.mkdir()
     for prefix, per_class in (("train", 20), ("t10k", 10)):
         labels = np.repeat(np.arange(10), per_class)
@@ -136,6 +134,14 @@ def test_split_fashion_mnist_quick_pretrains_then_compares(tmp_path):
             images[i, 2 * label : 2 * label + 3] = 250
         write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+def test_split_fashion_mnist_quick_pretrains_then_compares(tmp_path):
+    """The vision benchmark on synthetic IDX files (a bright band per class): pretraining, both PEFT runs, record."""
+
+    benchmark = load_benchmark("split_fashion_mnist_vit")
+    folder = write_fashion(tmp_path / "fmnist")
     output = tmp_path / "vit.json"
     record = benchmark.main(["--quick", "--data-dir", str(folder), "--output", str(output)])
     saved = json.loads(output.read_text())
@@ -294,3 +300,30 @@ def test_smollm2_generative_quick_runs_every_method_and_merges(tmp_path):
         benchmark.main(["--quick", "--data-dir", str(tmp_path / "none"), "--bbc-dir", str(bbc)])
     with pytest.raises(SystemExit, match="--methods takes distinct names"):
         benchmark.main(["--quick", "--methods", "gp,lora"])
+
+
+def test_class_heads_quick_reads_every_method_with_every_head_and_merges(tmp_path):
+    """``class_heads.py --quick`` on synthetic images, as two shards of methods merged into one table."""
+    benchmark = load_benchmark("class_heads")
+    folder = write_fashion(tmp_path / "fmnist")
+    shards = []
+    for methods in ("plain,frozen", "gp,joint"):
+        shards.append(tmp_path / f"{methods.replace(',', '_')}.json")
+        benchmark.main(["--benchmark", "fashion", "--quick", "--seeds", "0", "--methods", methods,
+                        "--data-dir", str(folder), "--output", str(shards[-1])])  # fmt: skip
+    merged = benchmark.merge([str(path) for path in shards], str(tmp_path / "merged.json"))
+    runs = merged["runs"]["lora"]
+    assert set(runs) == {"plain", "frozen", "gp", "joint"}
+    assert set(runs["frozen"][0]["heads"]) == {"ncm", "lda", "aligned"}  # no trained head without training
+    for method in ("plain", "gp"):
+        heads = runs[method][0]["heads"]
+        assert set(heads) == {"trained", "ncm", "lda", "aligned"}
+        for head in heads.values():
+            assert len(head["cil_matrix"]) == 3
+            assert head["cil"] == pytest.approx(accuracy_matrix_summary(head["cil_matrix"]))
+    assert merged["summary"]["lora"]["gp"]["lda"]["cil_acc"][0] == pytest.approx(
+        runs["gp"][0]["heads"]["lda"]["cil"]["average_accuracy"]
+    )
+    assert [c["target"].startswith("GP best head") for c in merged["targets"]] == [True]
+    with pytest.raises(SystemExit, match="twice"):
+        benchmark.merge([str(shards[0]), str(shards[0])], None)
