@@ -218,13 +218,14 @@ def test_attention_factors_read_every_query_key_and_value_row():
     assert len(emitted) == 2 and torch.equal(emitted[0], q) and torch.equal(emitted[1], k)  # value is key: once
 
 
-def test_dora_is_exact_because_its_magnitude_follows_the_norm():
+@pytest.mark.parametrize("name", ["dora", "dora-conv2d", "dora-embedding"])
+def test_dora_is_exact_because_its_magnitude_follows_the_norm(name):
     """Projecting A and B keeps (W + sBA) x on old inputs, but DoRA divides by the row norms of W + sBA, which still
     move: with the magnitude only kept fixed (no rule) or left free, old outputs drift; with m/‖W + sBA‖ kept they
-    do not."""
+    do not (the figures in docs/paradigms.md)."""
     drifts = {}
     for mode in ("rule", "fixed", "free"):
-        model, kind = variant_model("dora")
+        model, kind = variant_model(name)
         groups = peft_gp.wiring.state.get_state(model).groups
         for group in groups:
             if group.rule is not None and mode != "rule":
@@ -412,18 +413,35 @@ def test_modules_to_save_that_cannot_be_projected_are_kept_fixed():
     assert (model(**old) - before).abs().max().item() <= 1e-6
 
 
-def test_custom_lora_layers_are_refused():
+def test_custom_lora_layers_are_refused_unless_they_compute_like_peft_s():
+    """A LoRA layer registered with ``_register_custom_module`` is protected like the PEFT layer it subclasses when it
+    keeps that layer's forward; one with a forward of its own is refused (what it computes is unknown)."""
     from peft.tuners import lora
 
-    class MyLora(nn.Module, lora.LoraLayer):
-        def __init__(self, base_layer, adapter_name, **kwargs):
+    class LinearLike(nn.Module):
+        def __init__(self) -> None:
             super().__init__()
-            lora.LoraLayer.__init__(self, base_layer, **kwargs)
-            self._active_adapter = adapter_name
+            self.in_features, self.out_features, self.weight = 16, 16, nn.Parameter(torch.randn(16, 16) / 4)
 
-    config = GPLoraConfig(target_modules=["0"])
-    config._register_custom_module({nn.GRU: MyLora})
-    with pytest.warns(UserWarning, match="Unsupported layer type"):
-        model = get_peft_model(nn.Sequential(nn.GRU(4, 4)), config)
-    with pytest.raises(ValueError, match=r"custom LoRA layer MyLora on '0'.*_register_custom_module"):
-        resolve_groups(model)
+        def forward(self, x):
+            return nn.functional.linear(x, self.weight)
+
+    class SameAsLinear(lora.Linear):
+        pass
+
+    class OwnForward(lora.Linear):
+        def forward(self, x, *args, **kwargs):
+            return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x)).exp()
+
+    for custom, accepted in ((SameAsLinear, True), (OwnForward, False)):
+        model = Mlp()
+        model.lin0 = LinearLike()
+        config = GPLoraConfig(target_modules=["lin0"], gp_threshold=1.0)
+        config._register_custom_module({LinearLike: custom})
+        model = get_peft_model(model, config)
+        if accepted:
+            drift, moved = two_tasks(model, "mlp")
+            assert drift <= 1e-4 and moved > 1e-2
+        else:
+            with pytest.raises(ValueError, match=r"custom LoRA layer OwnForward on 'lin0'.*not one of PEFT's"):
+                resolve_groups(model)

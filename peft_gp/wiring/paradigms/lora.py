@@ -140,7 +140,7 @@ def linear_groups(module: LoraLayer, adapter_name: str, name: str, variant) -> l
     return groups_a + groups_b
 
 
-def frozen_groups(prefix: str, parameters, feature_module: nn.Module | None = None) -> list[ProjectedGroup]:
+def frozen_groups(prefix: str, parameters) -> list[ProjectedGroup]:
     """Parameters kept fixed from the second task on (no basis): exact, whatever they compute."""
     return [
         ProjectedGroup(f"{prefix}.{param_name}", param, None, None, frozen=True, source=NoFeatures())
@@ -195,6 +195,13 @@ def trainable_bias_groups(model: PeftModel, config, covered: set[int]) -> list[P
     ]
 
 
+def _peft_forward(cls: type) -> bool:
+    """Whether ``cls`` computes with the forward of one of PEFT's own layers (custom subclasses that only register a
+    layer for another module type, ``_register_custom_module``, keep it)."""
+    owner = next((klass for klass in cls.__mro__ if "forward" in vars(klass)), object)
+    return owner.__module__.startswith("peft.")
+
+
 def lora_groups(model: PeftModel, adapter_name: str, config) -> list[ProjectedGroup]:
     groups, inner = [], set()
     for module_name, module in model.named_modules():
@@ -204,12 +211,13 @@ def lora_groups(model: PeftModel, adapter_name: str, config) -> list[ProjectedGr
         if not isinstance(module, LoraLayer) or id(module) in inner:
             continue
         held = adapter_name in module.lora_A or adapter_name in getattr(module, "lora_embedding_A", {})
-        if (held or adapter_name in module.active_adapters) and not type(module).__module__.startswith("peft."):
+        if (held or adapter_name in module.active_adapters) and not _peft_forward(type(module)):
             _refuse(
                 module_key(module_name),
                 f"the custom LoRA layer {type(module).__name__}",
-                "peft_gp does not know what a layer registered with _register_custom_module computes",
-                "target layers PEFT's own LoRA layers handle, or leave this one out of target_modules",
+                "its forward is not one of PEFT's LoRA layers, so peft_gp does not know what it computes",
+                "target layers PEFT's own LoRA layers handle (a layer registered with _register_custom_module that "
+                "subclasses one of them without a forward of its own is protected like it), or leave it out",
             )
         if not held:
             continue
