@@ -75,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {METHODS}")
     parser.add_argument("--quick", action="store_true", help="tiny streams and 1 epoch (what the tests run)")
+    parser.add_argument("--gp-threshold", type=float, default=0.97, help="energy threshold tau of GP's memory")
     parser.add_argument("--data-dir", default=None, help="another folder of the benchmark's data")
     parser.add_argument("--model", default="minilm", help="text model folder or alias (fortunes, bbc)")
     parser.add_argument("--output", default=None, help="JSON (default benchmarks/results/class_heads_<name>.json)")
@@ -93,6 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def fortunes_setup(args, paradigm: str, seed: int):
     flags = ["--paradigms", paradigm, "--seeds", str(seed), "--model", args.model]
+    flags += ["--gp-threshold", str(args.gp_threshold)]
     flags += (["--quick"] if args.quick else []) + (["--data-dir", args.data_dir] if args.data_dir else [])
     options = fortunes_cil.parse_args(flags)
     config = fortunes_cil.run_config(options, paradigm, seed).replace(gp_projection="update")
@@ -101,7 +103,7 @@ def fortunes_setup(args, paradigm: str, seed: int):
 
 
 def fashion_setup(args, paradigm: str, seed: int):
-    flags = ["--seed", str(seed)] + (["--quick"] if args.quick else [])
+    flags = ["--seed", str(seed), "--gp-threshold", str(args.gp_threshold)] + (["--quick"] if args.quick else [])
     flags += ["--data-dir", args.data_dir] if args.data_dir else []
     options = fashion_vit.parse_args(flags)
     config, raw = fashion_vit.stream_config(options)
@@ -116,6 +118,7 @@ def fashion_setup(args, paradigm: str, seed: int):
 def bbc_setup(args, paradigm: str, seed: int):
     quick = dict(train_per_class=8, test_per_class=4, epochs=1.0, max_length=16) if args.quick else {}
     config = RunConfig(seed=seed, paradigm=paradigm, paradigm_kwargs={}, model=args.model, gp_projection="update",
+                       gp_threshold=args.gp_threshold,
                        progress=False, plots=False, **quick)  # fmt: skip
     encoded, base = prepare(config)
     return config, encoded, base
