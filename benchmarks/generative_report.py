@@ -154,9 +154,10 @@ def merge(paths: list[str], output: str | None) -> dict:
                 runs.setdefault(method, []).append(run)
     order = [m for m in ("plain", "gp", "gp_reference", "osf") if m in runs]
     runs = {m: sorted(runs[m], key=lambda r: r["seed"]) for m in order}
-    meta = [{"file": Path(p).name, "date": s["date"], "machine": s.get("machine"), "total_seconds": s["total_seconds"]}
-            for p, s in shards]  # fmt: skip
-    record = report(runs, streams, bases, dict(reference["settings"]), sum(s["total_seconds"] for _, s in shards),
-                    shards=meta)  # fmt: skip
+    meta = [{"file": Path(p).name, "date": s["date"], "machine": s.get("machine"), "total_seconds": s["total_seconds"],
+             "methods": s["settings"].get("methods"), "seeds": s["settings"].get("seeds")} for p, s in shards]
+    settings = {k: v for k, v in reference["settings"].items() if k not in SHARD_KEYS}  # the shards' own: in meta
+    settings.update(methods=",".join(order), seeds=",".join(sorted(streams, key=int)))
+    record = report(runs, streams, bases, settings, sum(s["total_seconds"] for _, s in shards), shards=meta)
     write_record(output or RESULTS / f"{BENCHMARK}.json", record)
     return record
