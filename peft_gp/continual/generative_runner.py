@@ -135,8 +135,9 @@ def with_perplexity(result: GenerativeResult, before: float | None) -> Generativ
 def perplexity_markdown(run: RunResult) -> str:
     """The summary's extra section: perplexity per method after each task, and the base model's zero-shot reading."""
     base = run.info.get("base_model", {})
+    before = f"{base['perplexity']:.2f}" if "perplexity" in base else "n/a"
     lines = ["", "## General-text perplexity", "",
-             f"Held-out general text (`{run.config.general_text}`); the base model: {base.get('perplexity', 'n/a')}.",
+             f"Held-out general text (`{run.config.general_text}`); the base model: {before}.",
              "", "| method | " + " | ".join(f"after T{k + 1}" for k in range(len(run.stream))) + " | rise |",
              "|---" * (len(run.stream) + 2) + "|"]  # fmt: skip
     for result in run.results.values():
