@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 import peft_gp
 from peft_gp import GP_MEMORY_NAME, GPLoraConfig, GPMemoryError
 from peft_gp.wiring.memory import GPMemory
+from peft_gp.wiring.state import get_state
 
 from .testing import tiny_bert, tiny_gpt2
 
@@ -50,7 +51,6 @@ def test_threshold_out_of_range(threshold):
         ("gp_memory_samples", 0, "gp_memory_samples must be at least 1"),
         ("gp_threshold_increment", -0.1, "gp_threshold_increment must be in"),
         ("gp_modules_to_save", "keep", "gp_modules_to_save must be one of"),
-        ("use_dora", True, "use_dora"),
     ],
 )
 def test_other_config_values_are_checked(field, value, message):
@@ -154,15 +154,20 @@ def test_memory_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_unsupported_lora_targets_are_named():
-    model = get_peft_model(tiny_bert(), GPLoraConfig(task_type="SEQ_CLS", target_modules=["word_embeddings"]))
-    with pytest.raises(ValueError, match="word_embeddings.*not supported"):
+    from peft.tuners.lora.variants import ArrowLinearVariant
+
+    model = get_peft_model(tiny_bert(), GPLoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    model.base_model.model.bert.encoder.layer[0].attention.self.query.lora_variant["default"] = ArrowLinearVariant()
+    with pytest.raises(ValueError, match=r"ArrowLinearVariant on 'bert.encoder.layer.0.attention.self.query'.*Fix"):
         peft_gp.get_memory(model)
 
 
-def test_non_linear_module_to_save_needs_a_policy():
+def test_non_linear_module_to_save_is_kept_fixed_and_named():
     config = GPLoraConfig(task_type="SEQ_CLS", target_modules=["query"], modules_to_save=["LayerNorm"])
-    with pytest.raises(ValueError, match="gp_modules_to_save='freeze'"):
-        peft_gp.get_memory(get_peft_model(tiny_bert(), config))
+    with pytest.warns(UserWarning, match=r"\(LayerNorm\), which cannot be projected.*gp_modules_to_save='freeze'"):
+        state = get_state(get_peft_model(tiny_bert(), config))
+    fixed = [group for group in state.groups if "LayerNorm" in group.name]
+    assert fixed and all(group.frozen for group in fixed)
 
 
 def test_wrong_dtype_in_memory_file_is_refused(tmp_path):
