@@ -41,7 +41,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -59,7 +58,7 @@ from peft_gp.core.metrics import accuracy_matrix_summary  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fortunes_cil  # noqa: E402
 import split_fashion_mnist_vit as fashion_vit  # noqa: E402
-from common import RESULTS, machine_record, now, quiet, write_record  # noqa: E402
+from common import RESULTS, machine_record, now, quiet, read_shards, write_record  # noqa: E402
 
 BENCHMARKS = ("fortunes", "fashion", "bbc")
 METHODS = ("plain", "gp", "frozen", "joint")
@@ -244,7 +243,7 @@ def report(benchmark: str, runs: dict, extra: dict) -> dict:
 
 def merge(paths: list[str], output: str | None) -> dict:
     """One record from shards of one benchmark (e.g. one per paradigm and seed); a run given twice is refused."""
-    records = [(path, json.loads(Path(path).read_text())) for path in paths]
+    records = read_shards(paths)
     names = {record["benchmark"] for _, record in records}
     if len(names) != 1:
         raise SystemExit(f"--merge takes shards of one benchmark, got {sorted(names)}")

@@ -87,3 +87,16 @@ def write_record(path: str | Path, record: dict) -> Path:
     atomic_write_bytes(str(output), (json.dumps(record, indent=2) + "\n").encode())
     print(f"wrote {output}")
     return output
+
+
+def read_shards(paths: list[str]) -> list[tuple[str, dict]]:
+    """``(path, record)`` of each shard JSON for ``--merge``; an unreadable file stops with its name."""
+    shards = []
+    for path in paths:
+        try:
+            shards.append((path, json.loads(Path(path).read_text())))
+        except (OSError, json.JSONDecodeError) as error:
+            raise SystemExit(f"--merge: cannot read {path}: {error}") from error
+    if not shards:
+        raise SystemExit("--merge needs at least one JSON record written by this script")
+    return shards

@@ -44,7 +44,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bbc_news_cil.py: spinning OpenMP waits stall under load
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -63,7 +62,7 @@ from peft_gp.continual.tasks import Task  # noqa: E402
 from peft_gp.core.metrics import accuracy_matrix_summary  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fill_preset, machine_record, now, quiet, write_record  # noqa: E402
+from common import RESULTS, fill_preset, machine_record, now, quiet, read_shards, write_record  # noqa: E402
 
 PARADIGMS = ("lora", "adapter", "prefix", "prompt")
 METHODS = ("plain", "gradient", "update", "joint")
@@ -291,14 +290,7 @@ SHARD_KEYS = ("paradigms", "methods", "seeds", "output", "merge", "quick")  # se
 def merge(paths: list[str], output: str | None) -> dict:
     """One record from shard records (e.g. one per paradigm and seed, run in different sessions or machines):
     their runs side by side, the summary and targets recomputed. Shards must share every other setting."""
-    shards = []
-    for path in paths:
-        try:
-            shards.append((path, json.loads(Path(path).read_text())))
-        except (OSError, json.JSONDecodeError) as error:
-            raise SystemExit(f"--merge: cannot read {path}: {error}") from error
-    if not shards:
-        raise SystemExit("--merge needs at least one JSON record written by this script")
+    shards = read_shards(paths)
     reference_path, reference = shards[0]
     runs: dict = {}
     streams: dict = {}

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from pathlib import Path
 
-from common import RESULTS, machine_record, now, write_record
+from common import RESULTS, machine_record, now, read_shards, write_record
 
 BENCHMARK = "smollm2_generative"
 COLUMNS = (("average_accuracy", "final avg exact match", 100.0), ("forgetting", "forgetting", 100.0),
@@ -126,12 +125,7 @@ def report(runs: dict, streams: dict, bases: dict, settings: dict, total: float,
 
 def merge(paths: list[str], output: str | None) -> dict:
     """One record from shard records (one per method and seed, say): the same settings and streams are required."""
-    shards = []
-    for path in paths:
-        try:
-            shards.append((path, json.loads(Path(path).read_text())))
-        except (OSError, json.JSONDecodeError) as error:
-            raise SystemExit(f"--merge: cannot read {path}: {error}") from error
+    shards = read_shards(paths)
     reference_path, reference = shards[0]
     runs: dict = {}
     streams: dict = {}
