@@ -130,3 +130,27 @@ def test_trainer_keeps_statistics_valid_round_trips_and_pushes_them(tmp_path):
     torch.testing.assert_close(logits_on(loaded, task_dataset(0, 8)), logits_on(model, task_dataset(0, 8)))
     save_task(model, str(tmp_path / "push"), task_name="second")
     assert GP_CLASS_STATS_NAME in (tmp_path / "push" / MANIFEST_NAME).read_text()
+
+
+def test_class_statistics_without_a_linear_head_are_refused_before_training(tmp_path):
+    """RoBERTa's classifier is an MLP: with gp_class_statistics, GPTrainer (and GPCallback when training begins)
+    refuses it before any step, rather than after the task when the statistics are taken."""
+    import transformers
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from .testing import task_dataset, training_args
+
+    model = RobertaForSequenceClassification(
+        RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                      max_position_embeddings=16, num_labels=4, pad_token_id=1)
+    )  # fmt: skip
+    config = peft_gp.GPLoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"], gp_class_statistics=True)
+    model = peft_gp.get_peft_model(model, config)
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="no linear classification head"):
+        peft_gp.GPTrainer(model=model, args=training_args(tmp_path), train_dataset=task_dataset(0, 4)).train()
+    trainer = transformers.Trainer(model=model, args=training_args(tmp_path), train_dataset=task_dataset(0, 4),
+                                   callbacks=[peft_gp.GPCallback()])  # fmt: skip
+    with pytest.raises(ValueError, match="no linear classification head"):
+        trainer.train()
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters() if p.requires_grad)

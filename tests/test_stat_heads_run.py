@@ -8,9 +8,17 @@ import json
 
 import pytest
 import torch
+from datasets import Dataset, DatasetDict
+from transformers import RobertaConfig, RobertaForSequenceClassification
 
 import peft_gp
-from peft_gp.continual import RunConfig, RunConfigError, accuracy_matrix_summary, run_sequence
+from peft_gp.continual import (
+    RunConfig,
+    RunConfigError,
+    accuracy_matrix_summary,
+    class_incremental_split,
+    run_sequence,
+)
 from peft_gp.continual.heads import prediction_classes
 from peft_gp.continual.loading import prepare
 from peft_gp.continual.stat_heads import build_heads, evaluate_heads, take_statistics
@@ -130,3 +138,29 @@ def test_bad_heads_are_refused_with_the_fix(changes, message, tmp_path):
 
 def test_a_single_head_may_be_a_string():
     assert RunConfig(heads="lda").heads == ["lda"] and RunConfig(heads="lda").statistics_heads == ["lda"]
+
+
+def test_a_model_whose_head_is_not_linear_runs_with_the_trained_head_and_refuses_statistics_heads(tmp_path):
+    """RoBERTa's classifier is a small MLP: statistics heads cannot replace its rows, so asking for them is refused
+    before training, and without them the run is as before (evaluation does not look for a linear head)."""
+    generator = torch.Generator().manual_seed(0)
+    rows = {"input_ids": [], "attention_mask": [], "label": []}
+    for label in range(4):
+        for _ in range(6):
+            rows["input_ids"].append([0] + (5 + 4 * label + torch.randint(0, 4, (5,), generator=generator)).tolist())
+            rows["attention_mask"].append([1] * 6)
+            rows["label"].append(label)
+    data = Dataset.from_dict(rows)
+    tasks = class_incremental_split(DatasetDict(train=data, test=data), classes_per_task=[2, 2])
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(
+        RobertaConfig(vocab_size=24, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                      max_position_embeddings=12, num_labels=4, pad_token_id=1)
+    )  # fmt: skip
+    config = RunConfig(name="roberta", epochs=1, batch_size=4, plots=False, progress=False, gp_memory_samples=8,
+                       output_dir=str(tmp_path / "out"),
+                       paradigm_kwargs={"target_modules": ["query", "value"]})  # fmt: skip
+    run = run_sequence(config, tasks=tasks, model=model, **SILENT)
+    assert len(run.accuracy_matrix) == 2 and run.main.head_matrices is None
+    with pytest.raises(RunConfigError, match="linear classification head"):
+        run_sequence(config.replace(heads=["trained", "lda"]), tasks=tasks, model=model, **SILENT)

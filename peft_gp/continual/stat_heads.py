@@ -62,12 +62,9 @@ def evaluate_heads(
     """Accuracy per head and per view (a restriction of the prediction to some label ids), one forward pass per
     batch: ``trained`` reads the model's logits, each statistics head scores the pooled head input."""
     model.eval()
-    peft_model = unwrap_peft_model(model)
-    head = head_module(peft_model)
     device = next(model.parameters()).device
     features: list[torch.Tensor] = []
-    pooled = PooledHeadFeatures(peft_model.get_base_model(), head)
-    handle = pooled.attach(lambda rows, masked=True: features.append(rows))
+    handle = _pooled_features(model, features) if heads else None
     names = ([TRAINED] if trained else []) + list(heads)
     correct = {name: [0] * len(views) for name in names}
     total = 0
@@ -77,7 +74,7 @@ def evaluate_heads(
             logits = {TRAINED: model(**{k: v.to(device) for k, v in batch.items() if k in INPUT_KEYS}).logits}
             for name, (labels, weight, bias) in heads.items():
                 scores = features[-1].float() @ weight.to(device).T + bias.to(device)
-                full = scores.new_full((scores.shape[0], head.out_features), float("-inf"))
+                full = scores.new_full((scores.shape[0], logits[TRAINED].shape[-1]), float("-inf"))
                 full[:, torch.as_tensor(labels, device=device)] = scores
                 logits[name] = full
             for name in names:
@@ -86,5 +83,13 @@ def evaluate_heads(
                     correct[name][i] += (predicted == batch["labels"]).sum().item()
             total += batch["labels"].shape[0]
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
     return {name: [c / total for c in counts] for name, counts in correct.items()}
+
+
+def _pooled_features(model: nn.Module, features: list):
+    """Hook the head's pooled input into ``features`` (one tensor per forward); returns the handle."""
+    peft_model = unwrap_peft_model(model)
+    pooled = PooledHeadFeatures(peft_model.get_base_model(), head_module(peft_model))
+    return pooled.attach(lambda rows, masked=True: features.append(rows))

@@ -21,7 +21,7 @@ from ..training.trainer import GPTrainer
 from ..wiring.class_stats import ClassStatistics, head_module
 from ..wiring.memory_data import example_lengths
 from ..wiring.state import get_memory, get_state
-from .config import RunConfig
+from .config import RunConfig, RunConfigError
 from .evaluation import collate_batch
 from .heads import MaskedCrossEntropy, prediction_classes, training_classes
 from .loading import peft_config_for
@@ -126,6 +126,7 @@ def train_stream(
     peft_config = peft_config_for(config, tasks, base_model, gp)
     torch.manual_seed(config.seed)  # same adapter initialisation for every method
     model = build_peft_model(copy.deepcopy(base_model), peft_config)
+    check_statistics_heads(model, config)
     initial, loss, label = _trainable_state(model), MaskedCrossEntropy(), _method_label(config, gp)
     matrices = HeadMatrices(config.heads)
     records, began, stats = [], time.perf_counter(), None
@@ -154,6 +155,15 @@ def train_stream(
     return result, initial
 
 
+def check_statistics_heads(model: nn.Module, config: RunConfig) -> None:
+    """Statistics heads need a linear classification head (their weights replace its rows): refuse before training."""
+    if config.statistics_heads:
+        try:
+            head_module(model)
+        except ValueError as error:
+            raise RunConfigError(f"heads {config.statistics_heads}: {error} Use heads: [trained].") from None
+
+
 def task_statistics(
     model: nn.Module, task: Task, config: RunConfig, gp: bool, stats: ClassStatistics | None
 ) -> ClassStatistics | None:
@@ -175,7 +185,7 @@ def evaluate_seen(
     trained: bool = True,
 ) -> list[dict[str, list[float]]]:  # fmt: skip
     """Per task seen so far: ``head -> [scenario view, task view]`` accuracies, every head from one pass."""
-    heads = build_heads(stats, config.heads, head_module(model), config.seed)
+    heads = build_heads(stats, config.heads, head_module(model), config.seed) if config.statistics_heads else {}
     return [evaluate_heads(model, tasks[k].test, [prediction_classes(tasks, trained_task, k, config.scenario),
                                                  tasks[k].classes], heads, config.eval_batch_size, trained)
             for k in range(trained_task + 1)]  # fmt: skip

@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 
 from ..core.peft_utils import unwrap_peft_model
 from ..wiring import checkpoints
+from ..wiring.class_stats import head_module
 from ..wiring.collect import summarize_report, update_memory
 from ..wiring.config import gp_config_of
 from ..wiring.memory_data import memory_sample, task_classes
@@ -100,6 +101,8 @@ class GPCallback(TrainerCallback):
                 f"statistics_head={self.statistics_head!r} needs class statistics: build the adapter's GP config with "
                 "gp_class_statistics=True."
             )
+        if config.gp_class_statistics:
+            head_module(peft_model, self.adapter_name)  # a clear error before training when there is no linear head
         if self.projector is None or self.projector._model is not peft_model:
             self.projector = GPProjector(peft_model, self.adapter_name)
         self.trainer = trainer if trainer is not None else self.trainer

@@ -137,7 +137,7 @@ def head_module(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     for name in HEAD_NAMES:
         module = getattr(base, name, None)
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-            return module.modules_to_save[adapter_name]
+            module = module.modules_to_save[adapter_name]
         if isinstance(module, nn.Linear):
             return module
     raise ValueError(
