@@ -7,8 +7,8 @@ adapters built from ``GPPrefixTuningConfig`` peft_gp takes the prefix route itse
 
 * ``ATTENTION_NAME`` is registered in transformers' ``AttentionInterface`` (and its mask interface) and set as the
   base model's attention implementation. Without an active prefix it is plain SDPA attention.
-* ``PrefixRoute`` replaces, on one model instance (never on PEFT's classes), PEFT's prompt-learning forward while a GP
-  prefix adapter is active: it slices layer ``l``'s key and value prefix out of
+* ``prefix_forward`` replaces, on one model instance (never on PEFT's classes; ``route.ForwardRoute``), PEFT's
+  prompt-learning forward while a GP prefix adapter is active: it slices layer ``l``'s key and value prefix out of
   ``prompt_encoder[adapter].embedding.weight`` (PEFT's own layout, so the file stays PEFT's) and runs the base model
   with them active; the attention function prepends them to each layer's keys and values and opens the attention
   mask over them. Decoder-only models get positions shifted by the prefix length, as with PEFT's cache, so that
@@ -32,6 +32,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from .vision_prompt import patch_embeddings
 
 ATTENTION_NAME = "peft_gp_prefix"
 
@@ -197,54 +199,32 @@ def prefix_forward(model: PeftModel, modules: list[nn.Module], *args, **kwargs):
         _ACTIVE.reset(token)
 
 
-class PrefixRoute:
-    """Routes one model's forward through ``prefix_forward`` while one of its GP prefix adapters is active.
-
-    Set as the instance's ``forward`` (PEFT's classes are untouched); other adapters run the class's own forward.
-    """
-
-    def __init__(self, model: PeftModel) -> None:
-        self.model = model  # a strong reference: a deep copy of the model then routes the copy
-        self.layouts: dict[str, list[nn.Module]] = {}
-
-    def add(self, adapter_name: str) -> None:
-        """Route ``adapter_name`` (its attention layout is checked now: unsupported models fail here)."""
-        self.layouts[adapter_name] = prefix_layout(self.model, adapter_name)
-        self.model.__dict__["forward"] = self
-
-    def __call__(self, *args, **kwargs):
-        model = self.model
-        modules = self.layouts.get(model.active_adapter) if isinstance(model.active_adapter, str) else None
-        if modules is None:
-            return type(model).forward(model, *args, **kwargs)
-        return prefix_forward(model, modules, *args, **kwargs)
-
-    def remove(self) -> None:
-        """Give the model its class's forward back."""
-        if self.model.__dict__.get("forward") is self:
-            del self.model.__dict__["forward"]
-
-
 def _is_gp(config: PeftConfig, kind: type) -> bool:
     return isinstance(config, kind) and hasattr(config, "gp_threshold")
 
 
 @contextmanager
 def vocabulary_for_prefix(base_model: nn.Module, config: PeftConfig) -> Iterator[None]:
-    """Let PEFT set up a GP prefix on a model without a vocabulary (ViT).
+    """Let PEFT set up a GP prefix, or a GP prompt on a vision encoder, on a model without a vocabulary (ViT).
 
     PEFT looks for word embeddings by the config's ``vocab_size`` even for prefix tuning, which needs none; a model
     config without one makes that search fail. For the duration of the build, ``vocab_size = -1`` matches no weight.
+    A prompt then needs random initialisation (``TEXT`` reads word embeddings) and a patch embedding to follow.
     """
     model_config = getattr(base_model, "config", None)
     missing = model_config is not None and not hasattr(model_config.get_text_config(), "vocab_size")
-    if missing and _is_gp(config, PromptTuningConfig):
+    prompt = missing and _is_gp(config, PromptTuningConfig)
+    if prompt and patch_embeddings(base_model) is None:
         raise NotImplementedError(
-            f"GPPromptTuningConfig needs input token embeddings, and {type(base_model).__name__} has no vocabulary "
-            "(PEFT's prompt tuning does not support vision models such as ViT). Use "
-            "GPPrefixTuningConfig(task_type='SEQ_CLS', ...) or GPLoraConfig for them."
+            f"GPPromptTuningConfig needs input token embeddings or a vision encoder's patch embeddings, and "
+            f"{type(base_model).__name__} has neither. Use GPPrefixTuningConfig or GPLoraConfig for it."
         )
-    if not (missing and _is_gp(config, PrefixTuningConfig)):
+    if prompt and str(getattr(config.prompt_tuning_init, "value", config.prompt_tuning_init)) != "RANDOM":
+        raise ValueError(
+            f"{type(base_model).__name__} has no vocabulary to initialise a prompt from text: use "
+            "prompt_tuning_init='RANDOM' (the default) for prompt tuning on a vision encoder."
+        )
+    if not (prompt or (missing and _is_gp(config, PrefixTuningConfig))):
         yield
         return
     model_config.vocab_size = -1

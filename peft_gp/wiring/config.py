@@ -158,7 +158,8 @@ class GPPromptTuningConfig(GPConfigMixin, PromptTuningConfig):
     The first layer sees ``[p; x]``. From the second task on, every change of the prompt rows ``p`` is kept orthogonal
     to the old tasks' input token embeddings ``x`` and to the old prompt rows, so the inner products ``x pᵀ`` (the
     paper's first-layer attention logits) of old inputs do not change. Decoder-only and encoder models
-    (``CAUSAL_LM``, ``SEQ_CLS``, ...); encoder-decoder models are refused.
+    (``CAUSAL_LM``, ``SEQ_CLS``, ...) and, with ``task_type="SEQ_CLS"``, vision encoders with a patch embedding (ViT:
+    the prompt follows the class token, see ``peft_gp.wiring.vision_prompt``); encoder-decoder models are refused.
     """
 
     def __post_init__(self) -> None:

@@ -19,10 +19,9 @@ from torch import nn
 
 from ..core.peft_utils import unwrap_peft_model
 from .adapter_states import AdapterStates
-from .attention import PrefixRoute
 from .bottleneck import GPPeftType
 from .class_stats import ClassStatistics
-from .config import GPPrefixTuningConfig, gp_config_of
+from .config import GPPrefixTuningConfig, GPPromptTuningConfig, gp_config_of
 from .groups import ProjectedGroup
 from .guard import TrainingGuard
 from .memory import GPMemory, GPMemoryError
@@ -31,6 +30,7 @@ from .paradigms.heads import modules_to_save_groups
 from .paradigms.lora import lora_groups
 from .paradigms.prefix import prefix_groups
 from .paradigms.prompt import prompt_groups
+from .route import ForwardRoute
 from .task_record import GPTaskState
 
 STATES = "gp_states"
@@ -71,7 +71,7 @@ class GPState:
     memory: GPMemory
     tasks: GPTaskState
     guard: TrainingGuard | None = None
-    route: PrefixRoute | None = None
+    route: ForwardRoute | None = None
     class_stats: ClassStatistics | None = None  # with gp_class_statistics: the head's input per class
 
 
@@ -87,11 +87,6 @@ def _describe(model: PeftModel, adapter_name: str) -> dict[str, str]:
     }
 
 
-def _prefix_route(model: PeftModel) -> PrefixRoute:
-    forward = model.__dict__.get("forward")
-    return forward if isinstance(forward, PrefixRoute) else PrefixRoute(model)
-
-
 def get_state(model: nn.Module, adapter_name: str | None = None) -> GPState:
     """The ``GPState`` of ``adapter_name`` (default: the active adapter), created on first use."""
     peft_model = unwrap_peft_model(model)
@@ -104,8 +99,11 @@ def get_state(model: nn.Module, adapter_name: str | None = None) -> GPState:
     config = gp_config_of(peft_model, adapter_name)
     route = None
     if isinstance(config, GPPrefixTuningConfig):  # before any forward: PEFT's prefix route fails on many models
-        route = _prefix_route(peft_model)
-        route.add(adapter_name)
+        route = ForwardRoute.of(peft_model)
+        route.add_prefix(adapter_name)
+    elif isinstance(config, GPPromptTuningConfig) and peft_model.word_embeddings is None:  # a vision encoder
+        route = ForwardRoute.of(peft_model)
+        route.add_vision_prompt(adapter_name)
     groups = resolve_groups(peft_model, adapter_name)
     memory = GPMemory(dims={g.name: g.dim for g in groups}, info=_describe(peft_model, adapter_name))
     state = GPState(adapter_name, groups, memory, GPTaskState(), route=route)

@@ -1,4 +1,5 @@
-"""Prompt tuning (PEGP eq. 1, 10): the prompt rows ``p`` against old input token embeddings and old prompt rows."""
+"""Prompt tuning (PEGP eq. 1, 10): the prompt rows ``p`` against old input token embeddings and old prompt rows (on a
+vision encoder: the class and patch tokens the prompt sits beside, see ``vision_prompt``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 from peft import PeftModel
 
 from ..groups import FeatureSource, ProjectedGroup
+from ..vision_prompt import patch_embeddings
 
 
 class PromptFeatures(FeatureSource):
@@ -15,15 +17,15 @@ class PromptFeatures(FeatureSource):
     ``Δp`` keeps both ``x Δpᵀ = 0`` and ``p_old Δpᵀ = 0``. In one Gram matrix the prompt rows (norm² ≈ d for PEFT's
     N(0, 1) initialisation, against ≈ 1 for token embeddings) would take the whole threshold for themselves."""
 
-    def __init__(self, word_embeddings: torch.nn.Module, prompt: torch.nn.Parameter, rows: slice) -> None:
-        self.word_embeddings, self.prompt, self.rows = word_embeddings, prompt, rows
+    def __init__(self, embeddings: torch.nn.Module, prompt: torch.nn.Parameter, rows: slice, masked: bool = True):
+        self.embeddings, self.prompt, self.rows, self.masked = embeddings, prompt, rows, masked
 
     def attach(self, emit):
         def hook(module, args, output):
-            emit(output, True)
+            emit(output, self.masked)
             emit(self.prompt.detach()[self.rows].double(), False, True)
 
-        return self.word_embeddings.register_forward_hook(hook)
+        return self.embeddings.register_forward_hook(hook)
 
 
 def prompt_groups(model: PeftModel, adapter_name: str, config) -> list[ProjectedGroup]:
@@ -33,11 +35,13 @@ def prompt_groups(model: PeftModel, adapter_name: str, config) -> list[Projected
             "GPPromptTuningConfig does not support encoder-decoder models (T5, BART) yet: their prompt feeds two "
             "stacks whose token embeddings peft_gp cannot tell apart. Use GPLoraConfig for them."
         )
-    word_embeddings = getattr(model, "word_embeddings", None)
-    if word_embeddings is None:
+    embeddings, masked = getattr(model, "word_embeddings", None), True
+    if embeddings is None:  # a vision encoder: its class and patch tokens (no padding), see vision_prompt
+        embeddings, masked = patch_embeddings(model.get_base_model()), False
+    if embeddings is None:
         raise NotImplementedError(
-            f"GPPromptTuningConfig needs a model with input token embeddings; {type(model.get_base_model()).__name__} "
-            "has none that PEFT's prompt tuning can find."
+            f"GPPromptTuningConfig needs a model with input token embeddings or a vision encoder's patch embeddings; "
+            f"{type(model.get_base_model()).__name__} has neither."
         )
     prompt = model.prompt_encoder[adapter_name].embedding.weight
     rows = slice(0, config.num_virtual_tokens)
@@ -48,6 +52,6 @@ def prompt_groups(model: PeftModel, adapter_name: str, config) -> list[Projected
             None,
             None,
             index=(rows,),
-            source=PromptFeatures(word_embeddings, prompt, rows),
+            source=PromptFeatures(embeddings, prompt, rows, masked),
         )
     ]
