@@ -256,9 +256,9 @@ class UsesParameter(nn.Module):
 
 
 class ParameterMlp(Mlp):
-    def __init__(self) -> None:
+    def __init__(self, use=torch.matmul) -> None:
         super().__init__()
-        self.lin0 = UsesParameter()
+        self.lin0 = UsesParameter(use=use)
 
 
 @pytest.mark.parametrize("targets", [["lin0.weight"], ["lin1.weight"], ["lin0.weight", "lin1.weight"]])
@@ -445,3 +445,26 @@ def test_custom_lora_layers_are_refused_unless_they_compute_like_peft_s():
         else:
             with pytest.raises(ValueError, match=r"custom LoRA layer OwnForward on 'lin0'.*not one of PEFT's"):
                 resolve_groups(model)
+
+
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda x, w: nn.functional.linear(input=x, weight=w.T),  # keywords, transposed: W's first axis
+        lambda x, w: (w.t() @ x.T).T,  # W on the left, transposed
+        lambda x, w: torch.cat([x @ w, x @ w], dim=-1)[..., :16],  # a product inside a list of products
+    ],
+)
+def test_parameter_uses_are_read_however_they_are_written(use):
+    torch.manual_seed(0)
+    config = GPLoraConfig(target_parameters=["lin0.weight"], gp_threshold=1.0)
+    model = peft_gp.get_peft_model(ParameterMlp(use), config)
+    drift, moved = two_tasks(model, "mlp")
+    assert drift <= 1e-4 and moved > 1e-2, (drift, moved)
+
+
+def test_a_parameter_hidden_in_a_list_is_not_missed():
+    model = peft_gp.get_peft_model(nn.Sequential(UsesParameter(use=lambda x, w: x @ torch.stack([w, w]).sum(0))),
+                                   GPLoraConfig(target_parameters=["0.weight"]))  # fmt: skip
+    with pytest.raises(ValueError, match=r"parameter '0.weight' is used: it reached 'stack'"):
+        peft_gp.update_memory(model, [{"input": torch.randn(2, 16)}])

@@ -45,27 +45,39 @@ class _Watch(TorchFunctionMode):
         self.tracked: dict[int, tuple[torch.Tensor, bool]] = {}  # id -> (tensor, transposed)
         self.found: list[tuple[str, torch.Tensor]] = []
 
-    def _track(self, args) -> tuple[int, torch.Tensor, bool] | None:
-        for position, value in enumerate(args):
-            entry = self.tracked.get(id(value)) if isinstance(value, torch.Tensor) else None
-            if entry is not None and entry[0] is value:
-                return position, value, entry[1]
-        return None
+    def _tracked(self, value) -> bool | None:
+        """Whether ``value`` is the parameter seen transposed (``None``: it is not the parameter)."""
+        entry = self.tracked.get(id(value)) if isinstance(value, torch.Tensor) else None
+        return entry[1] if entry is not None and entry[0] is value else None
 
-    def _record(self, func, args, position: int, transposed: bool) -> None:
+    def _reads(self, args, kwargs) -> bool:
+        """The parameter anywhere in the call (arguments, keywords, or inside a list or tuple of them)."""
+        values = [*args, *kwargs.values()]
+        values += [item for value in values if isinstance(value, (list, tuple)) for item in value]
+        return any(self._tracked(value) is not None for value in values)
+
+    def _record(self, func, args, kwargs) -> None:
         """``second``: the input contracts W's second axis (A reads it); ``first``: its first axis (Bᵀ reads it)."""
-        if func in LINEARS and position == 1:
-            self.found.append(("first" if transposed else "second", args[0]))
-        elif func in MATMULS and position == 1 and args[1].dim() == 2:  # x @ W contracts W's first axis
-            self.found.append(("second" if transposed else "first", args[0]))
-        elif func in MATMULS and position == 0 and args[1].dim() == 2:  # W @ y contracts W's second axis with y's rows
-            self.found.append(("first" if transposed else "second", args[1].T))
-        else:
-            raise UnknownUse(
-                f"peft_gp cannot see how the LoRA-adapted parameter {self.name!r} is used: it reached "
-                f"{getattr(func, '__name__', func)!r}, and only F.linear and matrix products with it are understood. "
-                "Target the module instead (target_modules), or leave this parameter out of target_parameters."
-            )
+        if func in LINEARS:
+            inputs = args[0] if args else kwargs.get("input")
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            transposed = self._tracked(weight)
+            if transposed is not None and self._tracked(inputs) is None:
+                self.found.append(("first" if transposed else "second", inputs))
+                return
+        elif func in MATMULS and len(args) == 2 and not kwargs and args[0].dim() >= 1 and args[1].dim() == 2:
+            left, right = self._tracked(args[0]), self._tracked(args[1])
+            if right is not None and left is None:  # x @ W contracts W's first axis
+                self.found.append(("second" if right else "first", args[0]))
+                return
+            if left is not None and right is None and args[0].dim() == 2:  # W @ y: W's second axis with y's rows
+                self.found.append(("first" if left else "second", args[1].T))
+                return
+        raise UnknownUse(
+            f"peft_gp cannot see how the LoRA-adapted parameter {self.name!r} is used: it reached "
+            f"{getattr(func, '__name__', func)!r}, and only F.linear and matrix products with it are understood. "
+            "Target the module instead (target_modules), or leave this parameter out of target_parameters."
+        )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -73,15 +85,14 @@ class _Watch(TorchFunctionMode):
         if func in ADDS and any(value is self.param for value in args):  # PEFT's W + ΔW
             self.tracked[id(out)] = (out, False)
             return out
-        found = self._track(args)
         descriptor = getattr(func, "__self__", None)
-        if found is None or func in PASSING or descriptor in PASSING:
+        if not self._reads(args, kwargs) or func in PASSING or descriptor in PASSING:
             return out
-        position, _, transposed = found
-        if func in TRANSPOSES or descriptor in TRANSPOSED_VIEWS:
+        transposed = self._tracked(args[0]) if args else None
+        if (func in TRANSPOSES or descriptor in TRANSPOSED_VIEWS) and transposed is not None:
             self.tracked[id(out)] = (out, not transposed)
         else:
-            self._record(func, args, position, transposed)
+            self._record(func, args, kwargs)
         return out
 
 
