@@ -75,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {METHODS}")
     parser.add_argument("--quick", action="store_true", help="tiny streams and 1 epoch (what the tests run)")
     parser.add_argument("--gp-threshold", type=float, default=0.97, help="energy threshold tau of GP's memory")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the benchmark's own)")
     parser.add_argument("--data-dir", default=None, help="another folder of the benchmark's data")
     parser.add_argument("--model", default="minilm", help="text model folder or alias (fortunes, bbc)")
     parser.add_argument("--output", default=None, help="JSON (default benchmarks/results/class_heads_<name>.json)")
@@ -93,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def fortunes_setup(args, paradigm: str, seed: int):
     flags = ["--paradigms", paradigm, "--seeds", str(seed), "--model", args.model]
-    flags += ["--gp-threshold", str(args.gp_threshold)]
+    flags += ["--gp-threshold", str(args.gp_threshold)] + (["--lr", str(args.lr)] if args.lr is not None else [])
     flags += (["--quick"] if args.quick else []) + (["--data-dir", args.data_dir] if args.data_dir else [])
     options = fortunes_cil.parse_args(flags)
     config = fortunes_cil.run_config(options, paradigm, seed).replace(gp_projection="update")
@@ -103,6 +104,7 @@ def fortunes_setup(args, paradigm: str, seed: int):
 
 def fashion_setup(args, paradigm: str, seed: int):
     flags = ["--seed", str(seed), "--gp-threshold", str(args.gp_threshold)] + (["--quick"] if args.quick else [])
+    flags += ["--lr", str(args.lr)] if args.lr is not None else []
     flags += ["--data-dir", args.data_dir] if args.data_dir else []
     options = fashion_vit.parse_args(flags)
     config, raw = fashion_vit.stream_config(options)
@@ -116,15 +118,19 @@ def fashion_setup(args, paradigm: str, seed: int):
 
 def bbc_setup(args, paradigm: str, seed: int):
     quick = dict(train_per_class=8, test_per_class=4, epochs=1.0, max_length=16) if args.quick else {}
-    config = RunConfig(seed=seed, paradigm=paradigm, paradigm_kwargs={}, model=args.model, gp_projection="update",
-                       gp_threshold=args.gp_threshold,
+    quick.update({"learning_rate": args.lr} if args.lr is not None else {})
+    config = RunConfig(seed=seed, paradigm=paradigm, paradigm_kwargs=_kwargs(RunConfig(), paradigm), model=args.model,
+                       gp_projection="update", gp_threshold=args.gp_threshold,
                        progress=False, plots=False, **quick)  # fmt: skip
     encoded, base = prepare(config)
     return config, encoded, base
 
 
 def _kwargs(config: RunConfig, paradigm: str) -> dict:
-    return config.paradigm_kwargs if paradigm == config.paradigm else {}
+    """The benchmark's own settings for its paradigm; 10 virtual tokens for prefix and prompt, 16 for the adapter."""
+    if paradigm == config.paradigm:
+        return config.paradigm_kwargs
+    return {"adapter": {"bottleneck_size": 16}}.get(paradigm, {"num_virtual_tokens": 10} if paradigm != "lora" else {})
 
 
 SETUPS = {"fortunes": fortunes_setup, "fashion": fashion_setup, "bbc": bbc_setup}
