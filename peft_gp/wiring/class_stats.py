@@ -21,7 +21,7 @@ from torch import nn
 
 from ..core.files import atomic_write_bytes, parse_json
 from ..core.peft_utils import unwrap_peft_model
-from .groups import PooledHeadFeatures
+from .groups import Handles, PooledHeadFeatures
 from .memory_file import GPMemoryError
 
 GP_CLASS_STATS_NAME = "gp_class_stats.safetensors"
@@ -169,13 +169,4 @@ class StatisticsObserver:
 
         handles = [base.register_forward_pre_hook(labels_hook, with_kwargs=True)]
         handles.append(PooledHeadFeatures(base, self.head).attach(emit))
-        return _Handles(handles)
-
-
-class _Handles:
-    def __init__(self, handles: list) -> None:
-        self.handles = handles
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        return Handles(handles)

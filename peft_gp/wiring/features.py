@@ -21,18 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .groups import FeatureRows, FeatureSource, token_rows
+from .groups import FeatureRows, FeatureSource, Handles, token_rows
 
 EMBEDDING_BLOCK = 512  # tokens per basis of lora_embedding_A: Gram 2 MB in float64, whatever the vocabulary
-
-
-class _Handles:
-    def __init__(self, handles: list) -> None:
-        self.handles = handles
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 @dataclass(frozen=True)
@@ -182,7 +173,7 @@ class NoFeatures(FeatureSource):
     """For a group that is kept fixed from the second task on (no basis needed): no features."""
 
     def attach(self, emit):
-        return _Handles([])
+        return Handles([])
 
 
 MHA_ARGUMENTS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
@@ -233,4 +224,4 @@ class AttentionInputs(FeatureSource):
                 for rows in self.rows(call):
                     emit(rows.detach(), False)
 
-        return _Handles([self.mha.register_forward_hook(hook, with_kwargs=True)])
+        return Handles([self.mha.register_forward_hook(hook, with_kwargs=True)])

@@ -127,7 +127,9 @@ class ProjectedGroup:
         return rows
 
 
-class _Handles:
+class Handles:
+    """Several hook handles removed as one (what ``FeatureSource.attach`` returns when it registers more than one)."""
+
     def __init__(self, handles: list) -> None:
         self.handles = handles
 
@@ -178,7 +180,7 @@ class PooledHeadFeatures(FeatureSource):
                 index = index.to(inputs.device)
             emit(inputs[torch.arange(inputs.shape[0], device=inputs.device), index], False)
 
-        return _Handles(
+        return Handles(
             [
                 self.model.register_forward_pre_hook(pre_hook, with_kwargs=True),
                 self.head.register_forward_hook(hook),
