@@ -149,6 +149,9 @@ def test_prefix_refusals_are_clear():
         GPPrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4, gp_per_head="yes")
     with pytest.raises(ValueError, match="gp_protect_values=True needs gp_per_head=True"):
         GPPrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4, gp_per_head=False, gp_protect_values=True)
+    with pytest.raises(ValueError, match="gp_protect_values=False for the keys-only setting"):
+        GPPrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4, gp_per_head=False)  # values protected by default
+    assert GPPrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4).gp_protect_values is True
     t5 = get_peft_model(tiny_t5(), GPPrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4))
     with pytest.raises(NotImplementedError, match="encoder-decoder"):
         resolve_groups(t5)
@@ -399,10 +402,10 @@ def test_prompt_basis_keeps_the_threshold_of_old_token_energy_whatever_the_promp
 
 
 def test_memory_of_per_head_bases_does_not_fit_a_shared_basis_config(tmp_path):
-    model, task_type, make_batch = _prefix_model("gpt2")
+    model, task_type, make_batch = _prefix_model("gpt2", gp_protect_values=False)
     old = make_batch(0, task_type)
     peft_gp.update_memory(model, [old])
     peft_gp.save_pretrained(model, tmp_path)
-    other, _, _ = _prefix_model("gpt2", gp_per_head=False)
+    other, _, _ = _prefix_model("gpt2", gp_per_head=False, gp_protect_values=False)
     with pytest.raises(peft_gp.GPMemoryError, match="key_prefix"):
         peft_gp.load_memory(other, str(tmp_path))

@@ -180,15 +180,17 @@ class GPPrefixTuningConfig(GPConfigMixin, PrefixTuningConfig):
         gp_per_head: one basis per (key/value) head, which protects every head's attention scores exactly; ``False``
             uses one basis over the concatenated heads, which keeps only the sum over heads of the key condition.
         gp_protect_values: also project the value prefix along the prefix-token axis onto the null space of the old
-            attention weights on the prefix (not in the paper; exact protection, less room to learn).
+            attention weights on the prefix, which keeps the old outputs exactly (default). ``False`` is the authors'
+            keys-only setting: their code trains a prefix per task, while one shared prefix whose values move
+            forgot as much as without GP on Fortunes-20 (docs/paradigms.md).
     """
 
     gp_per_head: bool = field(
         default=True, metadata={"help": "One basis per attention head (exact) instead of one over all heads."}
     )
     gp_protect_values: bool = field(
-        default=False,
-        metadata={"help": "Also protect the value prefix (null space of the old attention weights on the prefix)."},
+        default=True,
+        metadata={"help": "Also protect the value prefix (null space of old attention weights); False: keys only."},
     )
 
     def __post_init__(self) -> None:
@@ -206,7 +208,8 @@ class GPPrefixTuningConfig(GPConfigMixin, PrefixTuningConfig):
             raise ValueError(
                 "gp_protect_values=True needs gp_per_head=True: with one basis over all heads only the sum over heads "
                 "of the old attention scores is kept, so the old attention weights on the prefix, against which the "
-                "values are protected, still change and the value condition would not hold. Set gp_per_head=True."
+                "values are protected, still change and the value condition would not hold. Set gp_per_head=True, or "
+                "gp_protect_values=False for the keys-only setting."
             )
 
     def gp_fields(self) -> dict:
