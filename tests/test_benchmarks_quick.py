@@ -327,3 +327,31 @@ def test_class_heads_quick_reads_every_method_with_every_head_and_merges(tmp_pat
     assert [c["target"].startswith("GP best head") for c in merged["targets"]] == [True]
     with pytest.raises(SystemExit, match="twice"):
         benchmark.merge([str(shards[0]), str(shards[0])], None)
+
+
+def test_gpu_check_quick_compares_plain_and_gp_on_cpu(tmp_path, capsys):
+    """``gpu_check.py --quick``: a tiny bf16 Llama on CPU, plain against GP (two tasks), the table, the record, the
+    plan beside the measured files, and the QLoRA variant skipped with its reason (no CUDA here)."""
+    benchmark = load_benchmark("gpu_check")
+    output = tmp_path / "gpu.json"
+    record = benchmark.main(["--quick", "--output", str(output)])
+    saved = json.loads(output.read_text())
+    assert saved["runs"] == json.loads(json.dumps(record["runs"]))
+    plain, gp = saved["runs"]["plain"], saved["runs"]["gp"]
+    assert saved["settings"]["device"] == "cpu" and saved["machine"]["device"] == {"type": "cpu"}
+    for run in (plain, gp):
+        assert len(run["task2_step_seconds"]) == saved["settings"]["steps"] and run["step_ms_median"] > 0
+        assert run["train_peak_bytes"] is None  # GPU memory: measured on CUDA only
+    assert gp["step_time_ratio"] == pytest.approx(gp["step_ms_median"] / plain["step_ms_median"], rel=1e-3)
+    assert gp["memory_update"]["seconds"] > 0 and 0 < gp["basis_fill"] < 1
+    assert gp["gp_memory_bytes"] == gp["plan"]["memory_file_bytes"]  # the plan at the measured fill, to the byte
+    assert gp["adapter_model_bytes"] == gp["plan"]["adapter_file_bytes"]
+    assert gp["drift"]["relative_to_adapter_effect"] < plain["drift"]["relative_to_adapter_effect"]
+    assert "needs CUDA" in saved["runs"]["qlora"]["skipped"]
+    printed = capsys.readouterr().out
+    assert "| bfloat16 |" in printed and "QLoRA variant skipped" in printed
+    import torch
+
+    if not torch.cuda.is_available():  # the full check refuses to run without a GPU, saying what to do
+        with pytest.raises(SystemExit, match="needs a CUDA GPU.*--quick"):
+            benchmark.main(["--output", str(tmp_path / "x.json")])
