@@ -17,6 +17,7 @@ from .config import gp_config_of
 from .grams import collect_grams
 from .guard import GPCapacityWarning
 from .memory_file import GPMemoryError
+from .slices import prepare_slices
 from .state import get_state
 
 
@@ -73,6 +74,7 @@ def update_memory(
     with torch.no_grad():
         for group, weight in moved:
             group.weight.copy_(weight.to(group.weight.dtype))
+    prepare_slices(groups, memory)  # gp_task_slices: the next task's slice starts off the stored space
     memory.info["last_task_fingerprint"] = fingerprint
     if observer is not None:
         _merge_statistics(state, observer.stats, memory.tasks_seen)

@@ -8,6 +8,7 @@ from typing import Literal
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig
 
 from .bottleneck import LEGACY_PEFT_TYPES, BottleneckConfig, GPPeftType, register_bottleneck
+from .slices import TASK_SLICES_HELP, check_slice_settings
 
 PROJECTION_MODES = ("gradient", "update")
 MODULES_TO_SAVE_POLICIES = ("project", "freeze", "train")
@@ -41,6 +42,10 @@ def check_gp_settings(settings: dict) -> None:
             raise TypeError(f"gp_memory_samples must be a positive integer, got {samples!r}.")
         if samples < 1:
             raise ValueError(f"gp_memory_samples must be at least 1, got {samples}.")
+    if settings.get("gp_task_slices") is not None:
+        slices = settings["gp_task_slices"]
+        if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1:
+            raise ValueError(f"gp_task_slices must be a positive integer (the most tasks) or None, got {slices!r}.")
     if "gp_class_statistics" in settings and not isinstance(settings["gp_class_statistics"], bool):
         raise TypeError(f"gp_class_statistics must be True or False, got {settings['gp_class_statistics']!r}.")
     if "gp_modules_to_save" in settings and settings["gp_modules_to_save"] not in MODULES_TO_SAVE_POLICIES:
@@ -126,7 +131,27 @@ class GPLoraConfig(GPConfigMixin, LoraConfig):
     are protected exactly (docs/paradigms.md); what cannot be (Arrow, QA-LoRA, 3-d expert parameters) is refused when
     the adapter's GP state is set up.
     The saved ``adapter_config.json`` stays loadable by plain PEFT for inference (it warns about the ``gp_*`` keys).
+
+    Args:
+        gp_task_slices: per-task capacity: the adapter's rank ``r`` is cut into this many slices of
+            ``r / gp_task_slices`` components, and task ``t`` (0-based, the memory's task count) trains slice ``t``
+            alone: its ``lora_A`` rows start and stay orthogonal to the old tasks' inputs, its ``lora_B`` columns
+            train freely, every other slice is kept fixed. Old outputs are kept exactly (at ``gp_threshold=1.0``)
+            while each task picks its own output directions. It counts slices, not ranks, because that number is the
+            cap (a task past the last slice is refused) and ``r`` keeps PEFT's meaning, the rank saved and loaded by
+            plain PEFT. PEFT scales by ``lora_alpha / r``: keep that ratio as for a plain LoRA of the slice's rank
+            (``r=32, lora_alpha=64, gp_task_slices=4`` trains each task like ``r=8, lora_alpha=16``). Linear LoRA
+            layers without variants; ``init_lora_weights`` True or ``"gaussian"`` (``lora_B`` must start at zero).
     """
+
+    gp_task_slices: int | None = field(default=None, metadata={"help": TASK_SLICES_HELP})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_slice_settings(self, "r", self.init_lora_weights in (True, "gaussian"))
+
+    def gp_fields(self) -> dict:
+        return {**super().gp_fields(), "gp_task_slices": self.gp_task_slices}
 
 
 @dataclass
@@ -138,7 +163,24 @@ class GPAdapterConfig(GPConfigMixin, BottleneckConfig):
     activations, biases on a constant-1 feature, so with exact projection old-task outputs do not change. PEFT has no
     bottleneck adapter: importing peft_gp registers it, and loading one needs ``import peft_gp`` first.
     Use it wherever a PEFT config goes: ``get_peft_model(model, GPAdapterConfig(bottleneck_size=16))``.
+
+    Args:
+        gp_task_slices: per-task capacity, as for ``GPLoraConfig``: task ``t`` trains bottleneck units
+            ``t·w .. (t+1)·w`` (``w = bottleneck_size / gp_task_slices``) alone, ``W_down``'s rows and bias kept so
+            that ``W_down x + b = 0`` on old inputs, ``W_up``'s columns free, every other unit fixed; ``W_up``'s bias
+            (shared) trains with the first task only. Exact because the activation maps 0 to 0 (refused otherwise)
+            and ``W_up`` starts at zero (``init_weights=True``). ``scaling`` does not depend on the width, so each
+            task trains like an adapter of width ``w``.
     """
+
+    gp_task_slices: int | None = field(default=None, metadata={"help": TASK_SLICES_HELP})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_slice_settings(self, "bottleneck_size", self.init_weights, self.activation)
+
+    def gp_fields(self) -> dict:
+        return {**super().gp_fields(), "gp_task_slices": self.gp_task_slices}
 
 
 register_bottleneck(GPAdapterConfig)

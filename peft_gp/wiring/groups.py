@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -52,6 +52,29 @@ class FeatureSource:
 
 
 @dataclass(eq=False)
+class TaskSlices:
+    """How a group of a ``gp_task_slices`` adapter splits into per-task blocks (``wiring.slices`` acts on them).
+
+    Attributes:
+        count: the number of slices, the most tasks the adapter can learn.
+        width: rank-1 components (bottleneck units) per slice: slice ``t`` is ``t·width .. (t+1)·width``.
+        axis: ``"rows"`` for the input side (``lora_A``, ``W_down`` with its bias): the training task's rows are kept
+            in the complement of the stored basis; ``"columns"`` for the output side (``lora_B``, ``W_up``): the
+            training task's columns train freely, and its bias, shared by every slice, with the first task only.
+        output_side: for the input side, the output-side group of the same layer.
+    """
+
+    count: int
+    width: int
+    axis: str
+    output_side: ProjectedGroup | None = field(default=None, repr=False)
+
+    def block(self, task_id: int) -> slice:
+        """Slice ``task_id``'s block along ``axis``."""
+        return slice(task_id * self.width, (task_id + 1) * self.width)
+
+
+@dataclass(eq=False)
 class ProjectedGroup:
     """Parameters whose update is projected against one basis, and where the features of that basis come from.
 
@@ -77,6 +100,7 @@ class ProjectedGroup:
         rows: how ``feature_module``'s input becomes feature rows (``None``: its last axis, padding left out).
         bias_index: basic index of the group's block of ``bias`` (``None``: all of it).
         rule: the group is set by this rule after every projected step instead of being projected.
+        slices: per-task slices (``gp_task_slices``): only the training task's block trains, the rest is kept fixed.
     """
 
     name: str
@@ -91,6 +115,7 @@ class ProjectedGroup:
     rows: FeatureRows | None = None
     bias_index: tuple | slice | None = None
     rule: StepRule | None = None
+    slices: TaskSlices | None = None
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
         """The projected block of ``tensor`` (the weight, its gradient or update), feature axis last; a view."""

@@ -27,8 +27,9 @@ class UnprotectedTrainingWarning(UserWarning):
 class TrainingGuard:
     """The gradient hooks of one adapter's protected parameters and the count of projectors attached to it."""
 
-    def __init__(self, parameters: list[nn.Parameter], adapter_name: str, memory_of) -> None:
+    def __init__(self, parameters: list[nn.Parameter], adapter_name: str, memory_of, sliced: bool = False) -> None:
         self.adapter_name = adapter_name
+        self.sliced = sliced  # gp_task_slices: the first task must train under a projector too (only its slice)
         self.attached = 0
         self.warned = False
         self._memory_of = memory_of  # () -> the adapter's current GPMemory (it may be replaced on resume)
@@ -41,12 +42,18 @@ class TrainingGuard:
         if self.attached or self.warned:
             return
         tasks = self._memory_of().tasks_seen
-        if tasks == 0:
+        if tasks == 0 and not self.sliced:
             return
         self.warned = True
+        what = (
+            f"has a GP memory of {tasks} task(s), but it is being trained with no gradient projection attached: the "
+            "earlier tasks are not protected and will be forgotten"
+            if tasks
+            else "has gp_task_slices, but it is being trained with no projector attached: every slice trains, not "
+            "only the first, and later tasks will change this one's outputs"
+        )
         warnings.warn(
-            f"Adapter {self.adapter_name!r} has a GP memory of {tasks} task(s), but it is being trained with no "
-            "gradient projection attached: the earlier tasks are not protected and will be forgotten. Train it with "
+            f"Adapter {self.adapter_name!r} {what}. Train it with "
             "peft_gp.GPTrainer, add peft_gp.GPCallback() to the callbacks of your Trainer (transformers.Trainer, "
             "Seq2SeqTrainer, TRL's SFTTrainer, ...), or call peft_gp.GPProjector(model).attach(optimizer) in your own "
             "loop.",

@@ -24,6 +24,7 @@ from ..core.peft_utils import unwrap_peft_model
 from .config import gp_config_of
 from .groups import ProjectedGroup
 from .guard import GPCapacityWarning, UnprotectedTrainingWarning
+from .slices import SliceMasks, prepare_slices, training_slice
 from .state import get_state, uncovered_parameters
 from .units import Unit, make_units
 
@@ -46,7 +47,8 @@ class GPProjector:
         projector = GPProjector(model)
         for task in tasks:
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-            projector.attach(optimizer)          # no-op until the memory holds a task
+            projector.attach(optimizer)          # no-op until the memory holds a task (with
+                                                 # gp_task_slices: only the task's slice trains)
             ...train: loss.backward(); optimizer.step(); optimizer.zero_grad()
             projector.detach()
             peft_gp.update_memory(model, task_dataloader)
@@ -64,7 +66,8 @@ class GPProjector:
         self.memory = self._state.memory
         self._model = peft_model
         self.groups: list[ProjectedGroup] = self._state.groups
-        self._units: list[Unit] = make_units(self.groups)
+        self._units: list[Unit] = []  # built by _refresh, for the slice the memory's task count selects
+        self._masks = SliceMasks(self.groups)  # gp_task_slices: gradients outside the training slice zeroed
         self._memory_state: tuple[int, int] | None = None
         self._handles: list = []
         self._optimizer: torch.optim.Optimizer | None = None
@@ -79,15 +82,21 @@ class GPProjector:
         """Whether steps are projected: once the memory holds a task (none during task 1). Decided from the bases
         themselves as well, so that no metadata can switch the protection of stored directions off."""
         self._refresh()
-        return self.memory.tasks_seen > 0 or not self.memory.is_empty
+        return self.memory.tasks_seen > 0 or not self.memory.is_empty or bool(self._masks.groups)
 
     def _refresh(self) -> None:
-        # the memory may have been replaced (resume from a checkpoint) or grown (end of a task)
+        # the memory may have been replaced (resume from a checkpoint) or grown (end of a task); with gp_task_slices
+        # its task count picks the slice that trains (an error past the last), whose input side leaves the old span
         memory = self._state.memory
         if memory is not self.memory or self._memory_state != (id(memory), memory.version):
+            task_id = training_slice(self.groups, memory.tasks_seen, self.adapter_name)
             self.memory = memory
+            self._units = make_units(self.groups, task_id)
             for unit in self._units:
                 unit.load_basis(memory)
+            if task_id is not None:
+                prepare_slices(self.groups, memory)
+                self._masks.set_task(task_id)
             self._memory_state = (id(memory), memory.version)
 
     def _check_not_sharded(self) -> None:
@@ -106,6 +115,8 @@ class GPProjector:
         if self._optimizer is optimizer:
             return self
         self.detach()
+        self._refresh()  # past the last of gp_task_slices: refused here, before the task trains
+        self._masks.attach()
         self._handles = [
             optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step()),
             optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step()),
@@ -132,6 +143,7 @@ class GPProjector:
             _warn_about_task(self._task_stats, self.memory)
         for handle in self._handles:
             handle.remove()
+        self._masks.detach()
         self._handles, self._optimizer, self._snapshots = [], None, None
 
     # ---- the projection ----------------------------------------------------------------------------------------

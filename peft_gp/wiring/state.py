@@ -109,7 +109,8 @@ def get_state(model: nn.Module, adapter_name: str | None = None) -> GPState:
     state = GPState(adapter_name, groups, memory, GPTaskState(), route=route)
     owner = weakref.ref(state)
     parameters = list({id(p): p for group in groups for p in group.parameters if p.requires_grad}.values())
-    state.guard = TrainingGuard(parameters, adapter_name, lambda: owner().memory)
+    sliced = any(group.slices is not None for group in groups)
+    state.guard = TrainingGuard(parameters, adapter_name, lambda: owner().memory, sliced=sliced)
     states[adapter_name] = state
     return state
 
@@ -156,6 +157,15 @@ def set_task_state(model: nn.Module, tasks: GPTaskState, adapter_name: str | Non
     get_state(model, adapter_name).tasks = tasks
 
 
+def _task_slices(info: dict[str, str]) -> int | None:
+    """``gp_task_slices`` of the GP settings recorded in a memory's metadata (``None``: none, or not recorded)."""
+    try:
+        settings = json.loads(info.get("config", "{}"))
+    except ValueError:
+        return None
+    return settings.get("gp_task_slices") if isinstance(settings, dict) else None
+
+
 def set_memory(model: nn.Module, memory: GPMemory, adapter_name: str | None = None, source: str = "memory") -> None:
     """Attach ``memory`` to ``adapter_name`` after checking that it fits the model (layers, dims, base model)."""
     peft_model = unwrap_peft_model(model)
@@ -168,6 +178,13 @@ def set_memory(model: nn.Module, memory: GPMemory, adapter_name: str | None = No
             "base model the adapter was trained on."
         )
     memory.check_fits(state.memory.dims, source=source)
+    recorded_slices, slices = _task_slices(memory.info), _task_slices(expected)
+    if recorded_slices != slices:
+        raise GPMemoryError(
+            f"{source} was stored by an adapter with gp_task_slices={recorded_slices}, this one has {slices}: the "
+            "bases mean different things (a sliced adapter keeps none for its output side). Load it with the config "
+            "it was saved with (peft_gp.from_pretrained reads it from adapter_config.json)."
+        )
     recorded_base, expected_base = memory.info.get("base_model", ""), expected["base_model"]
     if recorded_base and expected_base and recorded_base != expected_base:
         warnings.warn(

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .groups import ProjectedGroup
+from .slices import slice_groups
 
 
 class Unit:
@@ -71,10 +72,14 @@ def _tiles(group: ProjectedGroup) -> bool:
     )
 
 
-def make_units(groups: list[ProjectedGroup]) -> list[Unit]:
-    """Group consecutive column blocks of one parameter (equal width, same orientation) into batched units."""
+def make_units(groups: list[ProjectedGroup], task_id: int | None = None) -> list[Unit]:
+    """Group consecutive column blocks of one parameter (equal width, same orientation) into batched units; a sliced
+    group (``gp_task_slices``) becomes one unit per block while task ``task_id`` trains (``slices.slice_groups``)."""
     units: list[list[ProjectedGroup]] = []
     for group in groups:
+        if group.slices is not None:
+            units += [[part] for part in slice_groups(group, task_id)]
+            continue
         run = units[-1] if units else None
         if (
             run is not None

@@ -5,7 +5,8 @@ whose features are not a module's last input axis): ``nn.Linear`` and transforme
 ``lora_B``'s bias on a constant-1 feature), embeddings, convolutions (grouped too), ``nn.MultiheadAttention``, and the
 variants aLoRA, VeLoRA, MiCA, KaSA, MonteCLoRA, BD-LoRA and DoRA, and LoRA on 2-d parameters (``target_parameters``,
 read where the module computes with them: ``parameter_uses``). Arrow, QA-LoRA, 3-d (expert) parameters and any variant
-peft_gp does not know are refused with the reason and the fix.
+peft_gp does not know are refused with the reason and the fix. With ``gp_task_slices`` (linear layers without a variant
+only) each task trains its own slice of the rank instead (``wiring.slices``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import nn
 from ...core.peft_utils import module_key
 from ..features import ChannelBlock, NoFeatures, Through
 from ..groups import ProjectedGroup
+from ..slices import sliced_pair
 from .lora_layers import (
     attention_groups,
     conv_groups,
@@ -163,9 +165,29 @@ def variant_groups(module: LoraLayer, adapter_name: str, name: str, variant) -> 
     return []
 
 
-def layer_groups(module: LoraLayer, adapter_name: str, name: str) -> list[ProjectedGroup]:
-    """All groups of one adapted layer."""
+def sliced_groups(module: LoraLayer, adapter_name: str, name: str, variant, count: int) -> list[ProjectedGroup]:
+    """``gp_task_slices``: ``lora_A``'s rows and ``lora_B``'s columns in per-task slices (``wiring.slices``)."""
+    lora_a = module.lora_A[adapter_name] if adapter_name in module.lora_A else None
+    lora_b = module.lora_B[adapter_name] if adapter_name in module.lora_B else None
+    special = isinstance(module, (ParamWrapper, MultiheadAttention, Embedding, _ConvNd))
+    linear = isinstance(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear) and lora_a.bias is None
+    if variant is not None or special or not linear:
+        what = type(variant).__name__ if variant is not None else type(module).__name__
+        _refuse(
+            name,
+            f"gp_task_slices on {what}",
+            "per-task slices are implemented for linear LoRA layers without a variant (nn.Linear, transformers' "
+            "Conv1D, quantized linear layers)",
+            "target linear layers only, or leave gp_task_slices unset",
+        )
+    return sliced_pair(name, (f"{name}.lora_A", lora_a), (f"{name}.lora_B", lora_b), count)
+
+
+def layer_groups(module: LoraLayer, adapter_name: str, name: str, slices: int | None = None) -> list[ProjectedGroup]:
+    """All groups of one adapted layer (``slices``: the config's ``gp_task_slices``)."""
     variant = check_variant(module, adapter_name, name)
+    if slices is not None:
+        return sliced_groups(module, adapter_name, name, variant, slices)
     if isinstance(module, ParamWrapper):
         groups = parameter_groups(module, adapter_name, name)
     elif isinstance(module, MultiheadAttention):
@@ -223,6 +245,6 @@ def lora_groups(model: PeftModel, adapter_name: str, config) -> list[ProjectedGr
             continue
         if isinstance(module, MultiheadAttention):  # its out_proj is a LoRA Linear whose forward never runs
             inner.add(id(module.get_base_layer().out_proj))
-        groups += layer_groups(module, adapter_name, module_key(module_name))
+        groups += layer_groups(module, adapter_name, module_key(module_name), getattr(config, "gp_task_slices", None))
     covered = {id(p) for group in groups for p in group.parameters}
     return groups + trainable_bias_groups(model, config, covered)
