@@ -63,7 +63,7 @@ from peft_gp.continual import RunConfig, RunConfigError, run_sequence  # noqa: E
 from peft_gp.continual.report import comparison_text  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_record, now, quiet, write_record  # noqa: E402
+from common import RESULTS, machine_record, now, quiet, stream_settings, write_record  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,23 +101,12 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         scenario="class",
         classes_per_task=sizes,
         class_order=[t.strip() for t in args.class_order.split(",")] if args.class_order else None,
-        train_per_class=args.train_per_class,
-        test_per_class=args.test_per_class,
-        max_length=args.max_length,
         paradigm="lora",
         paradigm_kwargs={"r": args.rank, "lora_alpha": 2 * args.rank, "lora_dropout": 0.0,
                          "target_modules": ["query", "value"]},  # fmt: skip
         gp=methods[0] == "gp",
         compare_baseline=len(methods) == 2,
-        gp_threshold=args.gp_threshold,
-        gp_projection=args.gp_projection,
-        gp_modules_to_save=args.gp_modules_to_save,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        seed=args.seed,
-        output_dir=str(Path(args.output).with_suffix("")),
-        progress=False,
+        **stream_settings(args),
     )
 
 

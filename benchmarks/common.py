@@ -62,6 +62,15 @@ def fill_preset(args, preset: dict, aliases: dict[str, str] | None = None) -> No
             setattr(args, name, value)
 
 
+def stream_settings(args, **extra) -> dict:
+    """The ``RunConfig`` fields every stream benchmark takes from its flags of the same names (``--lr`` is
+    ``learning_rate``; results beside ``--output``), plus ``extra``."""
+    names = ("train_per_class", "test_per_class", "max_length", "gp_threshold", "gp_projection", "gp_modules_to_save",
+             "epochs", "batch_size", "seed")  # fmt: skip
+    return {**{name: getattr(args, name) for name in names}, "learning_rate": args.lr,
+            "output_dir": str(Path(args.output).with_suffix("")), "progress": False, **extra}  # fmt: skip
+
+
 def quiet() -> None:
     """Silence transformers' progress and upstream deprecation noise, and peft_gp's full-layer warnings."""
     import warnings

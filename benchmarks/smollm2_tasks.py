@@ -57,7 +57,7 @@ from peft_gp.continual.splits import class_incremental_split
 from peft_gp.continual.tasks import Task  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fill_preset, machine_record, now, quiet, write_record  # noqa: E402
+from common import RESULTS, fill_preset, machine_record, now, quiet, stream_settings, write_record  # noqa: E402
 
 FULL = dict(tasks=4, topics_per_task=3, train_per_class=32, test_per_class=16, epochs=3.0, max_length=48,
             batch_size=16, memory_samples=128)  # fmt: skip
@@ -105,26 +105,12 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         dataset="fortunes",
         scenario="task",
         classes_per_task=[args.topics_per_task] * args.tasks,
-        train_per_class=args.train_per_class,
-        test_per_class=args.test_per_class,
-        max_length=args.max_length,
         paradigm="lora",
         paradigm_kwargs={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         gp=True,
         compare_baseline=True,
-        gp_threshold=args.gp_threshold,
-        gp_projection=args.gp_projection,
-        gp_memory_samples=args.gp_memory_samples,
-        gp_modules_to_save=args.gp_modules_to_save,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        eval_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        seed=args.seed,
-        output_dir=str(Path(args.output).with_suffix("")),
-        save_adapters=True,
-        progress=False,
-        plots=False,
+        **stream_settings(args, gp_memory_samples=args.gp_memory_samples, eval_batch_size=args.batch_size,
+                          save_adapters=True, plots=False),
     )
 
 

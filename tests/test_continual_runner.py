@@ -153,8 +153,14 @@ def test_bad_input_fails_before_training(tiny_dirs, tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
-def test_image_stream_with_a_vit_built_from_its_config(tmp_path):
-    """The vision path: an image column scaled to pixel_values, a ViT from model_config, head in modules_to_save."""
+VIT_KWARGS = {"lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}, "prompt": {"num_virtual_tokens": 4},
+              "prefix": {"num_virtual_tokens": 4}}  # fmt: skip
+
+
+@pytest.mark.parametrize("paradigm", sorted(VIT_KWARGS))
+def test_image_stream_with_a_vit_built_from_its_config(paradigm, tmp_path):
+    """The vision path: an image column scaled to pixel_values, a ViT from model_config, head in modules_to_save;
+    prompt and prefix tuning too (they need a task type, and the prompt baseline peft_gp's vision route)."""
     generator = torch.Generator().manual_seed(0)
     images, labels = [], []
     for label in range(4):
@@ -169,13 +175,14 @@ def test_image_stream_with_a_vit_built_from_its_config(tmp_path):
         test_per_class=None, epochs=3, batch_size=4, learning_rate=2e-2, plots=False, progress=False,
         model_config={"model_type": "vit", "image_size": 8, "patch_size": 4, "num_channels": 1, "hidden_size": 32,
                       "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
-        paradigm_kwargs={"r": 4, "target_modules": ["q_proj", "v_proj"]}, gp_memory_samples=8,
+        paradigm=paradigm, paradigm_kwargs=VIT_KWARGS[paradigm], gp_memory_samples=8, compare_baseline=True,
         output_dir=str(tmp_path / "vit"),
     )  # fmt: skip
     tasks = class_incremental_split(data, n_tasks=2, seed=0, test_size=0.34)
     run = run_sequence(config, tasks=tasks, **SILENT)
     check_matrix(run.accuracy_matrix, 2)
-    assert run.main.tasks[1]["gp_groups"] > 0  # LoRA and the classifier head are protected
+    check_matrix(run.baseline.accuracy_matrix, 2)
+    assert run.main.tasks[1]["gp_groups"] > 0  # the PEFT parameters and the classifier head are protected
 
 
 PARADIGM_KWARGS = {"adapter": {"bottleneck_size": 8}, "prefix": {"num_virtual_tokens": 4},

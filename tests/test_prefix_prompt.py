@@ -150,7 +150,7 @@ def test_prefix_refusals_are_clear():
     with pytest.raises(ValueError, match="gp_protect_values=True needs gp_per_head=True"):
         GPPrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4, gp_per_head=False, gp_protect_values=True)
     with pytest.raises(ValueError, match="gp_protect_values=False for the keys-only setting"):
-        GPPrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4, gp_per_head=False)  # values protected by default
+        GPPrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4, gp_per_head=False)  # values: True by default
     assert GPPrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4).gp_protect_values is True
     t5 = get_peft_model(tiny_t5(), GPPrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4))
     with pytest.raises(NotImplementedError, match="encoder-decoder"):

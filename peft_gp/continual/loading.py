@@ -117,6 +117,10 @@ def peft_config_for(config: RunConfig, tasks: Sequence[Task], base_model: nn.Mod
     if gp_settings is not None:
         gp_settings["gp_modules_to_save"] = config.modules_to_save_policy
         gp_settings["gp_class_statistics"] = bool(config.statistics_heads)
+    if task_type is None and config.paradigm in ("prefix", "prompt"):  # PEFT builds these per task type
+        task_type = "SEQ_CLS"
+        if gp_settings is None and config.paradigm == "prompt":
+            gp_settings = {}  # PEFT's own prompt tuning has no vision route: the baseline is peft_gp's, unprojected
     return make_peft_config(config.paradigm, options, gp_settings, task_type)
 
 
