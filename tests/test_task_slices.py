@@ -269,8 +269,10 @@ def test_a_task_past_the_last_slice_is_refused(tmp_path, paradigm):
         peft_gp.update_memory(model, [batch_of(case, task_id)])
     with pytest.raises(ValueError, match=rf"all of its gp_task_slices={SLICES} slices \({SLICES} tasks stored\)"):
         GPProjector(model).attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    args = training_args(tmp_path)
     with pytest.raises(ValueError, match="raise gp_task_slices"):
-        GPTrainer(model=model, args=training_args(tmp_path), train_dataset=task_dataset(0, 4)).train()
+        GPTrainer(model=model, args=args, train_dataset=task_dataset(0, 4)).train()
+    assert args.output_dir == str(tmp_path)  # refused before the task's checkpoint folder was set
 
 
 @pytest.mark.parametrize(

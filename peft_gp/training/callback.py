@@ -139,11 +139,11 @@ class GPCallback(TrainerCallback):
             raw_optimizer(optimizer).state.clear()
             self._task_id = get_memory(model, self.adapter_name).tasks_seen
         self.resume_from, self._last_save = None, None
+        projector.reset_stats()
+        projector.attach(optimizer)  # refuses a task past the last of gp_task_slices, before anything changes
         if self.per_task_checkpoints:
             self._output_dir = (args, args.output_dir)
             args.output_dir = checkpoints.task_folder(args.output_dir, self._task_id)
-        projector.reset_stats()
-        projector.attach(optimizer)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
