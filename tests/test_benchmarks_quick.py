@@ -355,3 +355,28 @@ def test_gpu_check_quick_compares_plain_and_gp_on_cpu(tmp_path, capsys):
     if not torch.cuda.is_available():  # the full check refuses to run without a GPU, saying what to do
         with pytest.raises(SystemExit, match="needs a CUDA GPU.*--quick"):
             benchmark.main(["--output", str(tmp_path / "x.json")])
+
+
+def test_prompt_prefix_vit_quick_compares_plain_with_both_projections(tmp_path):
+    """``prompt_prefix_vit.py --quick``: prompt and prefix tuning on a ViT, plain against GP gradient and update."""
+    benchmark = load_benchmark("prompt_prefix_vit")
+    folder = write_fashion(tmp_path / "fmnist")
+    output = tmp_path / "pp.json"
+    record = benchmark.main(["--quick", "--seeds", "0", "--data-dir", str(folder), "--output", str(output)])
+    saved = json.loads(output.read_text())
+    assert saved["summary"] == record["summary"] and set(saved["runs"]) == {"prompt", "prefix"}
+    for paradigm, per_seed in saved["runs"].items():
+        methods = per_seed[0]
+        assert {"plain", "gradient", "update"} <= set(methods)
+        for method in ("plain", "gradient", "update"):
+            til = methods[method]["til_matrix"]
+            assert len(til) == 3 and methods[method]["til"] == pytest.approx(accuracy_matrix_summary(til))
+            assert methods[method]["new_task_accuracy"] == pytest.approx(sum(til[t][t] for t in range(3)) / 3)
+        assert saved["summary"][paradigm]["update"]["til_acc"][0] == pytest.approx(
+            100 * methods["update"]["til"]["average_accuracy"]
+        )
+    assert [(t["paradigm"], t["method"]) for t in saved["targets"]] == [
+        (p, m) for p in ("prompt", "prefix") for m in ("gradient", "update")
+    ]
+    with pytest.raises(SystemExit, match="--paradigms takes some of"):
+        benchmark.main(["--quick", "--paradigms", "lora"])
