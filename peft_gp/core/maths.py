@@ -155,3 +155,37 @@ def orthonormality_error(basis: torch.Tensor) -> float:
     basis = basis.to(torch.float64)
     eye = torch.eye(basis.shape[1], dtype=torch.float64, device=basis.device)
     return (basis.T @ basis - eye).abs().max().item() if basis.shape[1] else 0.0
+
+
+def direction_importance(
+    gram: torch.Tensor, basis: torch.Tensor, previous: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """SGP's importance ``λ_i ∈ [0, 1]`` of each basis direction after a task (Saha & Roy, AAAI 2023, eq. 2 and 4).
+
+    With ``σ_i = √(m_iᵀ C m_i)`` the task's singular value along ``m_i`` (for a direction the task added, an
+    eigenvalue's root; for an old one, the task's energy along it), ``λ_i = (α + 1) σ_i / (α σ_i + max_j σ_j)``:
+    1 for the strongest direction, growing with ``σ_i``, and → 1 for every ``σ_i > 0`` as ``α = scale`` grows. The
+    first ``len(previous)`` directions (those stored before) add their earlier importance, clipped to 1.
+
+    Args:
+        gram: ``(d, d)`` Gram matrix of the task's features.
+        basis: ``(d, k)`` orthonormal basis after the task was stored (old columns first).
+        previous: ``(k_old,)`` importances of the old columns (``None``: none).
+        scale: ``α > 0``.
+    """
+    basis = basis.to(torch.float64)
+    sigma = torch.einsum("dk,de,ek->k", basis, gram.to(torch.float64), basis).clamp_min(0.0).sqrt()
+    top = sigma.max() if sigma.numel() else sigma.new_zeros(())
+    importance = (scale + 1.0) * sigma / (scale * sigma + top) if top > 0 else torch.zeros_like(sigma)
+    if previous is not None and previous.numel():
+        old = previous.shape[0]
+        importance[:old] = (importance[:old] + previous.to(importance)).clamp(0.0, 1.0)
+    return importance
+
+
+def project_out_scaled(tensor: torch.Tensor, basis: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    """Return ``G (I − M Λ Mᵀ)``, ``Λ = diag(importance)``: each stored direction's component scaled by ``1 − λ_i``
+    (SGP). ``importance`` all ones is ``project_out``."""
+    if basis.shape[-1] == 0:
+        return tensor
+    return tensor - (tensor @ basis) @ (basis * importance).T

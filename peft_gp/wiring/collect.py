@@ -70,17 +70,24 @@ def update_memory(
     threshold = maths.threshold_for_task(config.gp_threshold, config.gp_threshold_increment, memory.tasks_seen)
     full_before = set(memory.full_groups())
     moved, totals = _idle_input_sides(groups, grams, memory, threshold)
-    report = memory.update(grams, threshold, total_energies=totals, exact_grams=exact)
-    with torch.no_grad():
-        for group, weight in moved:
-            group.weight.copy_(weight.to(group.weight.dtype))
-    prepare_slices(groups, memory)  # gp_task_slices: the next task's slice starts off the stored space
+    scale = config.gp_importance_scale
+    report = memory.update(grams, threshold, total_energies=totals, exact_grams=exact, importance_scale=scale)
+    _move_input_sides(moved, groups, memory)
     memory.info["last_task_fingerprint"] = fingerprint
     if observer is not None:
         _merge_statistics(state, observer.stats, memory.tasks_seen)
     state.tasks.record_through(memory.tasks_seen - 1, task_name, classes)
     _warn_if_full([name for name in memory.full_groups() if name not in full_before], stacklevel + 1)
     return report
+
+
+@torch.no_grad()
+def _move_input_sides(moved: list, groups, memory) -> None:
+    """Write the idle input sides moved off the stored space (``_idle_input_sides``); with ``gp_task_slices``, move
+    the next task's slice off it (``slices.prepare_slices``)."""
+    for group, weight in moved:
+        group.weight.copy_(weight.to(group.weight.dtype))
+    prepare_slices(groups, memory)
 
 
 def _warn_if_full(newly_full: list[str], stacklevel: int) -> None:

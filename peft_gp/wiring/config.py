@@ -42,6 +42,11 @@ def check_gp_settings(settings: dict) -> None:
             raise TypeError(f"gp_memory_samples must be a positive integer, got {samples!r}.")
         if samples < 1:
             raise ValueError(f"gp_memory_samples must be at least 1, got {samples}.")
+    if settings.get("gp_importance_scale") is not None:
+        scale = settings["gp_importance_scale"]
+        _number("gp_importance_scale", scale, "a positive number or None")
+        if not 0.0 < scale < float("inf"):
+            raise ValueError(f"gp_importance_scale must be positive and finite (SGP uses 10) or None, got {scale}.")
     if settings.get("gp_task_slices") is not None:
         slices = settings["gp_task_slices"]
         if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1:
@@ -72,6 +77,10 @@ class GPConfigMixin:
         gp_modules_to_save: What happens to trainable copies in ``modules_to_save`` (a classifier head, say) from the
             second task on: ``"project"`` protects ``nn.Linear`` ones like the adapter (bias included, on a constant-1
             feature), ``"freeze"`` keeps them fixed, ``"train"`` lets them change freely (old outputs then drift).
+        gp_importance_scale: Scaled projection (SGP, Saha & Roy 2023) with this scale ``α``: each stored direction
+            ``m_i`` keeps an importance ``λ_i = (α+1)σ_i / (ασ_i + σ_max)`` in [0, 1] from the tasks' singular values
+            along it, and updates are projected as ``G (I − M Λ Mᵀ)``: weak directions stay partly open to new tasks.
+            ``None`` (default): ``λ = 1``, the hard projection; a larger ``α`` comes closer to it.
     """
 
     gp_threshold: float = field(
@@ -98,6 +107,9 @@ class GPConfigMixin:
             "help": "From the second task on, 'project' protects nn.Linear modules_to_save (e.g. a classifier head), "
             "'freeze' keeps them fixed, 'train' leaves them unprotected."
         },
+    )
+    gp_importance_scale: float | None = field(
+        default=None, metadata={"help": "SGP's scale alpha of the directions' importances; None: hard projection."}
     )
     gp_class_statistics: bool = field(
         default=False,

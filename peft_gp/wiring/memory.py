@@ -11,7 +11,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from ..core import maths
 from ..core.files import atomic_write_bytes
-from .memory_file import FORMAT_VERSION, GPMemoryError, read_memory_file
+from .memory_file import FORMAT_VERSION, IMPORTANCE_SUFFIX, GPMemoryError, read_memory_file
 
 GP_MEMORY_NAME = "gp_memory.safetensors"
 
@@ -23,6 +23,7 @@ class GPMemory:
     Each basis is a ``(d, k)`` float32 matrix with orthonormal columns (``k = 0`` before the first task ends).
     ``thresholds`` holds the energy threshold each stored task used, so ``len(thresholds)`` is the number of tasks
     stored; ``version`` changes with every update so that projectors know when to refresh their device copies.
+    ``importances`` (only with ``gp_importance_scale``): per basis, the ``(k,)`` SGP importance of each direction.
     """
 
     dims: dict[str, int]
@@ -30,6 +31,7 @@ class GPMemory:
     thresholds: list[float] = field(default_factory=list)
     info: dict[str, str] = field(default_factory=dict)
     version: int = 0
+    importances: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, dim in self.dims.items():
@@ -49,28 +51,38 @@ class GPMemory:
         threshold: float,
         total_energies: dict[str, float] | None = None,
         exact_grams: dict[str, torch.Tensor] | None = None,
+        importance_scale: float | None = None,
     ) -> dict[str, dict[str, float]]:
         """Grow every basis with one finished task's Gram matrices; returns the per-group growth report.
 
         ``total_energies`` overrides, per group, the energy its captured share is measured against (see
         ``maths.grow_basis``). ``exact_grams`` are features of another kind for some groups (a prompt's own rows,
         beside the token embeddings): their whole span is added after the threshold's share of ``grams``, never
-        weighed against them (their scales may differ by orders of magnitude).
+        weighed against them (their scales may differ by orders of magnitude); their directions get importance 1.
+        ``importance_scale`` (SGP's α) also updates each direction's importance (``maths.direction_importance``);
+        ``None`` drops the importances: hard projection.
         """
         missing = sorted(set(self.dims) - set(grams))
         if missing:
             raise GPMemoryError(f"No features were collected for {missing[:4]}: the memory update would be partial.")
-        new_bases, report = {}, {}
+        new_bases, new_importances, report = {}, {}, {}
         for name, gram in grams.items():
             if gram.shape != (self.dims[name], self.dims[name]):
                 raise GPMemoryError(f"Gram matrix of {name!r} is {tuple(gram.shape)}, expected d = {self.dims[name]}.")
             total = (total_energies or {}).get(name)
             grown, stats = maths.grow_basis(gram, self.bases[name], threshold, total_energy=total)
+            if importance_scale is not None:
+                previous = self.importances.get(name, torch.ones(self.bases[name].shape[1]))
+                importance = maths.direction_importance(gram, grown, previous, importance_scale)
             if exact_grams and name in exact_grams:
                 grown, _ = maths.grow_basis(exact_grams[name], grown, 1.0)
             new_bases[name] = grown.to(torch.float32).contiguous()
+            if importance_scale is not None:  # directions of the exact features: importance 1
+                ones = importance.new_ones(grown.shape[1] - importance.shape[0])
+                new_importances[name] = torch.cat([importance, ones]).to(torch.float32).cpu()
             report[name] = {**stats, "basis_size": grown.shape[1], "dim": self.dims[name]}
         self.bases.update(new_bases)  # all or nothing: no basis changes if one group fails
+        self.importances = new_importances
         self.thresholds.append(threshold)
         self.version += 1
         return report
@@ -86,7 +98,10 @@ class GPMemory:
     # ---- persistence -------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: basis.detach().to("cpu", torch.float32).contiguous() for name, basis in self.bases.items()}
+        tensors = {name: basis.detach().to("cpu", torch.float32).contiguous() for name, basis in self.bases.items()}
+        for name, importance in self.importances.items():
+            tensors[name + IMPORTANCE_SUFFIX] = importance.detach().to("cpu", torch.float32).contiguous()
+        return tensors
 
     def metadata(self, adapter_sha256: str | None = None) -> dict[str, str]:
         info = {key: value for key, value in self.info.items() if key != "adapter_sha256"}
@@ -111,8 +126,8 @@ class GPMemory:
         """Read a memory file, every field checked (``memory_file``); shapes against a model: ``check_fits``."""
         if not os.path.isfile(path):
             raise GPMemoryError(f"No memory file at {path}.")
-        dims, bases, thresholds, info = read_memory_file(path)
-        return cls(dims=dims, bases=bases, thresholds=thresholds, info=info)
+        dims, bases, thresholds, info, importances = read_memory_file(path)
+        return cls(dims=dims, bases=bases, thresholds=thresholds, info=info, importances=importances)
 
     def check_fits(self, expected_dims: dict[str, int], source: str = "the memory") -> None:
         """Raise a ``GPMemoryError`` naming every layer whose basis does not fit ``expected_dims``."""

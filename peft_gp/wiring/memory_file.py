@@ -17,7 +17,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from ..core import maths
 from ..core.files import newer_format_message, parse_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional SGP importances beside the bases (version-1 files have none and still load)
+IMPORTANCE_SUFFIX = "#importance"  # key of a basis's importances: its name and this suffix
 DAMAGED = "It may be truncated or damaged: restore it from an earlier checkpoint or save."
 
 
@@ -104,8 +105,27 @@ def check_bases(tensors: dict[str, torch.Tensor], dims: dict[str, int], tasks: i
             )
 
 
-def read_memory_file(path: str) -> tuple[dict[str, int], dict[str, torch.Tensor], list[float], dict[str, str]]:
-    """The checked ``(dims, bases, thresholds, info)`` of a memory file."""
+def split_importances(tensors: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """Take the importances out of ``tensors`` (left with the bases); each one checked against its basis: float32,
+    one finite value in [0, 1] per direction."""
+    importances = {}
+    for key in [key for key in tensors if key.endswith(IMPORTANCE_SUFFIX)]:
+        name, importance = key[: -len(IMPORTANCE_SUFFIX)], tensors.pop(key)
+        basis = tensors.get(name)
+        if basis is None or importance.dtype != torch.float32 or tuple(importance.shape) != (basis.shape[-1],):
+            raise GPMemoryError(
+                f"{path}: importances {key!r} do not fit a basis (one float32 per direction expected). {DAMAGED}"
+            )
+        if not torch.isfinite(importance).all() or importance.min() < 0 or importance.max() > 1:
+            raise GPMemoryError(f"{path}: importances {key!r} are not all in [0, 1]. {DAMAGED}")
+        importances[name] = importance
+    return importances
+
+
+def read_memory_file(
+    path: str,
+) -> tuple[dict[str, int], dict[str, torch.Tensor], list[float], dict[str, str], dict[str, torch.Tensor]]:
+    """The checked ``(dims, bases, thresholds, info, importances)`` of a memory file."""
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -117,5 +137,7 @@ def read_memory_file(path: str) -> tuple[dict[str, int], dict[str, torch.Tensor]
     except (SafetensorError, ValueError) as error:
         raise GPMemoryError(f"{path} is not a readable gp memory file ({error}). {DAMAGED}") from None
     dims, thresholds, info = read_metadata(metadata, path)
+    tensors = dict(tensors)
+    importances = split_importances(tensors, path)
     check_bases(tensors, dims, len(thresholds), path)
-    return dims, dict(tensors), thresholds, info
+    return dims, tensors, thresholds, info, importances

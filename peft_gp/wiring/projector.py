@@ -92,8 +92,9 @@ class GPProjector:
             task_id = training_slice(self.groups, memory.tasks_seen, self.adapter_name)
             self.memory = memory
             self._units = make_units(self.groups, task_id)
+            scaled = self.config.gp_importance_scale is not None
             for unit in self._units:
-                unit.load_basis(memory)
+                unit.load_basis(memory, scaled)
             if task_id is not None:
                 prepare_slices(self.groups, memory)
                 self._masks.set_task(task_id)
@@ -168,7 +169,7 @@ class GPProjector:
             if unit.basis is None:
                 continue
             joined = unit.joined(grads)
-            inside = (joined @ unit.basis) @ unit.basis.mT
+            inside = (joined @ unit.basis) @ unit.weights.mT  # weights: the basis, importance-scaled with SGP
             # a NaN or inf would spread through the projection to every entry of its row: leave such a unit as it is
             finite = torch.isfinite(joined).all()
             square, removed_square = joined.square().sum(), inside.square().sum()
@@ -211,7 +212,7 @@ class GPProjector:
                     param.copy_(before)
                 continue
             joined = unit.joined([param - before for param, before in zip(params, old)])
-            projected = joined - (joined @ unit.basis) @ unit.basis.mT
+            projected = joined - (joined @ unit.basis) @ unit.weights.mT
             deltas = unit.split(torch.where(torch.isfinite(joined).all(), projected, joined))
             for param, before, delta in zip(params, old, deltas):
                 param.copy_(before + delta.to(param.dtype))

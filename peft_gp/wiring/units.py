@@ -22,6 +22,7 @@ class Unit:
         self.frozen = first.frozen
         self.has_bias = first.bias is not None
         self.basis: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None  # the basis with importance-scaled columns (SGP), else the basis
         if len(groups) > 1:
             self.start, self.width = first.index[1].start, first.index[1].stop - first.index[1].start
             self.transpose = first.transpose
@@ -43,17 +44,28 @@ class Unit:
     def split(self, joined: torch.Tensor) -> list[torch.Tensor]:
         return [joined] if not self.has_bias else [joined[..., :-1], joined[..., -1]]
 
-    def load_basis(self, memory) -> None:
+    def load_basis(self, memory, scaled: bool = False) -> None:
+        """The unit's basis ``M`` from ``memory``, and ``weights``: ``M`` with each column scaled by its importance
+        (``scaled``, SGP: a projection ``G − G M Λ Mᵀ``; directions without one count 1), else ``M`` itself."""
         dtype = self.parameters[0].dtype
         compute_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        bases = [memory.bases[group.name].to(self.parameters[0].device, compute_dtype) for group in self.groups]
+        device = self.parameters[0].device
+        bases = [memory.bases[group.name].to(device, compute_dtype) for group in self.groups]
+        if scaled:
+            weights = [basis * memory.importances[group.name].to(basis) if group.name in memory.importances else basis
+                       for basis, group in zip(bases, self.groups)]  # fmt: skip
+        else:
+            weights = bases
         width = max(basis.shape[1] for basis in bases)
         if width == 0:
-            self.basis = None
+            self.basis = self.weights = None
         elif len(bases) == 1:
-            self.basis = bases[0]
+            self.basis, self.weights = bases[0], weights[0]
         else:
-            self.basis = torch.stack([nn.functional.pad(basis, (0, width - basis.shape[1])) for basis in bases])
+            self.basis, self.weights = (
+                torch.stack([nn.functional.pad(basis, (0, width - basis.shape[1])) for basis in tensors])
+                for tensors in (bases, weights)
+            )
 
 
 def _tiles(group: ProjectedGroup) -> bool:
