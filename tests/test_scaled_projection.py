@@ -142,3 +142,14 @@ def test_importances_round_trip_and_damaged_ones_are_refused(tmp_path):
 def test_bad_scales_are_refused(scale):
     with pytest.raises((TypeError, ValueError), match="gp_importance_scale"):
         GPLoraConfig(r=8, gp_importance_scale=scale)
+
+
+def test_a_version_1_memory_file_without_importances_still_loads(tmp_path):
+    model, _ = model_with_task(None)
+    path = tmp_path / peft_gp.GP_MEMORY_NAME
+    peft_gp.get_memory(model).save(str(path))
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    save_file(load_file(str(path)), str(path), metadata={**metadata, "gp_format_version": "1"})
+    loaded = peft_gp.GPMemory.load(str(path))
+    assert loaded.importances == {} and set(loaded.bases) == set(peft_gp.get_memory(model).bases)
