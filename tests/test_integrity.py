@@ -299,6 +299,19 @@ def test_a_nan_gradient_does_not_spread_through_the_projection():
     assert any("Non-finite gradients" in str(w.message) for w in caught)
 
 
+def test_a_task_trained_again_on_its_own_data_warns_without_naming_full_layers():
+    """The same examples again: every gradient lies in the stored space although no layer's space is full."""
+    model = lora_model(gp_threshold=1.0, gp_modules_to_save="freeze", r=16)  # 8 token rows fill no basis
+    train_steps(model, batch(0), 2)
+    peft_gp.update_memory(model, [batch(0)])
+    assert peft_gp.get_memory(model).full_groups() == []
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    projector = GPProjector(model).attach(optimizer)
+    train_steps(model, batch(0), 3, optimizer=optimizer)
+    with pytest.warns(GPCapacityWarning, match=r"gradient: it could barely learn\. No layer's space is full"):
+        projector.detach()
+
+
 def test_a_task_whose_gradient_is_all_removed_warns_once_naming_the_full_layers():
     model = lora_model(gp_threshold=1.0, gp_modules_to_save="freeze")
     many = batch(0, rows=32)

@@ -447,6 +447,34 @@ def test_custom_lora_layers_are_refused_unless_they_compute_like_peft_s():
                 resolve_groups(model)
 
 
+def test_a_custom_lora_layer_without_weights_needs_no_projection():
+    """PEFT's ``TestDynamicDispatch`` case: a custom LoRA layer for ``nn.LSTM`` whose ``update_layer`` never ran holds
+    no parameters of the adapter, so nothing there trains and nothing is refused; given a trainable parameter of the
+    adapter, its unknown forward is refused again."""
+    from peft.tuners import lora
+
+    class WithLstm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(10, 20)
+
+    class MyLora(nn.Module, lora.LoraLayer):
+        def __init__(self, base_layer, adapter_name, **kwargs):
+            super().__init__()
+            lora.LoraLayer.__init__(self, base_layer, **kwargs)
+            self._active_adapter = adapter_name
+
+    config = GPLoraConfig(target_modules=["lstm"])
+    config._register_custom_module({nn.LSTM: MyLora})
+    with pytest.warns(UserWarning, match="Unsupported layer type"):
+        model = get_peft_model(WithLstm(), config)
+    assert isinstance(model.base_model.lstm, MyLora)
+    assert [g.name for g in resolve_groups(model)] == []
+    model.base_model.lstm.extra = nn.ParameterDict({"default": nn.Parameter(torch.zeros(3))})
+    with pytest.raises(ValueError, match=r"custom LoRA layer MyLora on 'lstm'.*not one of PEFT's"):
+        resolve_groups(model)
+
+
 @pytest.mark.parametrize(
     "use",
     [

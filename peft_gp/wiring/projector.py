@@ -263,10 +263,14 @@ def _warn_about_task(stats: dict, memory) -> None:
     share = float(stats["removed_sq"] / max(float(stats["grad_sq"]), 1e-30))
     if share >= FLAT_SHARE:
         full = memory.full_groups()
+        where = (
+            f"Full layers ({len(full)}): {full[:6]}{' ...' if len(full) > 6 else ''}"
+            if full
+            else "No layer's space is full: this task's gradients lie in the old tasks' spaces"
+        )
         warnings.warn(
-            f"Gradient projection removed {100 * share:.1f}% of this task's gradient: it could barely learn. Full "
-            f"layers ({len(full)}): {full[:6]}{' ...' if len(full) > 6 else ''}. Lower gp_threshold, or widen the "
-            "layers' spaces (LoRA rank, bottleneck size, virtual tokens).",
+            f"Gradient projection removed {100 * share:.1f}% of this task's gradient: it could barely learn. {where}. "
+            "Lower gp_threshold, or widen the layers' spaces (LoRA rank, bottleneck size, virtual tokens).",
             GPCapacityWarning,
             stacklevel=3,
         )

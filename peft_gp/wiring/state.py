@@ -56,7 +56,7 @@ def resolve_groups(model: nn.Module, adapter_name: str | None = None) -> list[Pr
         raise NotImplementedError(f"peft_gp has no gradient-projection handler for PEFT type {peft_type!r} yet.")
     groups = HANDLERS[peft_type](peft_model, adapter_name, config)
     groups += modules_to_save_groups(peft_model, adapter_name, config.gp_modules_to_save)
-    if not groups:
+    if not groups and any(p.requires_grad for p in peft_model.parameters()):  # with none, nothing can change
         raise ValueError(f"Adapter {adapter_name!r} has no parameters that gradient projection can protect.")
 
     return groups

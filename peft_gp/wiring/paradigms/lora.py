@@ -224,6 +224,12 @@ def _peft_forward(cls: type) -> bool:
     return owner.__module__.startswith("peft.")
 
 
+def _trains_for(module: nn.Module, adapter_name: str) -> bool:
+    """Whether a layer holds trainable parameters of ``adapter_name`` anywhere (a custom layer with none, such as
+    one registered for a module type that ``update_layer`` never filled, changes nothing and needs no projection)."""
+    return any(p.requires_grad and adapter_name in name.split(".") for name, p in module.named_parameters())
+
+
 def lora_groups(model: PeftModel, adapter_name: str, config) -> list[ProjectedGroup]:
     groups, inner = [], set()
     for module_name, module in model.named_modules():
@@ -233,7 +239,7 @@ def lora_groups(model: PeftModel, adapter_name: str, config) -> list[ProjectedGr
         if not isinstance(module, LoraLayer) or id(module) in inner:
             continue
         held = adapter_name in module.lora_A or adapter_name in getattr(module, "lora_embedding_A", {})
-        if (held or adapter_name in module.active_adapters) and not _peft_forward(type(module)):
+        if (held or _trains_for(module, adapter_name)) and not _peft_forward(type(module)):
             _refuse(
                 module_key(module_name),
                 f"the custom LoRA layer {type(module).__name__}",
