@@ -180,23 +180,10 @@ def joint(base, encoded: list[Task], config: RunConfig) -> dict:
     return {"heads": heads, "seconds": result.seconds}
 
 
-def sliced(config: RunConfig, slices: int) -> RunConfig:
-    """GP with ``gp_task_slices``: ``slices`` slices, each as wide as the run's own rank (bottleneck), and LoRA's
-    ``lora_alpha / r`` kept, so each task trains like the unsliced adapter would."""
-    kwargs = dict(config.paradigm_kwargs, gp_task_slices=slices)
-    if config.paradigm == "lora":
-        kwargs.update(r=kwargs.get("r", 8) * slices, lora_alpha=kwargs.get("lora_alpha", 16) * slices)
-    elif config.paradigm == "adapter":
-        kwargs.update(bottleneck_size=kwargs.get("bottleneck_size", 16) * slices)
-    else:
-        raise SystemExit(f"gp-slices: gp_task_slices is a LoRA and adapter option, not {config.paradigm}'s")
-    return config.replace(paradigm_kwargs=kwargs)
-
-
 def run_method(method: str, base, encoded: list[Task], config: RunConfig, slices: int | None = None) -> dict:
     torch.manual_seed(config.seed)
     if method == "gp-slices":
-        return sequential(base, encoded, sliced(config, slices or len(encoded)), gp=True)
+        return sequential(base, encoded, config.replace(gp_task_slices=slices or len(encoded)), gp=True)
     if method == "frozen":
         return frozen(base, encoded, config)
     if method == "joint":

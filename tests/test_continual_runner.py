@@ -96,8 +96,8 @@ def test_run_writes_consistent_outputs_and_gp_keeps_old_tasks(tiny_dirs, tmp_pat
     assert peft_gp.get_memory(gp.model).tasks_seen == 3
 
 
-def test_in_memory_task_incremental_run_with_a_model_object(tmp_path):
-    """A tokenizer-free stream (input_ids directly) and a model built from a config, with task-id evaluation."""
+def id_stream() -> tuple[list, BertForSequenceClassification]:
+    """Two tasks of 2 classes given as input_ids (each class its own 4 tokens), and a tiny BERT for them."""
     generator = torch.Generator().manual_seed(0)
 
     def split(count):
@@ -116,6 +116,12 @@ def test_in_memory_task_incremental_run_with_a_model_object(tmp_path):
         BertConfig(vocab_size=24, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                    max_position_embeddings=8, num_labels=4)
     )  # fmt: skip
+    return tasks, model
+
+
+def test_in_memory_task_incremental_run_with_a_model_object(tmp_path):
+    """A tokenizer-free stream (input_ids directly) and a model built from a config, with task-id evaluation."""
+    tasks, model = id_stream()
     config = RunConfig(name="mem", scenario="task", epochs=4, batch_size=4, learning_rate=5e-2, plots=False,
                        progress=False, output_dir=str(tmp_path / "out"), gp_memory_samples=8)  # fmt: skip
     # the task id masks the loss to the task's classes: old rows of the head get no gradient, so it trains freely
@@ -151,6 +157,28 @@ def test_bad_input_fails_before_training(tiny_dirs, tmp_path, monkeypatch):
     with pytest.raises(RunConfigError, match="BertModel has no classification head"):
         run_sequence(tiny_config(tiny_dirs, tmp_path), model=headless, **SILENT)
     assert not (tmp_path / "run").exists()
+
+
+def test_runs_with_task_slices_give_each_task_the_baseline_s_rank(tmp_path):
+    """``gp_task_slices`` in a run: the GP adapter gets one slice of the baseline's rank per task (``lora_alpha / r``
+    kept), the plain baseline stays as it is, and both run; a wrong value or paradigm is refused before training."""
+    tasks, model = id_stream()
+    config = RunConfig(name="slices", scenario="task", epochs=2, batch_size=4, learning_rate=5e-2, plots=False,
+                       progress=False, output_dir=str(tmp_path / "out"), gp_memory_samples=8, gp_task_slices=2,
+                       gp_importance_scale=10.0, compare_baseline=True, paradigm_kwargs={"r": 4})  # fmt: skip
+    gp_config = peft_config_for(config, tasks, model, gp=True)
+    assert (gp_config.r, gp_config.lora_alpha, gp_config.gp_task_slices) == (8, 32, 2)
+    assert gp_config.gp_importance_scale == 10.0
+    plain = peft_config_for(config, tasks, model, gp=False)
+    assert (type(plain).__name__, plain.r, plain.lora_alpha) == ("LoraConfig", 4, 16)
+    run = run_sequence(config, tasks=tasks, model=model, **SILENT)
+    check_matrix(run.accuracy_matrix, 2)
+    check_matrix(run.baseline.accuracy_matrix, 2)
+    for bad, match in ((0, "positive integer"), (True, "positive integer"), (2.5, "positive integer")):
+        with pytest.raises(RunConfigError, match=f"gp_task_slices must be a {match}"):
+            RunConfig(gp_task_slices=bad)
+    with pytest.raises(RunConfigError, match="LoRA and adapter option; paradigm is 'prompt'"):
+        RunConfig(paradigm="prompt", gp_task_slices=2)
 
 
 VIT_KWARGS = {"lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}, "prompt": {"num_virtual_tokens": 4},

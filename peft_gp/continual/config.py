@@ -67,6 +67,10 @@ class RunConfig:
             the task's own classes and the task id picks them at test time (``task`` scenario, ``current`` masking:
             old classes' head rows get no gradient, so projecting the head would only slow the new task down),
             else to ``project``.
+        gp_importance_scale: SGP's scaled projection (``peft_gp.GPConfigMixin``); ``None``: the hard projection.
+        gp_task_slices: LoRA and the adapter: per-task slices for the GP run (``gp_task_slices`` of the configs), each
+            as wide as ``paradigm_kwargs``' rank (bottleneck), so each task trains like the baseline's adapter; the GP
+            adapter's total rank is that times ``gp_task_slices`` (``lora_alpha`` scaled alike). ``None``: one shared.
         heads: Which heads each method is evaluated with, the first one being the method's main result:
             ``trained`` (the classification head trained with the tasks), or a replay-free head built from class
             statistics taken when each task ends (the head's input per class, over the memory sample of
@@ -126,6 +130,8 @@ class RunConfig:
     gp_projection: str = GP_DEFAULTS["gp_projection"]
     gp_memory_samples: int = GP_DEFAULTS["gp_memory_samples"]
     gp_modules_to_save: str | None = None
+    gp_importance_scale: float | None = None
+    gp_task_slices: int | None = None
     heads: list[str] = field(default_factory=lambda: ["trained"])
     compare_frozen: bool = False
     epochs: float = 5.0
@@ -155,6 +161,11 @@ class RunConfig:
             check_gp_settings(settings)  # the configs' own checks: one source of truth
         except (TypeError, ValueError) as error:
             raise RunConfigError(f"{error} (null gp_modules_to_save: the scenario's default)") from error
+        slices = self.gp_task_slices
+        if slices is not None and (isinstance(slices, bool) or not isinstance(slices, int) or slices < 1):
+            raise RunConfigError(f"gp_task_slices must be a positive integer or null, got {slices!r}.")
+        if slices is not None and self.paradigm not in ("lora", "adapter"):
+            raise RunConfigError(f"gp_task_slices is a LoRA and adapter option; paradigm is {self.paradigm!r}.")
         if self.n_tasks is not None and (isinstance(self.n_tasks, bool) or int(self.n_tasks) != self.n_tasks):
             raise RunConfigError(f"n_tasks must be a whole number, got {self.n_tasks!r}.")
         if self.n_tasks is not None and self.n_tasks < 1:

@@ -32,7 +32,7 @@ from ..wiring.persistence import save_memory
 from ..wiring.state import get_memory
 from .config import RunConfig
 from .generative import PadCollator, evaluate_generative, perplexity
-from .loading import GP_FIELDS
+from .loading import gp_settings_of
 from .paradigms import build_peft_model, make_peft_config
 from .results import MethodResult
 
@@ -193,8 +193,7 @@ def train_generative(base_model: nn.Module, tasks: Sequence, tokenizer, config: 
 def peft_methods(config: RunConfig, reference: Dataset | None, pad_token_id: int) -> list[PeftMethod]:
     """The methods a config asks for: GP (with the reference memory if set), then plain PEFT with
     ``compare_baseline`` (or plain alone with ``gp: false``)."""
-    gp_settings = {name: getattr(config, name) for name in GP_FIELDS}
-    gp_settings["gp_modules_to_save"] = config.modules_to_save_policy
+    gp_settings = gp_settings_of(config)
     name = {"lora": "LoRA", "adapter": "Adapter", "prefix": "Prefix", "prompt": "Prompt"}.get(config.paradigm,
                                                                                               config.paradigm)
     methods = []

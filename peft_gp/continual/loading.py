@@ -106,6 +106,14 @@ def _task_type(tasks: Sequence[Task]) -> str | None:
     return None if "pixel_values" in tasks[0].train.column_names else "SEQ_CLS"
 
 
+def gp_settings_of(config: RunConfig) -> dict:
+    """The ``gp_*`` config fields of a run's GP method: its head policy resolved, the optional ones when set."""
+    settings = {name: getattr(config, name) for name in GP_FIELDS}
+    settings["gp_modules_to_save"] = config.modules_to_save_policy
+    optional = {"gp_importance_scale": config.gp_importance_scale, "gp_task_slices": config.gp_task_slices}
+    return settings | {name: value for name, value in optional.items() if value is not None}
+
+
 def peft_config_for(config: RunConfig, tasks: Sequence[Task], base_model: nn.Module, gp: bool):
     """The PEFT config of the run's paradigm for this model (GP settings only when ``gp``)."""
     head = check_head(base_model, num_labels(tasks))
@@ -113,10 +121,7 @@ def peft_config_for(config: RunConfig, tasks: Sequence[Task], base_model: nn.Mod
     options = dict(config.paradigm_kwargs)
     if task_type is None and "modules_to_save" not in options:
         options["modules_to_save"] = [head]  # PEFT adds the head itself only for SEQ_CLS
-    gp_settings = {name: getattr(config, name) for name in GP_FIELDS} if gp else None
-    if gp_settings is not None:
-        gp_settings["gp_modules_to_save"] = config.modules_to_save_policy
-        gp_settings["gp_class_statistics"] = bool(config.statistics_heads)
+    gp_settings = {**gp_settings_of(config), "gp_class_statistics": bool(config.statistics_heads)} if gp else None
     if task_type is None and config.paradigm in ("prefix", "prompt"):  # PEFT builds these per task type
         task_type = "SEQ_CLS"
         if gp_settings is None and config.paradigm == "prompt":

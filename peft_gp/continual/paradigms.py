@@ -35,6 +35,7 @@ def build_peft_model(model: nn.Module, peft_config: PeftConfig) -> PeftModel:
 
 
 LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
+ADAPTER_WIDTH = GPAdapterConfig.__dataclass_fields__["bottleneck_size"].default
 
 
 def lora_config(options: dict[str, Any], gp: dict[str, Any] | None, task_type: str | None) -> PeftConfig:
@@ -68,6 +69,17 @@ PARADIGMS: dict[str, ParadigmFactory] = {
 """Paradigm name -> config factory. Register a new one with ``PARADIGMS["name"] = factory``."""
 
 
+def widened(paradigm: str, options: dict[str, Any], slices: int) -> dict[str, Any]:
+    """The options of a GP run with ``gp_task_slices``: ``slices`` slices each as wide as the run's rank (LoRA, with
+    ``lora_alpha`` scaled alike so that ``lora_alpha / r`` stays) or bottleneck (the adapter)."""
+    if paradigm == "lora":
+        defaults = {**LORA_DEFAULTS, **options}
+        return {**options, "r": defaults["r"] * slices, "lora_alpha": defaults["lora_alpha"] * slices}
+    if paradigm == "adapter":
+        return {**options, "bottleneck_size": options.get("bottleneck_size", ADAPTER_WIDTH) * slices}
+    raise RunConfigError(f"gp_task_slices is a LoRA and adapter option, not {paradigm!r}'s.")
+
+
 def make_peft_config(
     paradigm: str, options: dict[str, Any], gp: dict[str, Any] | None, task_type: str | None
 ) -> PeftConfig:
@@ -78,8 +90,10 @@ def make_peft_config(
         close = difflib.get_close_matches(paradigm, list(PARADIGMS), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise RunConfigError(f"Unknown paradigm {paradigm!r}.{hint} Known: {sorted(PARADIGMS)}.")
+    slices = (gp or {}).get("gp_task_slices")
+    options = widened(paradigm, options, slices) if slices else dict(options)
     try:
-        return PARADIGMS[paradigm](dict(options), gp, task_type)
+        return PARADIGMS[paradigm](options, gp, task_type)
     except TypeError as error:  # an unknown keyword in paradigm_kwargs
         raise RunConfigError(f"paradigm_kwargs do not fit the {paradigm!r} config: {error}") from error
     except ValueError as error:  # a value the config's own validation refuses (gp_threshold=2, say)
