@@ -215,11 +215,12 @@ def plan_text(result: GPPlan, per_layer: bool = False) -> str:
     rows: dict = {}
     for layer in result.layers:
         name = layer.name if per_layer else re.sub(r"\.\d+(?=\.|$)", ".*", layer.name)
-        values = (tuple(layer.dims), layer.adapter_params, layer.memory_bytes_full, layer.memory_bytes,
+        dims = [f"{dim} shared" if group in layer.shared else str(dim) for group, dim in zip(layer.groups, layer.dims)]
+        values = (tuple(dims), layer.adapter_params, layer.memory_bytes_full, layer.memory_bytes,
                   layer.gram_bytes, layer.projection_flops_full, layer.projection_flops)  # fmt: skip
         rows.setdefault((name, values), []).append(layer)
     for (name, (dims, params, full, at_fill, grams, flops_full, flops)), layers in rows.items():
-        lines.append(f"| {name} | {len(layers)} | {', '.join(map(str, dims))} | {params:,} | {_size(full)} | "
+        lines.append(f"| {name} | {len(layers)} | {', '.join(dims)} | {params:,} | {_size(full)} | "
                      f"{_size(at_fill)} | {_size(grams)} | {flops_full / 1e9:.3g} | {flops / 1e9:.3g} |")  # fmt: skip
     r = result
     lines += ["", "Totals:",

@@ -2,58 +2,53 @@
 
 The model is built on the meta device from its ``config.json``, the GP adapter is wired on it exactly as for
 training (``peft_gp.get_peft_model``), and every projected group is costed the way peft_gp stores and uses its basis
-today:
+today. Groups that read the same inputs (``q/k/v``, ``gate/up``) share one Gram matrix and one basis: they are found
+by one dry forward pass through the memory update's own hooks (``plan_sources.shared_inputs``), as the update finds
+them, and each shared basis is costed once, on the layer of its first group.
 
-* memory file: ``gp_memory.safetensors`` holds one float32 ``(d, k)`` basis per projected group (``k`` = ``fill · d``
-  rounded; frozen groups hold none), plus a JSON header written as safetensors writes it;
+* memory file: ``gp_memory.safetensors`` holds one float32 ``(d, k)`` basis per distinct input (``k`` = ``fill · d``
+  rounded; frozen groups hold none; with ``gp_importance_scale`` a ``(k,)`` importance beside it), plus a JSON header
+  written as safetensors writes it (``GPMemory.layout`` and ``metadata`` themselves, on meta tensors);
 * adapter file: PEFT's ``adapter_model.safetensors`` (its state dict, in the adapter parameters' own dtype);
-* memory update: the float64 ``d × d`` Gram matrix of every group, all held at once while the task's sample is
-  streamed (``wiring.grams``), then the widest group's eigendecomposition (``core.maths.grow_basis``: about
+* memory update: the float64 ``d × d`` Gram matrix of every distinct input, all held at once while the task's sample
+  is streamed (``wiring.grams``), then the widest group's eigendecomposition (``core.maths.grow_basis``: about
   ``5 d²`` float64 measured on CPU) and the new float32 bases;
 * projection: per optimizer step and group, ``(G M) Mᵀ`` costs ``4 · rows · d · k`` FLOPs, twice in ``"update"``
-  mode (the gradient and the step); the bases stay on the device in float32 during training.
+  mode (the gradient and the step); the bases stay on the device in float32 during training, one copy per shared
+  basis.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
-import warnings
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
 from peft import get_peft_model_state_dict
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    PretrainedConfig,
-)
 
 from .continual.config import RunConfigError
-from .continual.paradigms import PARADIGMS, build_peft_model, make_peft_config
+from .continual.paradigms import PARADIGMS, make_peft_config
 from .core.peft_utils import unwrap_peft_model
+from .plan_sources import (
+    MODEL_CLASSES,
+    PlanError,
+    infer_task_type,
+    load_model_config,
+    meta_peft_model,
+    safetensors_bytes,
+    shared_inputs,
+)
 from .wiring.memory import GPMemory
 from .wiring.state import get_state
 
-MODEL_CLASSES = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_CLS": AutoModelForSequenceClassification,
-                 "TOKEN_CLS": AutoModelForTokenClassification, "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM, None: AutoModel}
+__all__ = ["GPPlan", "LayerPlan", "PlanError", "plan", "plan_peft_model", "safetensors_bytes"]
 GRAM_BYTES = 8  # float64 Gram matrices (core.maths.feature_gram)
 BASIS_BYTES = 4  # float32 bases (wiring.memory, wiring.units)
 EIGH_WORKSPACE = 5  # d² float64 of the widest group's grow_basis: residual, eigenvectors, LAPACK, copies (measured)
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 ALWAYS_SHOWN = ("peft_type", "task_type", "r", "target_modules", "bottleneck_size", "num_virtual_tokens")
 FACTOR = re.compile(r"(\.(lora_[A-Za-z_]+|gp_adapter_\w+|(key|value)_prefix|head\d+|block\d+))+$")
-
-
-class PlanError(ValueError):
-    """Input ``peft-gp plan`` cannot cost; the message names what was wrong and how to fix it."""
 
 
 @dataclass
@@ -69,6 +64,7 @@ class LayerPlan:
     gram_bytes: int
     projection_flops_full: int
     projection_flops: int
+    shared: dict[str, str] = field(default_factory=dict)  # group -> the group whose Gram and basis it shares
 
 
 @dataclass
@@ -104,57 +100,6 @@ class GPPlan:
         return asdict(self)
 
 
-def load_model_config(source: str) -> PretrainedConfig:
-    """A model config from a ``config.json`` file, a folder holding one, or a Hub model id (needs the Hub)."""
-    if os.path.isdir(source):
-        path = os.path.join(source, "config.json")
-        if not os.path.isfile(path):
-            raise PlanError(f"{source} has no config.json: pass a model folder holding config.json, or the file.")
-        source = path
-    if os.path.isfile(source):
-        try:
-            with open(source, encoding="utf-8") as handle:
-                raw = json.load(handle)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise PlanError(f"Cannot read {source} as a model config.json ({error}).") from None
-        if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
-            raise PlanError(f"{source} has no 'model_type': it is not a transformers config.json (add e.g. "
-                            '"model_type": "llama").')  # fmt: skip
-        try:
-            return AutoConfig.for_model(raw.pop("model_type"), **raw)
-        except (ValueError, KeyError) as error:
-            raise PlanError(f"{source}: transformers cannot build this config ({error}).") from None
-    if source.endswith(".json") or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source):
-        raise PlanError(f"No such file or folder: {source}. Pass a config.json, a folder holding one, or a Hub id.")
-    try:
-        return AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise PlanError(
-            f"Could not get the config of the Hub model {source!r} ({first}). Offline, or no access? Download its "
-            f"config.json where the Hub is reachable (hf download {source} config.json) and pass the file's path."
-        ) from None
-
-
-def infer_task_type(config: PretrainedConfig) -> str | None:
-    """``CAUSAL_LM`` or ``SEQ_CLS`` from the config's ``architectures``; ``None`` (the bare model) otherwise."""
-    for name in getattr(config, "architectures", None) or []:
-        if name.endswith("ForCausalLM"):
-            return "CAUSAL_LM"
-        if name.endswith("ForSequenceClassification"):
-            return "SEQ_CLS"
-    return None
-
-
-def meta_peft_model(config: PretrainedConfig, peft_config, task_type: str | None):
-    """The base model of ``config`` on the meta device (no memory, no weights) with the GP adapter wired on it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        with torch.device("meta"):
-            model = MODEL_CLASSES[task_type].from_config(config)
-            return build_peft_model(model, peft_config)
-
-
 def _fills(names: list[str], fill: float | Mapping[str, float]) -> dict[str, float]:
     shares = dict(fill) if isinstance(fill, Mapping) else dict.fromkeys(names, fill)
     missing = sorted(set(names) - set(shares))
@@ -167,73 +112,90 @@ def _fills(names: list[str], fill: float | Mapping[str, float]) -> dict[str, flo
     return shares
 
 
-def safetensors_bytes(tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]], metadata: dict | None) -> int:
-    """The size of the safetensors file of ``tensors`` (name -> shape, dtype): 8 + header (padded to 8) + data."""
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name in sorted(tensors):
-        shape, dtype = tensors[name]
-        size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES.get(dtype, str(dtype)), "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}  # fmt: skip
-        offset += size
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    return 8 + len(text) + (-len(text)) % 8 + offset
-
-
 def layer_of(group_name: str) -> str:
     """The adapted layer a group belongs to: its name without the factor (``….q_proj.lora_A`` -> ``….q_proj``)."""
     return FACTOR.sub("", group_name) or group_name
 
 
-def _memory_file_bytes(state, ks: dict[str, int], threshold: float) -> int:
-    """The size of ``gp_memory.safetensors`` with one task stored and these basis widths (``save_pretrained``'s)."""
+def _memory_file_bytes(state, owners: dict[str, str], ks: dict[str, int], threshold: float, scaled: bool) -> int:
+    """The size of ``gp_memory.safetensors`` with one task stored and these basis widths (``save_pretrained``'s): the
+    memory's own ``layout`` of meta tensors, groups of one class holding one tensor."""
+    held = {name: torch.empty(state.memory.dims[name], ks[name], device="meta") for name in set(owners.values())}
+    weights = {name: torch.empty(ks[name], device="meta") for name in held} if scaled else {}
     memory = GPMemory(dims=dict(state.memory.dims), thresholds=[threshold],
+                      bases={name: held[owner] for name, owner in owners.items()},
+                      importances={name: weights[owner] for name, owner in owners.items()} if scaled else {},
                       info={**state.memory.info, "last_task_fingerprint": "0" * 64})  # fmt: skip
-    shapes = {name: ((dim, ks[name]), torch.float32) for name, dim in memory.dims.items()}
+    tensors, _ = memory.layout()
+    shapes = {name: (tuple(tensor.shape), torch.float32) for name, tensor in tensors.items()}
     return safetensors_bytes(shapes, memory.metadata(adapter_sha256="0" * 64))
+
+
+def _owners(peft_model, state) -> dict[str, str]:
+    """Each group's owner: the first group (in the model's order) of those that read the same inputs, whose Gram
+    matrix and basis they share (``plan_sources.shared_inputs``)."""
+    order = {group.name: position for position, group in enumerate(state.groups)}
+    owners = {}
+    for members in shared_inputs(peft_model, state.groups):
+        owner = min(members, key=order.__getitem__)
+        owners.update(dict.fromkeys(members, owner))
+    return owners
+
+
+def _adapter_params(group, layer: LayerPlan, seen: set) -> None:
+    for param, view in ((group.weight, group.view), (group.bias, group.bias_view)):
+        key = (id(param), str(group.index), str(group.bias_index))
+        if param is not None and key not in seen:
+            seen.add(key)
+            layer.adapter_params += view(param).numel()
 
 
 def plan_peft_model(model, fill: float | Mapping[str, float] = 1.0, adapter_name: str | None = None) -> GPPlan:
     """The plan of a PEFT model already built from a GP config (on the meta device or with weights).
 
-    ``fill``: share of each basis assumed filled, in [0, 1], or a mapping from projected-group name to share.
+    ``fill``: share of each basis assumed filled, in [0, 1], or a mapping from projected-group name to share (groups
+    sharing a basis take their first group's share).
     """
     peft_model = unwrap_peft_model(model)
     adapter_name = adapter_name or peft_model.active_adapter
     config, state = peft_model.peft_config[adapter_name], get_state(peft_model, adapter_name)
     shares = _fills([g.name for g in state.groups], fill)
+    owners = _owners(peft_model, state)
     ks_full = {g.name: 0 if g.frozen else g.dim for g in state.groups}
-    ks = {name: min(k, round(shares[name] * k)) for name, k in ks_full.items()}
+    ks = {name: min(k, round(shares[owners[name]] * k)) for name, k in ks_full.items()}
     update = 2 if config.gp_projection == "update" else 1
+    importance = 0 if config.gp_importance_scale is None else 1  # SGP: a (k,) importance beside each basis
     layers: dict[str, LayerPlan] = {}
     seen: set = set()
     for group in state.groups:
         layer = layers.setdefault(layer_of(group.name), LayerPlan(layer_of(group.name), [], [], 0, 0, 0, 0, 0, 0))
         rows = group.view(group.weight).shape[0] if group.weight.dim() > 1 else 1
-        for param, view in ((group.weight, group.view), (group.bias, group.bias_view)):
-            key = (id(param), str(group.index), str(group.bias_index))
-            if param is not None and key not in seen:
-                seen.add(key)
-                layer.adapter_params += view(param).numel()
+        _adapter_params(group, layer, seen)
         layer.groups.append(group.name)
         layer.dims.append(group.dim)
-        layer.memory_bytes_full += group.dim * ks_full[group.name] * BASIS_BYTES
-        layer.memory_bytes += group.dim * ks[group.name] * BASIS_BYTES
-        layer.gram_bytes += group.dim**2 * GRAM_BYTES
         layer.projection_flops_full += 4 * update * rows * group.dim * ks_full[group.name]
         layer.projection_flops += 4 * update * rows * group.dim * ks[group.name]
-    return _totals(peft_model, adapter_name, state, list(layers.values()), ks, ks_full, fill)
+        if owners[group.name] != group.name:  # its Gram and basis are its owner's
+            layer.shared[group.name] = owners[group.name]
+            continue
+        layer.memory_bytes_full += ks_full[group.name] * (group.dim + importance) * BASIS_BYTES
+        layer.memory_bytes += ks[group.name] * (group.dim + importance) * BASIS_BYTES
+        layer.gram_bytes += group.dim**2 * GRAM_BYTES
+    return _totals(peft_model, adapter_name, state, list(layers.values()), (owners, ks, ks_full), fill)
 
 
-def _totals(peft_model, adapter_name, state, layers, ks, ks_full, fill) -> GPPlan:
+def _totals(peft_model, adapter_name, state, layers, widths, fill) -> GPPlan:
+    owners, ks, ks_full = widths
     config = peft_model.peft_config[adapter_name]
     adapter = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
     adapter_bytes = safetensors_bytes({k: (tuple(v.shape), v.dtype) for k, v in adapter.items()}, {"format": "pt"})
     grams = sum(layer.gram_bytes for layer in layers)
     workspace = EIGH_WORKSPACE * max(g.dim for g in state.groups) ** 2 * GRAM_BYTES
-    bases_full, bases = (sum(layer.memory_bytes_full for layer in layers), sum(layer.memory_bytes for layer in layers))
-    threshold = float(config.gp_threshold)
+    held = [name for name in owners if owners[name] == name]  # one device copy per shared basis (wiring.units)
+    dims = state.memory.dims
+    bases_full, bases = (sum(dims[n] * ks_full[n] * BASIS_BYTES for n in held),
+                         sum(dims[n] * ks[n] * BASIS_BYTES for n in held))  # fmt: skip
+    threshold, scaled = float(config.gp_threshold), config.gp_importance_scale is not None
     base_config = getattr(peft_model.get_base_model(), "config", None)
     peft_type = str(getattr(config.peft_type, "value", config.peft_type))
     task_type = getattr(config, "task_type", None)
@@ -251,8 +213,8 @@ def _totals(peft_model, adapter_name, state, layers, ks, ks_full, fill) -> GPPla
         layers=layers,
         adapter_params=sum(v.numel() for v in adapter.values()),
         adapter_file_bytes=adapter_bytes,
-        memory_file_bytes_full=_memory_file_bytes(state, ks_full, threshold),
-        memory_file_bytes=_memory_file_bytes(state, ks, threshold),
+        memory_file_bytes_full=_memory_file_bytes(state, owners, ks_full, threshold, scaled),
+        memory_file_bytes=_memory_file_bytes(state, owners, ks, threshold, scaled),
         update_gram_bytes=grams,
         update_peak_bytes_full=grams + workspace + bases_full,
         update_peak_bytes=grams + workspace + bases,

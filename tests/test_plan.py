@@ -49,7 +49,7 @@ def batches(vocab: int, count: int = 4, size: int = 8, length: int = 16, seed: i
             for i in range(0, len(ids), size)]  # fmt: skip
 
 
-def measured(tmp_path, name: str, threshold: float, paradigm: str = "lora", options: dict | None = None):
+def measured(tmp_path, name: str, threshold: float, paradigm: str = "lora", options: dict | None = None, **gp):
     """A real model from ``name``'s config.json with one task stored; its saved file sizes."""
     folder = write_config(tmp_path / "config", name)
     config_class, model_class, lora = MODELS[name]
@@ -60,11 +60,17 @@ def measured(tmp_path, name: str, threshold: float, paradigm: str = "lora", opti
     for module in model.modules():  # LayerNorm outputs have zero mean: a bias lets them span all d dimensions
         if isinstance(module, torch.nn.LayerNorm):
             torch.nn.init.normal_(module.bias)
-    model = peft_gp.get_peft_model(model, make_peft_config(paradigm, options, {"gp_threshold": threshold}, task_type))
+    model = peft_gp.get_peft_model(model, make_peft_config(paradigm, options, {"gp_threshold": threshold, **gp},
+                                                           task_type))  # fmt: skip
     peft_gp.update_memory(model, batches(model.config.vocab_size, count=8), max_samples=None)  # 64 > d + 1
     peft_gp.save_pretrained(model, str(tmp_path / "saved"))
     files = {key: os.path.getsize(tmp_path / "saved" / f"{key}.safetensors") for key in ("gp_memory", "adapter_model")}
     return folder, model, files
+
+
+def distinct(tensors: dict) -> list[torch.Tensor]:
+    """The tensors of ``tensors``, each once (groups that read the same input hold one)."""
+    return list({id(tensor): tensor for tensor in tensors.values()}.values())
 
 
 def close(planned: int, real: int) -> bool:
@@ -95,15 +101,17 @@ def test_measured_fill_memory_file_grams_and_flops_match_the_plan(tmp_path, name
     _, _, lora = MODELS[name]
     per_group = plan(folder, "lora", fill=fills, gp={"gp_threshold": 0.9}, **lora)
     assert close(per_group.memory_file_bytes, files["gp_memory"]), (per_group.memory_file_bytes, files)
-    data = sum(basis.numel() * 4 for basis in memory.bases.values())
+    held = distinct(memory.bases)  # groups that read the same input share one basis
+    assert len(held) < len(memory.bases) if name == "llama" else len(held) <= len(memory.bases)
+    data = sum(basis.numel() * 4 for basis in held)
     assert sum(layer.memory_bytes for layer in per_group.layers) == per_group.device_basis_bytes == data
     # one share for every basis: the measured share of the worst-case data
-    share = data / sum(d * d * 4 for d in memory.dims.values())
+    share = data / sum(basis.shape[0] ** 2 * 4 for basis in held)
     uniform = plan(folder, "lora", fill=share, gp={"gp_threshold": 0.9}, **lora)
     assert close(uniform.memory_file_bytes, files["gp_memory"]), (uniform.memory_file_bytes, files)
 
     grams, _ = collect_grams(model, get_state(model).groups, batches(model.config.vocab_size))
-    assert per_group.update_gram_bytes == sum(g.numel() * g.element_size() for g in grams.values())
+    assert per_group.update_gram_bytes == sum(g.numel() * g.element_size() for g in distinct(grams))
     assert per_group.update_peak_bytes > per_group.update_gram_bytes
 
     model.train()
@@ -125,23 +133,37 @@ def test_other_paradigms_are_planned_from_what_they_store(tmp_path):
     planned = plan(folder, "adapter", fill=fills, gp={"gp_threshold": 0.9}, bottleneck_size=8)
     assert close(planned.memory_file_bytes, files["gp_memory"]) and close(planned.adapter_file_bytes,
                                                                           files["adapter_model"])  # fmt: skip
-    assert planned.paradigm == "adapter" and planned.update_gram_bytes == sum(d * d * 8 for d in memory.dims.values())
+    assert planned.paradigm == "adapter"
+    assert planned.update_gram_bytes == sum(basis.shape[0] ** 2 * 8 for basis in distinct(memory.bases))
 
 
-def test_llama_3_8b_shape_today(tmp_path):
-    """The issue's worked example: LoRA r = 16 on all seven linear layers of 32 layers (d 4096, FFN 14336)."""
+def test_importances_are_planned_beside_their_bases(tmp_path):
+    folder, model, files = measured(tmp_path, "llama", 0.9, gp_importance_scale=5.0)
+    memory = peft_gp.get_memory(model)
+    assert memory.importances
+    fills = {g: memory.bases[g].shape[1] / d for g, d in memory.dims.items()}
+    gp = {"gp_threshold": 0.9, "gp_importance_scale": 5.0}
+    planned = plan(folder, "lora", fill=fills, gp=gp, **MODELS["llama"][2])
+    assert planned.memory_file_bytes == files["gp_memory"]
+
+
+def test_llama_3_8b_shape(tmp_path):
+    """The issue's worked example: LoRA r = 16 on all seven linear layers of 32 layers (d 4096, FFN 14336); q/k/v share
+    one basis, gate/up another."""
     folder = write_config(tmp_path, "llama-3-8b")
     started = time.perf_counter()
     planned = plan(folder, "lora", fill=0.5, r=16, target_modules="all-linear")
     assert time.perf_counter() - started < 20
     assert planned.adapter_params == 32 * 16 * (6 * 4096 + 14336 + 3 * 4096 + 2 * 1024 + 2 * 14336) == 41_943_040
-    full = 32 * (6 * 4096**2 + 14336**2 + 7 * 16**2) * 4  # float32 lora_A and lora_B bases, all full
+    full = 32 * (3 * 4096**2 + 14336**2 + 7 * 16**2) * 4  # float32 lora_A and lora_B bases, all full
     assert planned.memory_file_bytes_full == pytest.approx(full, rel=1e-4)
-    assert 39.1e9 < planned.memory_file_bytes_full < 39.3e9
+    assert 32.7e9 < planned.memory_file_bytes_full < 32.8e9
     assert planned.memory_file_bytes == pytest.approx(full / 2, rel=1e-3)
     assert planned.update_gram_bytes == 2 * full  # float64, every group's Gram held at once
     down = [layer for layer in planned.layers if layer.name.endswith("down_proj")]
     assert len(down) == 32 and down[0].memory_bytes_full == (14336**2 + 16**2) * 4
+    keys = [layer for layer in planned.layers if layer.name.endswith("k_proj")]
+    assert keys[0].shared == {"model.layers.0.self_attn.k_proj.lora_A": "model.layers.0.self_attn.q_proj.lora_A"}
 
 
 def test_cli_prints_the_table_and_json(tmp_path, capsys):

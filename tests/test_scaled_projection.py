@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 import peft_gp
 from peft_gp import GPLoraConfig, GPMemoryError, GPProjector
 from peft_gp.core import maths
-from peft_gp.wiring.memory_file import IMPORTANCE_SUFFIX
+from peft_gp.wiring.memory_file import FORMAT_VERSION, IMPORTANCE_SUFFIX
 
-from .testing import CASES, train_steps
+from .testing import CASES, save_legacy_memory, train_steps
 
 CASE = next(case for case in CASES if case.name == "bert")
 
@@ -130,7 +130,7 @@ def test_importances_round_trip_and_damaged_ones_are_refused(tmp_path):
     tensors = load_file(str(path))
     with safe_open(str(path), "pt") as handle:
         metadata = handle.metadata()
-    assert metadata["gp_format_version"] == "2"
+    assert metadata["gp_format_version"] == str(FORMAT_VERSION)
     key = next(key for key, value in tensors.items() if key.endswith(IMPORTANCE_SUFFIX) and value.numel())
     for damage, message in ((lambda t: t * 3, r"not all in \[0, 1\]"), (lambda t: t[:-1], "do not fit a basis")):
         save_file({**tensors, key: damage(tensors[key]).contiguous()}, str(path), metadata=metadata)
@@ -147,9 +147,6 @@ def test_bad_scales_are_refused(scale):
 def test_a_version_1_memory_file_without_importances_still_loads(tmp_path):
     model, _ = model_with_task(None)
     path = tmp_path / peft_gp.GP_MEMORY_NAME
-    peft_gp.get_memory(model).save(str(path))
-    with safe_open(str(path), "pt") as handle:
-        metadata = handle.metadata()
-    save_file(load_file(str(path)), str(path), metadata={**metadata, "gp_format_version": "1"})
+    save_legacy_memory(peft_gp.get_memory(model), path, version=1)
     loaded = peft_gp.GPMemory.load(str(path))
     assert loaded.importances == {} and set(loaded.bases) == set(peft_gp.get_memory(model).bases)

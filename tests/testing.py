@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value  # noqa: E402
 from peft import get_peft_model  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
 from tokenizers.models import WordLevel  # noqa: E402
 from torch import nn  # noqa: E402
@@ -38,6 +39,7 @@ from transformers import (  # noqa: E402
 from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 
 from peft_gp import GPAdapterConfig, GPLoraConfig  # noqa: E402
+from peft_gp.wiring.memory_file import IMPORTANCE_SUFFIX  # noqa: E402
 
 # ---- tiny models and the model matrix ------------------------------------------------------------------------------
 
@@ -509,3 +511,13 @@ def save_tiny_text_model(folder: Path, arch: str = "bert") -> Path:
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
+
+
+def save_legacy_memory(memory, path, version: int) -> None:
+    """Write ``memory`` as peft_gp wrote it before format 3: one basis per group (shared ones repeated), the SGP
+    importances beside them from version 2, no ``gp_shared``."""
+    tensors = {name: basis.detach().cpu().float().contiguous().clone() for name, basis in memory.bases.items()}
+    if version >= 2:
+        tensors.update({name + IMPORTANCE_SUFFIX: value.clone() for name, value in memory.importances.items()})
+    metadata = {key: value for key, value in memory.metadata().items() if key != "gp_shared"}
+    save_file(tensors, str(path), metadata={**metadata, "gp_format_version": str(version)})

@@ -148,14 +148,17 @@ def _idle_input_sides(groups, grams, memory, threshold) -> tuple[list, dict[str,
     ``B``'s Gram matrix becomes ``A' C Aᵀ'`` (``C``: ``A``'s input Gram), measured against its energy before the move.
     Returns the moved weights (written once the memory update succeeded) and the reference energies.
     """
-    moved, totals = [], {}
+    moved, totals, grown = [], {}, {}
     for group in groups:
         side = group.output_side
         if side is None or side.bias is not None or group.index is not None or group.transpose:
             continue
         if torch.any(side.weight != 0):
             continue
-        basis, _ = maths.grow_basis(grams[group.name], memory.bases[group.name], threshold)
+        key = (id(grams[group.name]), id(memory.bases[group.name]))  # groups sharing a Gram and basis: grown once
+        if key not in grown:
+            grown[key] = maths.grow_basis(grams[group.name], memory.bases[group.name], threshold)[0]
+        basis = grown[key]
         weight = group.weight.detach().to(torch.float64)
         basis = basis.to(weight.device)
         weight = weight - (weight @ basis) @ basis.T

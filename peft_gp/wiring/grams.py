@@ -5,7 +5,7 @@ Padding tokens are left out wherever a feature tensor is laid out as the batch's
 own inputs' mask (``decoder_attention_mask``, else the positions that ``labels`` shift in), and the decoder's
 cross-attention keys and values (which read the encoder's output) the encoder's mask. Under ``torch.distributed``
 each process passes its own shard and the Gram matrices are summed over processes (all-reduce), so every rank gets
-the same result.
+the same result. Groups that read the same input (``q/k/v``) share one Gram matrix (``shared_grams``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from ..core import maths
 from ..core.peft_utils import unwrap_peft_model
 from .groups import ProjectedGroup
 from .memory import GPMemoryError
+from .shared_grams import ForwardInputs, SharedGrams
 
 
 def non_finite_message(name: str) -> str:
@@ -86,19 +87,28 @@ class GramCollector:
         self.base_model = self.peft_model.get_base_model()
         self.encoder_decoder = bool(getattr(getattr(self.base_model, "config", None), "is_encoder_decoder", 0))
         self.device = next(p.device for p in self.peft_model.parameters())
-        self.grams = {g.name: torch.zeros(g.dim, g.dim, dtype=torch.float64, device=self.device) for g in groups}
+        self.dims = {g.name: g.dim for g in groups}
+        # groups read through a hook share one Gram per input they share (shared_grams); sources emit their own
+        self.shared = SharedGrams([g.name for g in groups if g.source is None])
+        self.grams = {g.name: torch.zeros(g.dim, g.dim, dtype=torch.float64, device=self.device)
+                      for g in groups if g.source is not None}  # fmt: skip
         self.exact_grams: dict[str, torch.Tensor] = {}  # features kept whole, apart from the rest (prompt rows)
         self.distributed = _distributed()
         self.non_finite: list[str] = []
         self.mask: torch.Tensor | None = None
         self.masks: dict = {}  # encoder-decoder models: each stack's padding mask and the encoder's output
-        self.cache: dict = {}
+        self.inputs = ForwardInputs()  # the distinct inputs of the current forward pass
+        self.uses: dict[str, list[int]] = {}  # per group, the inputs it received in this pass
 
     # ---- hooks -------------------------------------------------------------------------------------------------
 
+    def _mask_for(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        return self.masks.get("encoder") if _same_tensor(inputs, self.masks.get("encoder_output")) else self.mask
+
     def gram_of(self, group: ProjectedGroup, inputs: torch.Tensor, masked: bool) -> torch.Tensor | None:
-        mask = self.masks.get("encoder") if _same_tensor(inputs, self.masks.get("encoder_output")) else self.mask
-        rows = group.features(inputs.detach(), mask if masked else None)  # the group leaves padding out
+        rows = group.features(inputs.detach(), self._mask_for(inputs) if masked else None)  # padding left out
+        if rows.is_meta:  # a dry run on the meta device (peft-gp plan): shapes only
+            return maths.feature_gram(rows)
         if not torch.isfinite(rows).all():
             if not self.distributed:
                 raise GPMemoryError(non_finite_message(group.name))
@@ -111,17 +121,16 @@ class GramCollector:
             inputs = args[0] if args else None
             if not isinstance(inputs, torch.Tensor):
                 return
-            # Sibling layers often read the very same tensor (LoRA on query and value): one Gram serves them all.
-            # The cache holds the tensor itself, so its id cannot be reused by another tensor during this forward.
-            key = (id(inputs), group.feature_key)
-            cached = self.cache.get(key)
-            gram = cached[1] if cached is not None and cached[0] is inputs else None
-            if gram is None:
+            # Sibling layers often read the very same tensor (LoRA on q/k/v): one Gram serves them all, and the
+            # groups that receive the same inputs in every pass keep one Gram sum and one basis (shared_grams).
+            kind = (group.feature_key, id(self._mask_for(inputs)))
+            index = self.inputs.find(inputs, kind)
+            if index is None:
                 gram = self.gram_of(group, inputs, masked=True)
                 if gram is None:
                     return
-                self.cache[key] = (inputs, gram)
-            self.grams[group.name] += gram
+                index = self.inputs.add(inputs, kind, gram)
+            self.uses.setdefault(group.name, []).append(index)
 
         return hook
 
@@ -176,9 +185,10 @@ class GramCollector:
         self.mask = mask.bool() if isinstance(mask, torch.Tensor) else None
         if self.encoder_decoder:
             self.masks.update(encoder=self.mask, decoder=decoder_mask(batch))
-        self.cache, self.masks["encoder_output"] = {}, None
+        self.inputs, self.uses, self.masks["encoder_output"] = ForwardInputs(), {}, None
         self.model(**batch)
-        self.cache = {}
+        self.shared.add_batch(self.uses, self.inputs.grams)
+        self.inputs, self.uses = ForwardInputs(), {}
 
     def run(self, batches: Iterable[Mapping[str, torch.Tensor]], max_samples: int | None) -> int:
         """Forward every batch (cut at ``max_samples`` examples) with the hooks on; returns the examples seen."""
@@ -209,9 +219,23 @@ class GramCollector:
         if flags[1].item() > 0:
             where = self.non_finite[0] if self.non_finite else "an adapted layer (another rank)"
             raise GPMemoryError(non_finite_message(where))
-        for gram in [*self.grams.values(), *self.exact_grams.values()]:
+        self.shared.agree(lambda leaders: _min_max(leaders.to(self.device)))
+        self.shared.fill(self.dims, self.device)
+        for gram in [*self.shared.distinct(), *self.grams.values(), *self.exact_grams.values()]:
             dist.all_reduce(gram)
         return int(flags[0].item())
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """Every group's Gram matrix; groups that read the same inputs map to the same tensor."""
+        self.shared.fill(self.dims, self.device)
+        return {**self.shared.by_name(), **self.grams}
+
+
+def _min_max(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    low, high = tensor.clone(), tensor.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return low.cpu(), high.cpu()
 
 
 @torch.no_grad()
@@ -224,9 +248,10 @@ def collect_grams(
     observers: list | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Stream ``batches`` through ``model`` (eval mode, no grad); each group's float64 Gram matrix and the examples
-    seen. Features a source marks ``exact`` (kept whole, e.g. prompt rows) go to ``exact_grams`` when given (added to
-    the rest otherwise). ``observers`` (objects whose ``attach()`` returns a handle) watch the same pass (class
-    statistics). Raises ``GPMemoryError`` when no example or no feature arrived, or one was not finite."""
+    seen. Groups that received the same inputs in every batch map to one tensor (``shared_grams``). Features a source
+    marks ``exact`` (kept whole, e.g. prompt rows) go to ``exact_grams`` when given (added to the rest otherwise).
+    ``observers`` (objects whose ``attach()`` returns a handle) watch the same pass (class statistics). Raises
+    ``GPMemoryError`` when no example or no feature arrived, or one was not finite."""
     collector = GramCollector(model, groups, observers)
     seen = collector.run(batches, max_samples)
     if collector.distributed:
@@ -236,14 +261,15 @@ def collect_grams(
             "The memory update got no examples: pass the finished task's (non-empty) training data. "
             "Nothing was stored."
         )
-    if not any(torch.any(gram != 0) for gram in collector.grams.values()):
+    grams = collector.result()
+    if not any(torch.any(gram != 0) for gram in grams.values()):
         raise GPMemoryError(
             "No features reached the adapter during the memory update: is the adapter active "
             "(model.set_adapter(...)) and does the batch go through the adapted layers? Nothing was stored."
         )
     if exact_grams is None:
         for name, gram in collector.exact_grams.items():
-            collector.grams[name] += gram
+            grams[name] += gram
     else:
         exact_grams.update(collector.exact_grams)
-    return collector.grams, seen
+    return grams, seen

@@ -20,7 +20,8 @@ GP_MEMORY_NAME = "gp_memory.safetensors"
 class GPMemory:
     """Bases of the feature spaces of finished tasks, keyed by projected-group name.
 
-    Each basis is a ``(d, k)`` float32 matrix with orthonormal columns (``k = 0`` before the first task ends).
+    Each basis is a ``(d, k)`` float32 matrix with orthonormal columns (``k = 0`` before the first task ends). Groups
+    that read the same inputs (``q/k/v``) hold the same tensor, stored once in the file (``layout``).
     ``thresholds`` holds the energy threshold each stored task used, so ``len(thresholds)`` is the number of tasks
     stored; ``version`` changes with every update so that projectors know when to refresh their device copies.
     ``importances`` (only with ``gp_importance_scale``): per basis, the ``(k,)`` SGP importance of each direction.
@@ -66,7 +67,8 @@ class GPMemory:
         if missing:
             raise GPMemoryError(f"No features were collected for {missing[:4]}: the memory update would be partial.")
         new_bases, new_importances, report = {}, {}, {}
-        for name, gram in grams.items():
+        for names in self._update_classes(grams, total_energies, exact_grams):
+            name, gram = names[0], grams[names[0]]
             if gram.shape != (self.dims[name], self.dims[name]):
                 raise GPMemoryError(f"Gram matrix of {name!r} is {tuple(gram.shape)}, expected d = {self.dims[name]}.")
             total = (total_energies or {}).get(name)
@@ -76,16 +78,44 @@ class GPMemory:
                 importance = maths.direction_importance(gram, grown, previous, importance_scale)
             if exact_grams and name in exact_grams:
                 grown, _ = maths.grow_basis(exact_grams[name], grown, 1.0)
-            new_bases[name] = grown.to(torch.float32).contiguous()
+            grown = grown.to(torch.float32).contiguous()
             if importance_scale is not None:  # directions of the exact features: importance 1
                 ones = importance.new_ones(grown.shape[1] - importance.shape[0])
-                new_importances[name] = torch.cat([importance, ones]).to(torch.float32).cpu()
-            report[name] = {**stats, "basis_size": grown.shape[1], "dim": self.dims[name]}
+                importance = torch.cat([importance, ones]).to(torch.float32).cpu()
+            for member in names:  # groups that read the same inputs share one basis (and its importances)
+                new_bases[member] = grown
+                if importance_scale is not None:
+                    new_importances[member] = importance
+                report[member] = {**stats, "basis_size": grown.shape[1], "dim": self.dims[name]}
         self.bases.update(new_bases)  # all or nothing: no basis changes if one group fails
         self.importances = new_importances
         self.thresholds.append(threshold)
         self.version += 1
         return report
+
+    def _update_classes(self, grams, total_energies, exact_grams) -> list[list[str]]:
+        """The groups that grow as one: the same Gram tensor (they read the same inputs, ``grams.collect_grams``),
+        equal bases and importances so far, the same reference energy, and no exact features of their own."""
+        classes: dict[tuple, list[list[str]]] = {}
+        for name, gram in grams.items():
+            exact = name if exact_grams and name in exact_grams else None
+            candidates = classes.setdefault((id(gram), (total_energies or {}).get(name), exact), [])
+            for members in candidates:
+                if self._same_basis(members[0], name):
+                    members.append(name)
+                    break
+            else:
+                candidates.append([name])
+        return [members for candidates in classes.values() for members in candidates]
+
+    def _same_basis(self, name: str, other: str) -> bool:
+        def equal(first, second) -> bool:
+            if first is None or second is None:
+                return first is second
+            return first is second or (first.shape == second.shape and torch.equal(first, second))
+
+        bases = self.bases
+        return equal(bases[name], bases[other]) and equal(self.importances.get(name), self.importances.get(other))
 
     def capacity(self) -> dict[str, float]:
         """Share of each group's feature space already protected (1.0: that group can no longer learn)."""
@@ -97,20 +127,39 @@ class GPMemory:
 
     # ---- persistence -------------------------------------------------------------------------------------------
 
+    def layout(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """What the memory file holds: each distinct basis once (with its importances), under the first name (sorted)
+        of the groups that share it, and ``{group: stored name}`` for the other groups. Groups share a stored basis
+        when they hold the same tensor with the same importances (``update`` gives the groups that read the same
+        inputs one tensor)."""
+        tensors, shared, stored = {}, {}, {}
+        for name in sorted(self.bases):
+            basis, importance = self.bases[name], self.importances.get(name)
+            key = (id(basis), None if importance is None else id(importance))
+            if key in stored:
+                shared[name] = stored[key]
+                continue
+            stored[key] = name
+            tensors[name] = basis
+            if importance is not None:
+                tensors[name + IMPORTANCE_SUFFIX] = importance
+        return tensors, shared
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        tensors = {name: basis.detach().to("cpu", torch.float32).contiguous() for name, basis in self.bases.items()}
-        for name, importance in self.importances.items():
-            tensors[name + IMPORTANCE_SUFFIX] = importance.detach().to("cpu", torch.float32).contiguous()
-        return tensors
+        """The tensors of the memory file (``layout``), on the CPU in float32."""
+        tensors, _ = self.layout()
+        return {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in tensors.items()}
 
     def metadata(self, adapter_sha256: str | None = None) -> dict[str, str]:
         info = {key: value for key, value in self.info.items() if key != "adapter_sha256"}
+        _, shared = self.layout()
         return {
             "format": "pt",
             "gp_format_version": str(FORMAT_VERSION),
             "gp_tasks_seen": str(self.tasks_seen),
             "gp_thresholds": json.dumps(self.thresholds),
             "gp_dims": json.dumps(self.dims, sort_keys=True),
+            "gp_shared": json.dumps(shared, sort_keys=True),
             **{f"gp_{key}": value for key, value in info.items()},
             **({"gp_adapter_sha256": adapter_sha256} if adapter_sha256 else {}),
         }
@@ -126,7 +175,7 @@ class GPMemory:
         """Read a memory file, every field checked (``memory_file``); shapes against a model: ``check_fits``."""
         if not os.path.isfile(path):
             raise GPMemoryError(f"No memory file at {path}.")
-        dims, bases, thresholds, info, importances = read_memory_file(path)
+        dims, bases, thresholds, info, importances = read_memory_file(path)  # shared bases: one tensor
         return cls(dims=dims, bases=bases, thresholds=thresholds, info=info, importances=importances)
 
     def check_fits(self, expected_dims: dict[str, int], source: str = "the memory") -> None:

@@ -2,8 +2,9 @@
 
 A memory that loads decides what is protected, so nothing in it is taken on trust: the format version, the number of
 tasks stored (equal to the number of thresholds, each finite and in (0, 1]), the layer dimensions, and each basis
-(float32, ``(d, k)`` with ``k ≤ d``, finite, orthonormal; empty when no task is stored). A file that fails any check
-raises ``GPMemoryError`` naming the file, what is wrong and the fix.
+(float32, ``(d, k)`` with ``k ≤ d``, finite, orthonormal; empty when no task is stored), and which groups share a
+stored basis (``gp_shared``, from version 3: each maps to a stored basis of its own dimension). A file that fails any
+check raises ``GPMemoryError`` naming the file, what is wrong and the fix.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from safetensors.torch import load as load_safetensors_bytes
 from ..core import maths
 from ..core.files import newer_format_message, parse_json
 
-FORMAT_VERSION = 2  # 2: optional SGP importances beside the bases (version-1 files have none and still load)
+# 2: optional SGP importances beside the bases (version-1 files have none and still load); 3: a basis shared by groups
+# that read the same inputs is stored once, ``gp_shared`` maps the other groups to it (older files: one per group)
+FORMAT_VERSION = 3
 IMPORTANCE_SUFFIX = "#importance"  # key of a basis's importances: its name and this suffix
 DAMAGED = "It may be truncated or damaged: restore it from an earlier checkpoint or save."
 
@@ -80,13 +83,32 @@ def read_metadata(metadata: dict[str, str], path: str) -> tuple[dict[str, int], 
         raise GPMemoryError(f"{path}: metadata gp_dims must map layer names to dimensions, got {dims!r}. {DAMAGED}")
     dims = {str(name): _whole(dim, f"gp_dims[{name!r}]", path, 1) for name, dim in dims.items()}
     info = {key[3:]: value for key, value in metadata.items() if key.startswith("gp_")}
-    for key in ("format_version", "tasks_seen", "thresholds", "dims"):
+    for key in ("format_version", "tasks_seen", "thresholds", "dims", "shared"):
         info.pop(key, None)
     return dims, [float(t) for t in thresholds], info
 
 
+def read_shared(metadata: dict[str, str], dims: dict[str, int], path: str) -> dict[str, str]:
+    """``{group: stored group}`` of a version-3 file: every group named is a recorded layer, the target holds its own
+    basis (no chains) of the same dimension. Older files store one basis per group: ``{}``."""
+    if int(metadata["gp_format_version"]) < 3:
+        return {}
+    shared = _field(metadata, "gp_shared", path)
+    if not isinstance(shared, dict):
+        raise GPMemoryError(f"{path}: metadata gp_shared must map layer names to layer names, got {shared!r}. "
+                            f"{DAMAGED}")
+    for name, target in shared.items():
+        if name not in dims or target not in dims or target in shared or dims[name] != dims[target]:
+            raise GPMemoryError(
+                f"{path}: gp_shared maps {name!r} to {target!r}, which is not a stored basis of a recorded layer of "
+                f"the same dimension. {DAMAGED}"
+            )
+    return shared
+
+
 def check_bases(tensors: dict[str, torch.Tensor], dims: dict[str, int], tasks: int, path: str) -> None:
-    """Every basis fits its recorded layer, is finite and orthonormal; none holds directions with no task stored."""
+    """Every basis fits its recorded layer, is finite and orthonormal; none holds directions with no task stored.
+    ``dims``: the layers whose bases the file stores (the others share one of them)."""
     if set(tensors) != set(dims):
         raise GPMemoryError(f"{path}: the bases {sorted(tensors)[:4]} do not match the recorded layers. {DAMAGED}")
     for name, basis in tensors.items():
@@ -137,7 +159,12 @@ def read_memory_file(
     except (SafetensorError, ValueError) as error:
         raise GPMemoryError(f"{path} is not a readable gp memory file ({error}). {DAMAGED}") from None
     dims, thresholds, info = read_metadata(metadata, path)
+    shared = read_shared(metadata, dims, path)
     tensors = dict(tensors)
     importances = split_importances(tensors, path)
-    check_bases(tensors, dims, len(thresholds), path)
+    check_bases(tensors, {name: dim for name, dim in dims.items() if name not in shared}, len(thresholds), path)
+    for name, target in shared.items():  # one tensor for the groups that share it
+        tensors[name] = tensors[target]
+        if target in importances:
+            importances[name] = importances[target]
     return dims, tensors, thresholds, info, importances

@@ -92,9 +92,9 @@ class GPProjector:
             task_id = training_slice(self.groups, memory.tasks_seen, self.adapter_name)
             self.memory = memory
             self._units = make_units(self.groups, task_id)
-            scaled = self.config.gp_importance_scale is not None
+            scaled, copies = self.config.gp_importance_scale is not None, {}
             for unit in self._units:
-                unit.load_basis(memory, scaled)
+                unit.load_basis(memory, scaled, copies)
             if task_id is not None:
                 prepare_slices(self.groups, memory)
                 self._masks.set_task(task_id)

@@ -44,13 +44,21 @@ class Unit:
     def split(self, joined: torch.Tensor) -> list[torch.Tensor]:
         return [joined] if not self.has_bias else [joined[..., :-1], joined[..., -1]]
 
-    def load_basis(self, memory, scaled: bool = False) -> None:
+    def load_basis(self, memory, scaled: bool = False, copies: dict | None = None) -> None:
         """The unit's basis ``M`` from ``memory``, and ``weights``: ``M`` with each column scaled by its importance
-        (``scaled``, SGP: a projection ``G − G M Λ Mᵀ``; directions without one count 1), else ``M`` itself."""
+        (``scaled``, SGP: a projection ``G − G M Λ Mᵀ``; directions without one count 1), else ``M`` itself.
+        ``copies``: the device copies made so far, so that groups sharing a basis (``q/k/v``) share one copy."""
         dtype = self.parameters[0].dtype
         compute_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         device = self.parameters[0].device
-        bases = [memory.bases[group.name].to(device, compute_dtype) for group in self.groups]
+        copies = {} if copies is None else copies
+        bases = []
+        for group in self.groups:
+            basis = memory.bases[group.name]
+            key = (id(basis), device, compute_dtype)
+            if key not in copies:
+                copies[key] = (basis, basis.to(device, compute_dtype))  # the source held: its id stays its own
+            bases.append(copies[key][1])
         if scaled:
             weights = [basis * memory.importances[group.name].to(basis) if group.name in memory.importances else basis
                        for basis, group in zip(bases, self.groups)]  # fmt: skip
