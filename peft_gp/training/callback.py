@@ -37,6 +37,7 @@ from ..wiring.persistence import load_gp_files, save_gp_files
 from ..wiring.projector import GPProjector, raw_optimizer
 from ..wiring.stat_heads import HEAD_KINDS, apply_statistics_head
 from ..wiring.state import get_memory
+from .parallel import check_parallelism
 from .resume import find_resumed
 
 logger = logging.getLogger(__name__)
@@ -126,12 +127,7 @@ class GPCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._restore_output_dir()
-        if args.fsdp or args.deepspeed:
-            raise NotImplementedError(
-                "GPCallback does not support FSDP or DeepSpeed yet: they shard the adapter parameters and their "
-                "gradients, and peft_gp does not project sharded tensors yet. Use DDP (torchrun or accelerate launch "
-                "--multi_gpu): PEFT adapters are small enough to replicate."
-            )
+        check_parallelism(args, getattr(self.trainer, "accelerator", None), owner="GPCallback")
         projector = self.bind(model)
         if state.global_step > 0:  # resumed: the weights and optimizer state came from a checkpoint
             self._task_id = self._load_resumed(args, state, model)

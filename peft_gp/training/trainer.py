@@ -13,8 +13,10 @@ from ..hub.push import TaskPush, push_task_to_hub
 from ..wiring.memory import GPMemory
 from ..wiring.persistence import save_gp_files
 from ..wiring.projector import GPProjector
+from ..wiring.sharding import fsdp_modules
 from ..wiring.state import get_memory, get_task_state
 from .callback import GPCallback
+from .parallel import check_parallelism
 from .resume import last_checkpoint
 
 
@@ -80,12 +82,7 @@ class GPTrainer(Trainer):
                 )
         if gp_push_to_hub:
             check_repo_id(gp_push_to_hub)  # before any training: a bad id would fail only after the first task
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled or self.args.fsdp or self.args.deepspeed:
-            raise NotImplementedError(
-                "GPTrainer does not support FSDP or DeepSpeed yet: they shard the adapter parameters and their "
-                "gradients, and peft_gp does not project sharded tensors yet. Use DDP (torchrun or accelerate launch "
-                "--multi_gpu): PEFT adapters are small enough to replicate."
-            )
+        check_parallelism(self.args, self.accelerator)  # FSDP1 and DeepSpeed ZeRO refused, FSDP2 and DDP pass
         self.gp_push_to_hub = gp_push_to_hub or None
         self.gp_push_kwargs = dict(gp_push_kwargs or {})
         self.gp_last_push: TaskPush | None = None
@@ -161,6 +158,10 @@ class GPTrainer(Trainer):
             resume_from_checkpoint = os.fspath(resume_from_checkpoint)
             self.gp_callback.check_resume(resume_from_checkpoint, self.model)
             self.gp_callback.resume_from = resume_from_checkpoint
+        if self.is_fsdp_enabled and fsdp_modules(self.model):
+            # a previous task's trainer sharded the model already: accelerate would look for the layer classes to wrap,
+            # renamed by fully_shard, before it sees that there is nothing left to wrap
+            self.accelerator.state.fsdp_plugin.auto_wrap_policy = None
         tasks_before = self.gp_memory.tasks_seen
         output = super().train(resume_from_checkpoint or None, *args, **kwargs)
         if self.gp_push_to_hub and self.gp_memory.tasks_seen > tasks_before:

@@ -17,6 +17,7 @@ from .config import gp_config_of
 from .grams import collect_grams
 from .guard import GPCapacityWarning
 from .memory_file import GPMemoryError
+from .sharding import full, write
 from .slices import prepare_slices
 from .state import get_state
 
@@ -86,7 +87,7 @@ def _move_input_sides(moved: list, groups, memory) -> None:
     """Write the idle input sides moved off the stored space (``_idle_input_sides``); with ``gp_task_slices``, move
     the next task's slice off it (``slices.prepare_slices``)."""
     for group, weight in moved:
-        group.weight.copy_(weight.to(group.weight.dtype))
+        write(group.weight, weight)  # a sharded weight (FSDP2) takes its rows
     prepare_slices(groups, memory)
 
 
@@ -153,13 +154,13 @@ def _idle_input_sides(groups, grams, memory, threshold) -> tuple[list, dict[str,
         side = group.output_side
         if side is None or side.bias is not None or group.index is not None or group.transpose:
             continue
-        if torch.any(side.weight != 0):
+        if torch.any(full(side.weight) != 0):
             continue
         key = (id(grams[group.name]), id(memory.bases[group.name]))  # groups sharing a Gram and basis: grown once
         if key not in grown:
             grown[key] = maths.grow_basis(grams[group.name], memory.bases[group.name], threshold)[0]
         basis = grown[key]
-        weight = group.weight.detach().to(torch.float64)
+        weight = full(group.weight).detach().to(torch.float64)
         basis = basis.to(weight.device)
         weight = weight - (weight @ basis) @ basis.T
         totals[side.name] = torch.trace(grams[side.name]).item()

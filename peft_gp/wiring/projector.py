@@ -24,8 +24,9 @@ from ..core.peft_utils import unwrap_peft_model
 from .config import gp_config_of
 from .groups import ProjectedGroup
 from .guard import GPCapacityWarning, UnprotectedTrainingWarning
+from .sharding import check_shardable, local
 from .slices import SliceMasks, prepare_slices, training_slice
-from .state import get_state, uncovered_parameters
+from .state import get_state, refresh_groups, uncovered_parameters
 from .units import Unit, make_units
 
 
@@ -100,18 +101,20 @@ class GPProjector:
                 self._masks.set_task(task_id)
             self._memory_state = (id(memory), memory.version)
 
-    def _check_not_sharded(self) -> None:
-        for group in self.groups:
-            for param in group.parameters:
-                if type(param).__name__ == "DTensor" or getattr(param, "_fsdp_flattened", False):
-                    raise NotImplementedError(
-                        f"{group.name} is sharded (FSDP/DTensor): peft_gp does not project sharded parameters yet. "
-                        "Train with DDP instead; PEFT adapters are small enough to replicate."
-                    )
+    def _rebind(self) -> None:
+        # fully_shard (FSDP2) replaced the model's parameters by sharded ones since: work on the new ones, each rank
+        # on its own rows (wiring.sharding), or refuse the groups that cannot be projected that way
+        refresh_groups(self._model, self._state)
+        if self.groups is not self._state.groups:
+            self.groups = self._state.groups
+            self._masks = SliceMasks(self.groups)
+            self._rules = [(group.rule, None) for group in self.groups if group.rule is not None]
+            self._memory_state = None
+        check_shardable(self.groups)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> GPProjector:
         """Register the projection hooks on ``optimizer`` (the raw one inside any wrapper). Idempotent."""
-        self._check_not_sharded()
+        self._rebind()
         optimizer = raw_optimizer(optimizer)
         if self._optimizer is optimizer:
             return self
@@ -161,7 +164,7 @@ class GPProjector:
             grads = [p.grad for p in unit.parameters]
             if any(g is None for g in grads):
                 continue
-            grads = unit.blocks(grads)
+            grads = unit.blocks([local(grad) for grad in grads])  # sharded (FSDP2): this rank's rows
             if unit.frozen:
                 for grad in grads:
                     grad.zero_()
@@ -192,7 +195,7 @@ class GPProjector:
         self._project_gradients()
         update_mode = self.config.gp_projection == "update"
         self._snapshots = [
-            [block.detach().clone() for block in unit.blocks(unit.parameters)]
+            [block.detach().clone() for block in unit.blocks([local(param) for param in unit.parameters])]
             if unit.frozen or (update_mode and unit.basis is not None)
             else None
             for unit in self._units
@@ -206,7 +209,7 @@ class GPProjector:
         for unit, old in zip(self._units, self._snapshots):
             if old is None:
                 continue
-            params = unit.blocks([param.detach() for param in unit.parameters])
+            params = unit.blocks([local(param.detach()) for param in unit.parameters])
             if unit.frozen:
                 for param, before in zip(params, old):
                     param.copy_(before)

@@ -31,6 +31,7 @@ from .paradigms.lora import lora_groups
 from .paradigms.prefix import prefix_groups
 from .paradigms.prompt import prompt_groups
 from .route import ForwardRoute
+from .sharding import is_sharded, reshard
 from .task_record import GPTaskState
 
 STATES = "gp_states"
@@ -51,6 +52,7 @@ def resolve_groups(model: nn.Module, adapter_name: str | None = None) -> list[Pr
     peft_model = unwrap_peft_model(model)
     adapter_name = adapter_name or peft_model.active_adapter
     config = gp_config_of(peft_model, adapter_name)
+    reshard(peft_model)  # FSDP2: the sharded parameters, which the optimizer holds, not gathered copies
     peft_type = str(getattr(config.peft_type, "value", config.peft_type))
     if peft_type not in HANDLERS:
         raise NotImplementedError(f"peft_gp has no gradient-projection handler for PEFT type {peft_type!r} yet.")
@@ -95,6 +97,7 @@ def get_state(model: nn.Module, adapter_name: str | None = None) -> GPState:
     if not isinstance(states, AdapterStates):  # forgets adapters PEFT deleted or replaced
         states = peft_model.__dict__[STATES] = AdapterStates(peft_model, states)
     if adapter_name in states:
+        refresh_groups(peft_model, states[adapter_name])
         return states[adapter_name]
     config = gp_config_of(peft_model, adapter_name)
     route = None
@@ -107,12 +110,36 @@ def get_state(model: nn.Module, adapter_name: str | None = None) -> GPState:
     groups = resolve_groups(peft_model, adapter_name)
     memory = GPMemory(dims={g.name: g.dim for g in groups}, info=_describe(peft_model, adapter_name))
     state = GPState(adapter_name, groups, memory, GPTaskState(), route=route)
-    owner = weakref.ref(state)
-    parameters = list({id(p): p for group in groups for p in group.parameters if p.requires_grad}.values())
-    sliced = any(group.slices is not None for group in groups)
-    state.guard = TrainingGuard(parameters, adapter_name, lambda: owner().memory, sliced=sliced)
+    state.guard = _guard(state)
     states[adapter_name] = state
     return state
+
+
+def _guard(state: GPState) -> TrainingGuard:
+    owner = weakref.ref(state)
+    parameters = list({id(p): p for group in state.groups for p in group.parameters if p.requires_grad}.values())
+    sliced = any(group.slices is not None for group in state.groups)
+    return TrainingGuard(parameters, state.adapter_name, lambda: owner().memory, sliced=sliced)
+
+
+def refresh_groups(model: nn.Module, state: GPState) -> bool:
+    """Resolve ``state``'s groups again on a model whose parameters were replaced since they were resolved:
+    ``fully_shard`` (FSDP2) swaps every parameter for a sharded ``DTensor`` one. Returns whether it did. A model with
+    no sharded parameter is left alone; the check costs one pass over its modules and parameters."""
+    peft_model = unwrap_peft_model(model)
+    fsdp = reshard(peft_model)  # FSDP2: the sharded parameters (the optimizer's) back in the modules' attributes
+    params = list(peft_model.parameters())
+    if not fsdp and not any(is_sharded(param) for param in params):
+        return False
+    current = {id(param) for param in params}
+    if all(id(param) in current for group in state.groups for param in group.parameters):
+        return False
+    state.groups = resolve_groups(model, state.adapter_name)
+    attached, warned = state.guard.attached, state.guard.warned
+    state.guard.remove()
+    state.guard = _guard(state)
+    state.guard.attached, state.guard.warned = attached, warned
+    return True
 
 
 def uncovered_parameters(model: nn.Module, adapter_name: str | None = None) -> list[str]:

@@ -34,12 +34,6 @@ def main(out: str) -> None:
     after = logits_on(model, old_task)
     bases = {f"task2/{k}": v.clone() for k, v in peft_gp.get_memory(model).bases.items()}
     tensors = {**task1_bases, **bases, "logits_before": before, "logits_after": after}
-    try:  # FSDP shards the adapter: refused with a clear error (see README, "Scaling out")
-        GPTrainer(model=gp_model(), args=training_args(out, ddp_backend="gloo", fsdp=True), train_dataset=old_task)
-        fsdp_refused = False
-    except NotImplementedError as error:
-        fsdp_refused = "FSDP" in str(error)
-    tensors["fsdp_refused"] = torch.tensor([float(fsdp_refused)])
     save_file(
         {k: v.contiguous() for k, v in tensors.items()},
         os.path.join(out, f"rank{trainer.args.process_index}.safetensors"),
