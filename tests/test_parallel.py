@@ -20,7 +20,7 @@ from peft_gp.training.parallel import check_parallelism, deepspeed_config, deeps
 from peft_gp.wiring import sharding
 from peft_gp.wiring.state import get_state
 
-from .testing import task_dataset
+from .testing import gp_model, task_dataset
 
 try:
     from torch.distributed.fsdp import fully_shard
@@ -91,6 +91,17 @@ def test_gpcallback_refuses_deepspeed_zero3_before_attaching(tmp_path):
     args = SimpleNamespace(deepspeed=zero(3), fsdp=None, output_dir=str(tmp_path))
     with pytest.raises(NotImplementedError, match="GPCallback: DeepSpeed ZeRO stage 3"):
         GPCallback().on_train_begin(args, SimpleNamespace(global_step=0), None, model=None, optimizer=None)
+
+
+def test_an_optimizer_wrapping_something_other_than_a_torch_optimizer_is_refused():
+    model = gp_model()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    optimizer.optimizer = SimpleNamespace(step=lambda: None)  # as DeepSpeed's wrapper around its ZeRO optimizer
+    with pytest.raises(NotImplementedError, match="not a torch.optim.Optimizer") as error:
+        GPProjector(model).attach(optimizer)
+    assert "FSDP2" in str(error.value) and "DDP" in str(error.value)
+    with pytest.raises(NotImplementedError, match="SimpleNamespace"):
+        GPProjector(model).attach(SimpleNamespace(step=lambda: None))
 
 
 # ---- FSDP2 in one process: a 1-rank mesh ---------------------------------------------------------------------------

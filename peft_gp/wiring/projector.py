@@ -31,12 +31,20 @@ from .units import Unit, make_units
 
 
 def raw_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The ``torch.optim.Optimizer`` inside accelerate's ``AcceleratedOptimizer`` (or similar wrappers)."""
+    """The ``torch.optim.Optimizer`` inside accelerate's ``AcceleratedOptimizer`` (or similar wrappers); refused when
+    what steps is not one (DeepSpeed's ZeRO and fp16/bf16 optimizers step flat copies of the parameters)."""
     for _ in range(4):
         inner = getattr(optimizer, "optimizer", None)
         if not isinstance(inner, torch.optim.Optimizer):
             break
         optimizer = inner
+    if inner is not None or not isinstance(optimizer, torch.optim.Optimizer):
+        raise NotImplementedError(
+            f"The optimizer that steps is a {type(inner if inner is not None else optimizer).__name__}, not a "
+            "torch.optim.Optimizer over the model's parameters (DeepSpeed's ZeRO and fp16/bf16 optimizers step flat "
+            "partitions cut without regard to rows): the projection cannot see whole gradient rows there. Use FSDP2 "
+            "(fully_shard) or DDP; DeepSpeed only with ZeRO stage 0 in fp32."
+        )
     return optimizer
 
 
