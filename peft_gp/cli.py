@@ -208,25 +208,28 @@ def plan_text(result: GPPlan, per_layer: bool = False) -> str:
     targets = result.peft_config.get("target_modules")
     lines = [f"peft-gp plan: {result.source} ({result.model_type}, {result.task_type or 'bare model'}), "
              f"{result.paradigm} {json.dumps(sizes)}{f' on {targets}' if targets else ''}, "
-             f"gp_projection={result.gp_projection}; {fill} (full: every basis full). Sizes in decimal units.", "",
-             f"| layer | × | basis dims | adapter params | memory, full | memory, {fill} | update Grams (float64) "
+             f"gp_projection={result.gp_projection}; {fill} (full: every basis full; worst: the memory file at its "
+             "largest, every basis half full). 'shared': the layer shares the basis and Gram of an earlier one that "
+             "reads the same input. Sizes in decimal units.", "",
+             f"| layer | × | basis dims | adapter params | memory, worst | memory, {fill} | update Grams (float64) "
              f"| projection GFLOP/step, full | at {fill} |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     rows: dict = {}
     for layer in result.layers:
         name = layer.name if per_layer else re.sub(r"\.\d+(?=\.|$)", ".*", layer.name)
         dims = [f"{dim} shared" if group in layer.shared else str(dim) for group, dim in zip(layer.groups, layer.dims)]
-        values = (tuple(dims), layer.adapter_params, layer.memory_bytes_full, layer.memory_bytes,
+        values = (tuple(dims), layer.adapter_params, layer.memory_bytes_worst, layer.memory_bytes,
                   layer.gram_bytes, layer.projection_flops_full, layer.projection_flops)  # fmt: skip
         rows.setdefault((name, values), []).append(layer)
-    for (name, (dims, params, full, at_fill, grams, flops_full, flops)), layers in rows.items():
-        lines.append(f"| {name} | {len(layers)} | {', '.join(dims)} | {params:,} | {_size(full)} | "
+    for (name, (dims, params, worst, at_fill, grams, flops_full, flops)), layers in rows.items():
+        lines.append(f"| {name} | {len(layers)} | {', '.join(dims)} | {params:,} | {_size(worst)} | "
                      f"{_size(at_fill)} | {_size(grams)} | {flops_full / 1e9:.3g} | {flops / 1e9:.3g} |")  # fmt: skip
     r = result
     lines += ["", "Totals:",
               f"- adapter: {r.adapter_params:,} parameters; adapter_model.safetensors {_size(r.adapter_file_bytes)}",
-              f"- gp_memory.safetensors: {_size(r.memory_file_bytes_full)} worst case, "
-              f"{_size(r.memory_file_bytes)} at {fill} (float32 bases)",
+              f"- gp_memory.safetensors: {_size(r.memory_file_bytes_worst)} worst case (every basis half full), "
+              f"{_size(r.memory_file_bytes)} at {fill}, {_size(r.memory_file_bytes_full)} with every basis full "
+              "(float32, the smaller of each basis and its complement)",
               f"- memory update: {_size(r.update_gram_bytes)} of float64 Gram matrices held at once; peak about "
               f"{_size(r.update_peak_bytes_full)} worst case, {_size(r.update_peak_bytes)} at {fill} (Grams + the "
               "widest group's eigendecomposition + the new bases; an estimate)",

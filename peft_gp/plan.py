@@ -6,9 +6,10 @@ today. Groups that read the same inputs (``q/k/v``, ``gate/up``) share one Gram 
 by one dry forward pass through the memory update's own hooks (``plan_sources.shared_inputs``), as the update finds
 them, and each shared basis is costed once, on the layer of its first group.
 
-* memory file: ``gp_memory.safetensors`` holds one float32 ``(d, k)`` basis per distinct input (``k`` = ``fill · d``
-  rounded; frozen groups hold none; with ``gp_importance_scale`` a ``(k,)`` importance beside it), plus a JSON header
-  written as safetensors writes it (``GPMemory.layout`` and ``metadata`` themselves, on meta tensors);
+* memory file: ``gp_memory.safetensors`` holds one float32 matrix per distinct input, the smaller of its ``(d, k)``
+  basis and the ``(d, d − k)`` complement (``k`` = ``fill · d`` rounded; frozen groups hold none; with
+  ``gp_importance_scale`` the basis with a ``(k,)`` importance beside it), plus a JSON header written as safetensors
+  writes it (``GPMemory.layout`` and ``metadata`` themselves, on meta tensors);
 * adapter file: PEFT's ``adapter_model.safetensors`` (its state dict, in the adapter parameters' own dtype);
 * memory update: the float64 ``d × d`` Gram matrix of every distinct input, all held at once while the task's sample
   is streamed (``wiring.grams``), then the widest group's eigendecomposition (``core.maths.grow_basis``: about
@@ -58,12 +59,13 @@ class LayerPlan:
     name: str
     groups: list[str]
     dims: list[int]
-    adapter_params: int
-    memory_bytes_full: int
-    memory_bytes: int
-    gram_bytes: int
-    projection_flops_full: int
-    projection_flops: int
+    adapter_params: int = 0
+    memory_bytes_full: int = 0
+    memory_bytes_worst: int = 0
+    memory_bytes: int = 0
+    gram_bytes: int = 0
+    projection_flops_full: int = 0
+    projection_flops: int = 0
     shared: dict[str, str] = field(default_factory=dict)  # group -> the group whose Gram and basis it shares
 
 
@@ -71,9 +73,11 @@ class LayerPlan:
 class GPPlan:
     """What GP costs on one model: per layer and in total (bytes, FLOPs per optimizer step).
 
-    ``fill`` is the share of each basis assumed filled (``None``: a per-group mapping was given); ``*_full`` is the
-    worst case, every basis full. ``update_peak_bytes`` is an estimate (see the module docstring); the other sizes are
-    what peft_gp writes and allocates today.
+    ``fill`` is the share of each basis assumed filled (``None``: a per-group mapping was given); ``*_full``: every
+    basis full (the most FLOPs and device memory; the memory file then holds flags, not matrices); ``*_worst``: the
+    memory file at its largest, every basis half full (the smaller of basis and complement is stored; with
+    ``gp_importance_scale`` the bases themselves, largest when full). ``update_peak_bytes`` is an estimate (see the
+    module docstring); the other sizes are what peft_gp writes and allocates today.
     """
 
     source: str
@@ -87,6 +91,7 @@ class GPPlan:
     adapter_params: int
     adapter_file_bytes: int
     memory_file_bytes_full: int
+    memory_file_bytes_worst: int
     memory_file_bytes: int
     update_gram_bytes: int
     update_peak_bytes_full: int
@@ -117,16 +122,27 @@ def layer_of(group_name: str) -> str:
     return FACTOR.sub("", group_name) or group_name
 
 
+def stored_width(k: int, dim: int, scaled: bool) -> int:
+    """Columns the memory file holds for a ``(dim, k)`` basis: the smaller of the basis and its complement
+    (``wiring.memory.compact_form``), the basis itself when it carries SGP importances."""
+    return k if scaled or 2 * k <= dim else dim - k
+
+
 def _memory_file_bytes(state, owners: dict[str, str], ks: dict[str, int], threshold: float, scaled: bool) -> int:
     """The size of ``gp_memory.safetensors`` with one task stored and these basis widths (``save_pretrained``'s): the
-    memory's own ``layout`` of meta tensors, groups of one class holding one tensor."""
-    held = {name: torch.empty(state.memory.dims[name], ks[name], device="meta") for name in set(owners.values())}
+    memory's own ``layout`` and ``metadata`` of meta tensors, groups of one class holding one tensor, a basis filling
+    more than half its space held with its complement."""
+    dims = state.memory.dims
+    held = {name: torch.empty(dims[name], ks[name], device="meta") for name in set(owners.values())}
     weights = {name: torch.empty(ks[name], device="meta") for name in held} if scaled else {}
-    memory = GPMemory(dims=dict(state.memory.dims), thresholds=[threshold],
+    compact = {name: (basis, torch.empty(dims[name], dims[name] - ks[name], device="meta"))
+               for name, basis in held.items() if stored_width(ks[name], dims[name], scaled) != ks[name]}  # fmt: skip
+    memory = GPMemory(dims=dict(dims), thresholds=[threshold],
                       bases={name: held[owner] for name, owner in owners.items()},
                       importances={name: weights[owner] for name, owner in owners.items()} if scaled else {},
+                      complements={name: compact[owner] for name, owner in owners.items() if owner in compact},
                       info={**state.memory.info, "last_task_fingerprint": "0" * 64})  # fmt: skip
-    tensors, _ = memory.layout()
+    tensors, _, _ = memory.layout()
     shapes = {name: (tuple(tensor.shape), torch.float32) for name, tensor in tensors.items()}
     return safetensors_bytes(shapes, memory.metadata(adapter_sha256="0" * 64))
 
@@ -163,12 +179,13 @@ def plan_peft_model(model, fill: float | Mapping[str, float] = 1.0, adapter_name
     owners = _owners(peft_model, state)
     ks_full = {g.name: 0 if g.frozen else g.dim for g in state.groups}
     ks = {name: min(k, round(shares[owners[name]] * k)) for name, k in ks_full.items()}
+    scaled = config.gp_importance_scale is not None  # SGP: a (k,) importance beside each basis, never a complement
+    ks_worst = {name: k if scaled else k // 2 for name, k in ks_full.items()}
     update = 2 if config.gp_projection == "update" else 1
-    importance = 0 if config.gp_importance_scale is None else 1  # SGP: a (k,) importance beside each basis
     layers: dict[str, LayerPlan] = {}
     seen: set = set()
     for group in state.groups:
-        layer = layers.setdefault(layer_of(group.name), LayerPlan(layer_of(group.name), [], [], 0, 0, 0, 0, 0, 0))
+        layer = layers.setdefault(layer_of(group.name), LayerPlan(layer_of(group.name), [], []))
         rows = group.view(group.weight).shape[0] if group.weight.dim() > 1 else 1
         _adapter_params(group, layer, seen)
         layer.groups.append(group.name)
@@ -178,14 +195,17 @@ def plan_peft_model(model, fill: float | Mapping[str, float] = 1.0, adapter_name
         if owners[group.name] != group.name:  # its Gram and basis are its owner's
             layer.shared[group.name] = owners[group.name]
             continue
-        layer.memory_bytes_full += ks_full[group.name] * (group.dim + importance) * BASIS_BYTES
-        layer.memory_bytes += ks[group.name] * (group.dim + importance) * BASIS_BYTES
+        for field_name, widths in (("memory_bytes_full", ks_full), ("memory_bytes_worst", ks_worst),
+                                   ("memory_bytes", ks)):  # fmt: skip
+            k = widths[group.name]
+            stored = stored_width(k, group.dim, scaled) * group.dim + (k if scaled else 0)
+            setattr(layer, field_name, getattr(layer, field_name) + stored * BASIS_BYTES)
         layer.gram_bytes += group.dim**2 * GRAM_BYTES
-    return _totals(peft_model, adapter_name, state, list(layers.values()), (owners, ks, ks_full), fill)
+    return _totals(peft_model, adapter_name, state, list(layers.values()), (owners, ks, ks_full, ks_worst), fill)
 
 
 def _totals(peft_model, adapter_name, state, layers, widths, fill) -> GPPlan:
-    owners, ks, ks_full = widths
+    owners, ks, ks_full, ks_worst = widths
     config = peft_model.peft_config[adapter_name]
     adapter = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
     adapter_bytes = safetensors_bytes({k: (tuple(v.shape), v.dtype) for k, v in adapter.items()}, {"format": "pt"})
@@ -214,6 +234,7 @@ def _totals(peft_model, adapter_name, state, layers, widths, fill) -> GPPlan:
         adapter_params=sum(v.numel() for v in adapter.values()),
         adapter_file_bytes=adapter_bytes,
         memory_file_bytes_full=_memory_file_bytes(state, owners, ks_full, threshold, scaled),
+        memory_file_bytes_worst=_memory_file_bytes(state, owners, ks_worst, threshold, scaled),
         memory_file_bytes=_memory_file_bytes(state, owners, ks, threshold, scaled),
         update_gram_bytes=grams,
         update_peak_bytes_full=grams + workspace + bases_full,

@@ -251,8 +251,8 @@ def test_accuracies_out_of_range_are_refused_before_anything_is_written(tmp_path
 
 @pytest.fixture
 def lfs_hub(hub_env):
-    """A fake Hub whose LFS threshold (16 kB) puts the adapter weights and the memory (about 35 and 31 kB) on LFS."""
-    with FakeHub(token=TOKEN, lfs_threshold=16 * 1024) as server:
+    """A fake Hub whose LFS threshold (12 kB) puts the adapter weights and the memory (about 35 and 15 kB) on LFS."""
+    with FakeHub(token=TOKEN, lfs_threshold=12 * 1024) as server:
         base.point_hub_at(hub_env, server.endpoint)
         yield server
     assert not server.unknown, f"requests the fake hub does not implement: {server.unknown}"
@@ -270,7 +270,7 @@ def test_memory_above_the_lfs_threshold_is_pushed_and_loaded_back(lfs_hub, tmp_p
     assert lfs_hub.files(REPO, "task-01")["gp_memory.safetensors"] == memory_bytes
     assert lfs_hub.calls("POST", ".git/info/lfs/objects/batch") and lfs_hub.calls("POST", "/lfs/objects/verify")
     puts = lfs_hub.calls("PUT", "/upload/", server="storage")
-    sizes = [len(memory_bytes), (local / "adapter_model.safetensors").stat().st_size]  # about 30 kB each
+    sizes = [len(memory_bytes), (local / "adapter_model.safetensors").stat().st_size]
     assert len(puts) == (2 if chunk is None else sum(math.ceil(size / chunk) for size in sizes))  # parts of 8 kB
     assert all("authorization" not in r.headers for r in lfs_hub.requests if r.server == "storage")
 

@@ -519,5 +519,5 @@ def save_legacy_memory(memory, path, version: int) -> None:
     tensors = {name: basis.detach().cpu().float().contiguous().clone() for name, basis in memory.bases.items()}
     if version >= 2:
         tensors.update({name + IMPORTANCE_SUFFIX: value.clone() for name, value in memory.importances.items()})
-    metadata = {key: value for key, value in memory.metadata().items() if key != "gp_shared"}
+    metadata = {key: value for key, value in memory.metadata().items() if key not in ("gp_shared", "gp_complements")}
     save_file(tensors, str(path), metadata={**metadata, "gp_format_version": str(version)})

@@ -10,6 +10,8 @@ Tensors in, tensors out: no PEFT, no config, no modules. Conventions:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 # Eigenvalues of a Gram matrix below this share of its trace are numerical zeros: they never enter a basis,
@@ -35,21 +37,26 @@ def threshold_for_task(threshold: float, increment: float, task_id: int) -> floa
     return min(1.0, threshold + increment * task_id)
 
 
-def _sorted_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenpairs by decreasing eigenvalue.
-
-    On CPU the decomposition runs on one thread: for d in the hundreds it takes ~0.02 s either way, but with several
-    OpenMP threads on a loaded machine the spinning workers stretched it to seconds (measured: 5 s for d = 384).
-    """
+@contextmanager
+def _one_thread(device: torch.device):
+    """Run a decomposition on one CPU thread. For d in the hundreds an eigendecomposition takes ~0.02 s either way,
+    but with several OpenMP threads on a loaded machine the spinning workers stretched it to seconds (measured: 5 s for
+    d = 384); and one thread gives the same bits whatever the process's thread setting (``complement``)."""
     threads = torch.get_num_threads()
-    single = gram.device.type == "cpu" and threads > 1
+    single = device.type == "cpu" and threads > 1
     if single:
         torch.set_num_threads(1)
     try:
-        eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+        yield
     finally:
         if single:
             torch.set_num_threads(threads)
+
+
+def _sorted_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs by decreasing eigenvalue (on one CPU thread, ``_one_thread``)."""
+    with _one_thread(gram.device):
+        eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     eigenvalues = eigenvalues.flip(0).clamp_min(0.0)
     return eigenvalues, eigenvectors.flip(1)
 
@@ -148,6 +155,20 @@ def project_out(tensor: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     if basis.shape[-1] == 0:
         return tensor
     return tensor - (tensor @ basis) @ basis.T
+
+
+def complement(basis: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the orthogonal complement of ``span(basis)``: ``(d, d − k)`` for a ``(d, k)`` basis with
+    orthonormal columns, in float64 on the CPU (the last columns of a complete Householder QR of ``basis``; the
+    identity for ``k = 0``). One thread, so the same input gives the same bits in any process: a basis rebuilt from
+    its stored complement (``wiring.memory``) equals the one that was stored, bit for bit."""
+    matrix = basis.detach().to("cpu", torch.float64)
+    dim, width = matrix.shape
+    if width == 0:
+        return torch.eye(dim, dtype=torch.float64)
+    with _one_thread(matrix.device):
+        full = torch.linalg.qr(matrix, mode="complete").Q
+    return full[:, width:].contiguous()
 
 
 def orthonormality_error(basis: torch.Tensor) -> float:

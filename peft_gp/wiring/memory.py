@@ -16,6 +16,17 @@ from .memory_file import FORMAT_VERSION, IMPORTANCE_SUFFIX, GPMemoryError, read_
 GP_MEMORY_NAME = "gp_memory.safetensors"
 
 
+def compact_form(basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For a ``(d, k)`` basis with ``k > d − k``: ``(basis', complement)``, the ``(d, d − k)`` float32 complement the
+    file stores and the basis rebuilt from it (the span of ``basis`` up to float32 rounding), which the memory then
+    uses, so that a loaded memory equals the saved one bit for bit. A full basis (``k = d``) becomes the identity and
+    an empty complement: a flag, not a matrix. ``None`` when the basis is the smaller of the two."""
+    if 2 * basis.shape[1] <= basis.shape[0]:
+        return None
+    stored = maths.complement(basis).to(torch.float32)
+    return maths.complement(stored).to(torch.float32), stored
+
+
 @dataclass
 class GPMemory:
     """Bases of the feature spaces of finished tasks, keyed by projected-group name.
@@ -25,6 +36,8 @@ class GPMemory:
     ``thresholds`` holds the energy threshold each stored task used, so ``len(thresholds)`` is the number of tasks
     stored; ``version`` changes with every update so that projectors know when to refresh their device copies.
     ``importances`` (only with ``gp_importance_scale``): per basis, the ``(k,)`` SGP importance of each direction.
+    ``complements``: for a basis that fills more than half its space, ``(basis, complement)`` with the ``(d, d − k)``
+    complement the file stores instead, the basis being rebuilt from it (``maths.complement``, so bit for bit).
     """
 
     dims: dict[str, int]
@@ -33,6 +46,7 @@ class GPMemory:
     info: dict[str, str] = field(default_factory=dict)
     version: int = 0
     importances: dict[str, torch.Tensor] = field(default_factory=dict)
+    complements: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, dim in self.dims.items():
@@ -66,7 +80,7 @@ class GPMemory:
         missing = sorted(set(self.dims) - set(grams))
         if missing:
             raise GPMemoryError(f"No features were collected for {missing[:4]}: the memory update would be partial.")
-        new_bases, new_importances, report = {}, {}, {}
+        new_bases, new_importances, new_complements, report = {}, {}, {}, {}
         for names in self._update_classes(grams, total_energies, exact_grams):
             name, gram = names[0], grams[names[0]]
             if gram.shape != (self.dims[name], self.dims[name]):
@@ -82,13 +96,17 @@ class GPMemory:
             if importance_scale is not None:  # directions of the exact features: importance 1
                 ones = importance.new_ones(grown.shape[1] - importance.shape[0])
                 importance = torch.cat([importance, ones]).to(torch.float32).cpu()
+            compact = compact_form(grown) if importance_scale is None else None  # importances need the directions
+            grown = grown if compact is None else compact[0]
             for member in names:  # groups that read the same inputs share one basis (and its importances)
                 new_bases[member] = grown
                 if importance_scale is not None:
                     new_importances[member] = importance
+                if compact is not None:
+                    new_complements[member] = compact
                 report[member] = {**stats, "basis_size": grown.shape[1], "dim": self.dims[name]}
         self.bases.update(new_bases)  # all or nothing: no basis changes if one group fails
-        self.importances = new_importances
+        self.importances, self.complements = new_importances, new_complements
         self.thresholds.append(threshold)
         self.version += 1
         return report
@@ -127,12 +145,11 @@ class GPMemory:
 
     # ---- persistence -------------------------------------------------------------------------------------------
 
-    def layout(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def layout(self) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
         """What the memory file holds: each distinct basis once (with its importances), under the first name (sorted)
-        of the groups that share it, and ``{group: stored name}`` for the other groups. Groups share a stored basis
-        when they hold the same tensor with the same importances (``update`` gives the groups that read the same
-        inputs one tensor)."""
-        tensors, shared, stored = {}, {}, {}
+        of the groups that share it; ``{group: stored name}`` for the other groups (``update`` gives the groups that
+        read the same inputs one tensor); and the stored names that hold a basis's complement instead (``compact``)."""
+        tensors, shared, stored, complements = {}, {}, {}, []
         for name in sorted(self.bases):
             basis, importance = self.bases[name], self.importances.get(name)
             key = (id(basis), None if importance is None else id(importance))
@@ -140,19 +157,24 @@ class GPMemory:
                 shared[name] = stored[key]
                 continue
             stored[key] = name
-            tensors[name] = basis
+            compact = self.complements.get(name)
+            if compact is not None and compact[0] is basis and importance is None:
+                tensors[name] = compact[1]
+                complements.append(name)
+            else:
+                tensors[name] = basis
             if importance is not None:
                 tensors[name + IMPORTANCE_SUFFIX] = importance
-        return tensors, shared
+        return tensors, shared, complements
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors of the memory file (``layout``), on the CPU in float32."""
-        tensors, _ = self.layout()
+        tensors, _, _ = self.layout()
         return {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in tensors.items()}
 
     def metadata(self, adapter_sha256: str | None = None) -> dict[str, str]:
         info = {key: value for key, value in self.info.items() if key != "adapter_sha256"}
-        _, shared = self.layout()
+        _, shared, complements = self.layout()
         return {
             "format": "pt",
             "gp_format_version": str(FORMAT_VERSION),
@@ -160,6 +182,7 @@ class GPMemory:
             "gp_thresholds": json.dumps(self.thresholds),
             "gp_dims": json.dumps(self.dims, sort_keys=True),
             "gp_shared": json.dumps(shared, sort_keys=True),
+            "gp_complements": json.dumps(complements),
             **{f"gp_{key}": value for key, value in info.items()},
             **({"gp_adapter_sha256": adapter_sha256} if adapter_sha256 else {}),
         }
@@ -175,8 +198,9 @@ class GPMemory:
         """Read a memory file, every field checked (``memory_file``); shapes against a model: ``check_fits``."""
         if not os.path.isfile(path):
             raise GPMemoryError(f"No memory file at {path}.")
-        dims, bases, thresholds, info, importances = read_memory_file(path)  # shared bases: one tensor
-        return cls(dims=dims, bases=bases, thresholds=thresholds, info=info, importances=importances)
+        dims, bases, thresholds, info, importances, complements = read_memory_file(path)  # shared: one tensor
+        return cls(dims=dims, bases=bases, thresholds=thresholds, info=info, importances=importances,
+                   complements=complements)  # fmt: skip
 
     def check_fits(self, expected_dims: dict[str, int], source: str = "the memory") -> None:
         """Raise a ``GPMemoryError`` naming every layer whose basis does not fit ``expected_dims``."""

@@ -3,8 +3,9 @@
 A memory that loads decides what is protected, so nothing in it is taken on trust: the format version, the number of
 tasks stored (equal to the number of thresholds, each finite and in (0, 1]), the layer dimensions, and each basis
 (float32, ``(d, k)`` with ``k ≤ d``, finite, orthonormal; empty when no task is stored), and which groups share a
-stored basis (``gp_shared``, from version 3: each maps to a stored basis of its own dimension). A file that fails any
-check raises ``GPMemoryError`` naming the file, what is wrong and the fix.
+stored basis (``gp_shared``, from version 3: each maps to a stored basis of its own dimension), and which stored
+tensors are a basis's orthonormal complement (``gp_complements``, from version 4; the basis is rebuilt from it with
+``maths.complement``). A file that fails any check raises ``GPMemoryError`` naming the file, what is wrong and the fix.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from ..core import maths
 from ..core.files import newer_format_message, parse_json
 
 # 2: optional SGP importances beside the bases (version-1 files have none and still load); 3: a basis shared by groups
-# that read the same inputs is stored once, ``gp_shared`` maps the other groups to it (older files: one per group)
-FORMAT_VERSION = 3
+# that read the same inputs is stored once, ``gp_shared`` maps the other groups to it (older files: one per group);
+# 4: a basis filling more than half its space is stored as its complement, listed in ``gp_complements``
+FORMAT_VERSION = 4
 IMPORTANCE_SUFFIX = "#importance"  # key of a basis's importances: its name and this suffix
 DAMAGED = "It may be truncated or damaged: restore it from an earlier checkpoint or save."
 
@@ -83,7 +85,7 @@ def read_metadata(metadata: dict[str, str], path: str) -> tuple[dict[str, int], 
         raise GPMemoryError(f"{path}: metadata gp_dims must map layer names to dimensions, got {dims!r}. {DAMAGED}")
     dims = {str(name): _whole(dim, f"gp_dims[{name!r}]", path, 1) for name, dim in dims.items()}
     info = {key[3:]: value for key, value in metadata.items() if key.startswith("gp_")}
-    for key in ("format_version", "tasks_seen", "thresholds", "dims", "shared"):
+    for key in ("format_version", "tasks_seen", "thresholds", "dims", "shared", "complements"):
         info.pop(key, None)
     return dims, [float(t) for t in thresholds], info
 
@@ -106,9 +108,27 @@ def read_shared(metadata: dict[str, str], dims: dict[str, int], path: str) -> di
     return shared
 
 
-def check_bases(tensors: dict[str, torch.Tensor], dims: dict[str, int], tasks: int, path: str) -> None:
-    """Every basis fits its recorded layer, is finite and orthonormal; none holds directions with no task stored.
-    ``dims``: the layers whose bases the file stores (the others share one of them)."""
+def read_complements(metadata: dict[str, str], stored: set[str], importances: dict, path: str) -> list[str]:
+    """The stored names of a version-4 file whose tensor is a basis's complement: each a stored basis, once, without
+    importances (they belong to the basis's own directions). Older files: ``[]``."""
+    if int(metadata["gp_format_version"]) < 4:
+        return []
+    complements = _field(metadata, "gp_complements", path)
+    if not isinstance(complements, list) or not all(isinstance(name, str) for name in complements):
+        raise GPMemoryError(f"{path}: metadata gp_complements must list layer names, got {complements!r}. {DAMAGED}")
+    for name in complements:
+        if name not in stored or name in importances or complements.count(name) > 1:
+            raise GPMemoryError(
+                f"{path}: gp_complements names {name!r}, which is not a stored basis without importances. {DAMAGED}"
+            )
+    return complements
+
+
+def check_bases(
+    tensors: dict[str, torch.Tensor], dims: dict[str, int], tasks: int, path: str, complements: list[str]
+) -> None:
+    """Every basis (or complement) fits its recorded layer, is finite and orthonormal; none holds directions with no
+    task stored. ``dims``: the layers whose bases the file stores (the others share one of them)."""
     if set(tensors) != set(dims):
         raise GPMemoryError(f"{path}: the bases {sorted(tensors)[:4]} do not match the recorded layers. {DAMAGED}")
     for name, basis in tensors.items():
@@ -120,9 +140,10 @@ def check_bases(tensors: dict[str, torch.Tensor], dims: dict[str, int], tasks: i
             raise GPMemoryError(f"{path}: basis {name!r} holds NaN or inf; the file is damaged.")
         if maths.orthonormality_error(basis) > 1e-3:
             raise GPMemoryError(f"{path}: basis {name!r} is not orthonormal; the file is damaged.")
-        if tasks == 0 and basis.shape[1] > 0:
+        directions = dims[name] - basis.shape[1] if name in complements else basis.shape[1]
+        if tasks == 0 and directions > 0:
             raise GPMemoryError(
-                f"{path} records no stored task, but basis {name!r} holds {basis.shape[1]} direction(s): the metadata "
+                f"{path} records no stored task, but basis {name!r} holds {directions} direction(s): the metadata "
                 f"does not match the bases. {DAMAGED}"
             )
 
@@ -144,10 +165,9 @@ def split_importances(tensors: dict[str, torch.Tensor], path: str) -> dict[str, 
     return importances
 
 
-def read_memory_file(
-    path: str,
-) -> tuple[dict[str, int], dict[str, torch.Tensor], list[float], dict[str, str], dict[str, torch.Tensor]]:
-    """The checked ``(dims, bases, thresholds, info, importances)`` of a memory file."""
+def read_memory_file(path: str) -> tuple:
+    """The checked ``(dims, bases, thresholds, info, importances, complements)`` of a memory file; ``complements``
+    maps each group whose basis was stored as its complement to ``(basis, complement)``."""
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -162,9 +182,16 @@ def read_memory_file(
     shared = read_shared(metadata, dims, path)
     tensors = dict(tensors)
     importances = split_importances(tensors, path)
-    check_bases(tensors, {name: dim for name, dim in dims.items() if name not in shared}, len(thresholds), path)
+    complements = read_complements(metadata, set(tensors), importances, path)
+    stored = {name: dim for name, dim in dims.items() if name not in shared}
+    check_bases(tensors, stored, len(thresholds), path, complements)
+    pairs = {}
+    for name in complements:  # the basis rebuilt from its complement, as the memory built it before saving
+        pairs[name] = (maths.complement(tensors[name]).to(torch.float32), tensors[name])
+        tensors[name] = pairs[name][0]
     for name, target in shared.items():  # one tensor for the groups that share it
         tensors[name] = tensors[target]
-        if target in importances:
-            importances[name] = importances[target]
-    return dims, tensors, thresholds, info, importances
+        for found in (importances, pairs):
+            if target in found:
+                found[name] = found[target]
+    return dims, tensors, thresholds, info, importances, pairs
