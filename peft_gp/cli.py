@@ -231,12 +231,12 @@ def plan_text(result: GPPlan, per_layer: bool = False) -> str:
               f"{_size(r.memory_file_bytes)} at {fill}, {_size(r.memory_file_bytes_full)} with every basis full "
               "(float32, the smaller of each basis and its complement)",
               f"- memory update: {_size(r.update_gram_bytes)} of float64 Gram matrices held at once; peak about "
-              f"{_size(r.update_peak_bytes_full)} worst case, {_size(r.update_peak_bytes)} at {fill} (Grams + the "
-              "widest group's eigendecomposition + the new bases; an estimate)",
-              f"- projection per optimizer step: {r.projection_flops_full / 1e9:,.1f} GFLOP worst case, "
+              f"{_size(r.update_peak_bytes_full)} with every basis full, {_size(r.update_peak_bytes)} at {fill} "
+              "(Grams + the widest group's eigendecomposition + the new bases; an estimate)",
+              f"- projection per optimizer step: {r.projection_flops_full / 1e9:,.1f} GFLOP with every basis full, "
               f"{r.projection_flops / 1e9:,.1f} GFLOP at {fill} ({r.gp_projection} mode)",
-              f"- bases held on the training device (float32): {_size(r.device_basis_bytes_full)} worst case, "
-              f"{_size(r.device_basis_bytes)} at {fill}"]  # fmt: skip
+              f"- bases held on the training device (float32): {_size(r.device_basis_bytes_full)} with every basis "
+              f"full, {_size(r.device_basis_bytes)} at {fill}"]  # fmt: skip
     return "\n".join(lines)
 
 
