@@ -63,7 +63,7 @@ from peft_gp.continual import RunConfig, RunConfigError, run_sequence  # noqa: E
 from peft_gp.continual.report import comparison_text  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_record, now, quiet, stream_settings, write_record  # noqa: E402
+from common import RESULTS, quiet, run_record, stream_settings, write_record  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -130,17 +130,7 @@ def main(argv=None) -> dict:
         f"total time {total:.0f}s; 1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end "
         f"on {os.cpu_count()} CPUs (other processes inflate the times); outputs in {config.run_dir}/"
     )
-    record = {
-        "benchmark": "bbc_news_class_incremental",
-        "date": now(),
-        "machine": machine_record(load_start),
-        "settings": vars(args),
-        "stream": run.stream,
-        "same_initial_weights": run.info.get("same_initial_weights"),
-        "results": {r.label: r.to_dict() for r in run.results.values()},
-        "runner_outputs": run.paths,
-        "total_seconds": round(total, 1),
-    }
+    record = run_record("bbc_news_class_incremental", args, run, load_start, total, runner_outputs=run.paths)
     write_record(args.output, record)
     return record
 

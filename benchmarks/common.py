@@ -71,6 +71,14 @@ def stream_settings(args, **extra) -> dict:
             "output_dir": str(Path(args.output).with_suffix("")), "progress": False, **extra}  # fmt: skip
 
 
+def run_record(name: str, args, run, load_start: float, total: float, **extra) -> dict:
+    """The JSON record of a benchmark that is one ``run_sequence`` call: settings, stream, each method's results."""
+    return {"benchmark": name, "date": now(), "machine": machine_record(load_start), "settings": vars(args),
+            "stream": run.stream, "same_initial_weights": run.info.get("same_initial_weights"),
+            "results": {r.label: r.to_dict() for r in run.results.values()}, **extra,
+            "total_seconds": round(total, 1)}  # fmt: skip
+
+
 def quiet() -> None:
     """Silence transformers' progress and upstream deprecation noise, and peft_gp's full-layer warnings."""
     import warnings

@@ -57,7 +57,7 @@ from peft_gp.continual.splits import class_incremental_split
 from peft_gp.continual.tasks import Task  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fill_preset, machine_record, now, quiet, stream_settings, write_record  # noqa: E402
+from common import RESULTS, fill_preset, quiet, run_record, stream_settings, write_record  # noqa: E402
 
 FULL = dict(tasks=4, topics_per_task=3, train_per_class=32, test_per_class=16, epochs=3.0, max_length=48,
             batch_size=16, memory_samples=128)  # fmt: skip
@@ -177,17 +177,7 @@ def main(argv=None) -> dict:
     )
     total = time.perf_counter() - began
     print(f"total time {total:.0f}s; 1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")
-    record = {
-        "benchmark": "smollm2_lora_task_incremental",
-        "date": now(),
-        "machine": machine_record(load_start),
-        "settings": vars(args),
-        "stream": run.stream,
-        "same_initial_weights": run.info.get("same_initial_weights"),
-        "results": {r.label: r.to_dict() for r in run.results.values()},
-        "cost": spent,
-        "total_seconds": round(total, 1),
-    }
+    record = run_record("smollm2_lora_task_incremental", args, run, load_start, total, cost=spent)
     write_record(args.output, record)
     return record
 
