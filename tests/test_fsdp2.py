@@ -4,23 +4,14 @@ old task's logits stay where they were after the second task, as under DDP (``te
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from transformers import default_data_collator
 
-from peft_gp.wiring.grams import collect_grams
-from peft_gp.wiring.memory import GPMemory
-from peft_gp.wiring.state import resolve_groups
-
-from .test_distributed import free_port
-from .testing import task_dataset
+from .testing import one_process_memory, run_two_ranks, task_dataset
 
 SCRIPT = Path(__file__).parent / "scripts" / "two_tasks_fsdp2.py"
 
@@ -45,11 +36,7 @@ def small_model():
 
 
 def test_fully_shard_two_processes_match_one_process_and_keep_old_outputs(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(SCRIPT), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_ranks(SCRIPT, tmp_path)
 
     ranks = [load_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1)]
     assert ranks[0]["all_sharded"].item() == 1.0  # the adapter really was sharded (DTensor parameters)
@@ -74,12 +61,7 @@ def test_fully_shard_two_processes_match_one_process_and_keep_old_outputs(tmp_pa
     missing = [name for name in trained if name not in dict(model.named_parameters())]
     assert not missing, missing
     model.load_state_dict(trained, strict=False)
-    dataset = task_dataset(0, 8)
-    batch = default_data_collator([dataset[i] for i in range(len(dataset))])
-    grams, seen = collect_grams(model, resolve_groups(model), [batch])
-    assert seen == 8
-    reference = GPMemory(dims={name: gram.shape[0] for name, gram in grams.items()})
-    reference.update(grams, 1.0)
+    reference = one_process_memory(model, task_dataset(0, 8))
     for name, basis in reference.bases.items():
         sharded = ranks[0][f"task1/{name}"]
         assert basis.shape == sharded.shape, name
@@ -92,11 +74,7 @@ TRAINER_SCRIPT = Path(__file__).parent / "scripts" / "two_tasks_fsdp2_trainer.py
 def test_gptrainer_under_accelerate_fsdp2_keeps_old_outputs(tmp_path):
     """One GPTrainer per task on a model that accelerate's FSDP2 preparation shards (its state set to FSDP2 by hand:
     accelerate enables FSDP only on accelerators): identical bases on both ranks, the old task's logits kept."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(TRAINER_SCRIPT), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_two_ranks(TRAINER_SCRIPT, tmp_path)
 
     ranks = [load_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1)]
     assert ranks[0]["all_sharded"].item() == 1.0 and ranks[0]["tasks_seen"].item() == 2.0

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import random
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +42,10 @@ from transformers import (  # noqa: E402
 from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 
 from peft_gp import GPAdapterConfig, GPLoraConfig  # noqa: E402
+from peft_gp.wiring.grams import collect_grams  # noqa: E402
+from peft_gp.wiring.memory import GPMemory  # noqa: E402
 from peft_gp.wiring.memory_file import IMPORTANCE_SUFFIX  # noqa: E402
+from peft_gp.wiring.state import resolve_groups  # noqa: E402
 
 # ---- tiny models and the model matrix ------------------------------------------------------------------------------
 
@@ -521,3 +527,26 @@ def save_legacy_memory(memory, path, version: int) -> None:
         tensors.update({name + IMPORTANCE_SUFFIX: value.clone() for name, value in memory.importances.items()})
     metadata = {key: value for key, value in memory.metadata().items() if key not in ("gp_shared", "gp_complements")}
     save_file(tensors, str(path), metadata={**metadata, "gp_format_version": str(version)})
+
+
+def run_two_ranks(script: Path, output: Path) -> None:
+    """``script output`` under ``torch.distributed.run`` on 2 CPU processes (gloo); fails with the output's tail."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               str(script), str(output)]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def one_process_memory(model: nn.Module, dataset: Dataset) -> GPMemory:
+    """The memory one process grows at threshold 1.0 from ``dataset`` as one batch: the reference that a distributed
+    run's bases must span."""
+    batch = default_data_collator([dataset[i] for i in range(len(dataset))])
+    grams, seen = collect_grams(model, resolve_groups(model), [batch])
+    assert seen == len(dataset)
+    reference = GPMemory(dims={name: gram.shape[0] for name, gram in grams.items()})
+    reference.update(grams, 1.0)
+    return reference
