@@ -154,3 +154,25 @@ def test_class_statistics_without_a_linear_head_are_refused_before_training(tmp_
     with pytest.raises(ValueError, match="no linear classification head"):
         trainer.train()
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters() if p.requires_grad)
+
+
+def test_the_next_task_trains_from_the_trained_head_not_the_statistics_head(tmp_path):
+    """The statistics head is written for inference after each task; the next task trains from the head as it was
+    trained (an LDA head's large logits made task 2's first loss ~400). Same losses as without a statistics head."""
+    from .testing import gp_model, task_dataset, training_args
+
+    losses = {}
+    for head in (None, "lda"):
+        torch.manual_seed(0)
+        model = gp_model(gp_threshold=1.0, gp_class_statistics=True)
+        for task_id in (0, 1):
+            trainer = peft_gp.GPTrainer(
+                model=model,
+                args=training_args(tmp_path, num_train_epochs=2),
+                train_dataset=task_dataset(task_id, 8),
+                gp_statistics_head=head,
+            )
+            trainer.train()
+        losses[head] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses["lda"] == pytest.approx(losses[None], rel=1e-4, abs=1e-5)
+    assert max(losses["lda"]) < 10

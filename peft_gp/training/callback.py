@@ -35,7 +35,7 @@ from ..wiring.config import gp_config_of
 from ..wiring.memory_data import memory_sample, task_classes
 from ..wiring.persistence import load_gp_files, save_gp_files
 from ..wiring.projector import GPProjector, raw_optimizer
-from ..wiring.stat_heads import HEAD_KINDS, apply_statistics_head
+from ..wiring.stat_heads import HEAD_KINDS, apply_statistics_head, restore_trained_head
 from ..wiring.state import get_memory
 from .parallel import check_parallelism
 from .resume import find_resumed
@@ -59,7 +59,8 @@ class GPCallback(TrainerCallback):
             tasks trained into one ``output_dir`` never overwrite each other's.
         statistics_head: after each task's memory update, write a head built from the class statistics (``"ncm"``,
             ``"lda"`` or ``"aligned"``; see ``peft_gp.statistics_head``) into the model's classification head. Needs
-            ``gp_class_statistics=True`` in the GP config. The next task trains on from that head.
+            ``gp_class_statistics=True`` in the GP config. The next task in this process trains from the head as it
+            was trained (put back when training begins); a model loaded from a save trains from the statistics head.
     """
 
     def __init__(
@@ -134,6 +135,7 @@ class GPCallback(TrainerCallback):
         else:
             raw_optimizer(optimizer).state.clear()
             self._task_id = get_memory(model, self.adapter_name).tasks_seen
+            restore_trained_head(model, self.adapter_name)  # the statistics head was written for predicting
         self.resume_from, self._last_save = None, None
         projector.reset_stats()
         projector.attach(optimizer)  # refuses a task past the last of gp_task_slices, before anything changes

@@ -3,7 +3,9 @@
 ``statistics_head(model, kind)`` returns the labels and the ``(weight, bias)`` of an ``"ncm"``, ``"lda"`` or
 ``"aligned"`` head (``core.class_heads``) over every class stored so far; ``apply_statistics_head`` writes it into
 the rows of those classes in the model's classification head (integer labels are the head's output rows), so that
-the model's own forward, ``from_pretrained`` included, predicts with it.
+the model's own forward, ``from_pretrained`` included, predicts with it. It keeps the head as trained beside it, and
+``restore_trained_head`` puts that back before the next task trains: a statistics head is for predicting, and an LDA
+head's logits are far larger than a trained head's (the next task's loss started in the hundreds).
 """
 
 from __future__ import annotations
@@ -68,9 +70,29 @@ def apply_statistics_head(
     labels, weight, bias = statistics_head(peft_model, kind, adapter_name, shrinkage, seed)
     head = head_module(peft_model, adapter_name)
     rows = head_rows(labels, head)
+    state = get_state(peft_model, adapter_name)
+    if state.trained_head is None:  # a second call keeps the head as trained, not the first statistics head
+        state.trained_head = (head.weight.detach().clone(), None if head.bias is None else head.bias.detach().clone())
     head.weight[rows] = weight.to(head.weight.dtype)
     if head.bias is not None:
         head.bias[rows] = bias.to(head.bias.dtype)
     elif bool((bias != 0).any()):
         raise ValueError(f"The {kind} head needs a bias and the model's head has none: use kind='ncm'.")
     return labels
+
+
+@torch.no_grad()
+def restore_trained_head(model: nn.Module, adapter_name: str | None = None) -> bool:
+    """Put back the head as trained where ``apply_statistics_head`` replaced it; returns whether it did. In the same
+    process only: a model loaded from a save holds the statistics head, and the next task trains from it."""
+    peft_model = unwrap_peft_model(model)
+    state = get_state(peft_model, adapter_name)
+    if state.trained_head is None:
+        return False
+    head = head_module(peft_model, adapter_name)
+    weight, bias = state.trained_head
+    head.weight.copy_(weight)
+    if bias is not None:
+        head.bias.copy_(bias)
+    state.trained_head = None
+    return True
