@@ -11,9 +11,10 @@ them, and each shared basis is costed once, on the layer of its first group.
   ``gp_importance_scale`` the basis with a ``(k,)`` importance beside it), plus a JSON header written as safetensors
   writes it (``GPMemory.layout`` and ``metadata`` themselves, on meta tensors);
 * adapter file: PEFT's ``adapter_model.safetensors`` (its state dict, in the adapter parameters' own dtype);
-* memory update: the float64 ``d × d`` Gram matrix of every distinct input, all held at once while the task's sample
-  is streamed (``wiring.grams``), then the widest group's eigendecomposition (``core.maths.grow_basis``: about
-  ``5 d²`` float64 measured on CPU) and the new float32 bases;
+* memory update: the float64 ``d × d`` Gram matrix of every distinct input, in passes over the task's sample whose
+  Grams fit ``gp_update_budget_gb`` (``wiring.passes``); per pass its Grams, its widest eigendecomposition
+  (``core.maths.grow_basis``: about ``5 d²`` float64 measured on CPU) and its new float32 bases (``plan_update``);
+* ``gp_max_basis_rank``: no basis wider than its cap, in the file, on the device and in the projection's FLOPs;
 * projection: per optimizer step and group, ``(G M) Mᵀ`` costs ``4 · rows · d · k`` FLOPs, twice in ``"update"``
   mode (the gradient and the step); the bases stay on the device in float32 during training, one copy per shared
   basis.
@@ -41,13 +42,13 @@ from .plan_sources import (
     safetensors_bytes,
     shared_inputs,
 )
+from .plan_update import held_bytes, update_cost
+from .wiring.gp_settings import rank_caps
 from .wiring.memory import GPMemory
 from .wiring.state import get_state
 
 __all__ = ["GPPlan", "LayerPlan", "PlanError", "plan", "plan_peft_model", "safetensors_bytes"]
-GRAM_BYTES = 8  # float64 Gram matrices (core.maths.feature_gram)
 BASIS_BYTES = 4  # float32 bases (wiring.memory, wiring.units)
-EIGH_WORKSPACE = 5  # d² float64 of the widest group's grow_basis: residual, eigenvectors, LAPACK, copies (measured)
 ALWAYS_SHOWN = ("peft_type", "task_type", "r", "target_modules", "bottleneck_size", "num_virtual_tokens")
 FACTOR = re.compile(r"(\.(lora_[A-Za-z_]+|gp_adapter_\w+|(key|value)_prefix|head\d+|block\d+))+$")
 
@@ -94,6 +95,8 @@ class GPPlan:
     memory_file_bytes_worst: int
     memory_file_bytes: int
     update_gram_bytes: int
+    update_passes: int
+    update_pass_gram_bytes: int
     update_peak_bytes_full: int
     update_peak_bytes: int
     projection_flops_full: int
@@ -177,10 +180,14 @@ def plan_peft_model(model, fill: float | Mapping[str, float] = 1.0, adapter_name
     config, state = peft_model.peft_config[adapter_name], get_state(peft_model, adapter_name)
     shares = _fills([g.name for g in state.groups], fill)
     owners = _owners(peft_model, state)
-    ks_full = {g.name: 0 if g.frozen else g.dim for g in state.groups}
-    ks = {name: min(k, round(shares[owners[name]] * k)) for name, k in ks_full.items()}
+    caps: dict[str, int] = {}  # per owner, the smallest cap of the groups sharing its basis (GPMemory.grow)
+    for name, cap in rank_caps(list(owners), config.gp_max_basis_rank).items():
+        caps[owners[name]] = min(caps.get(owners[name], 1 << 62), cap or 1 << 62)
+    ks_full = {g.name: 0 if g.frozen else min(g.dim, caps[owners[g.name]]) for g in state.groups}
+    ks = {g.name: min(ks_full[g.name], round(shares[owners[g.name]] * g.dim)) for g in state.groups}
     scaled = config.gp_importance_scale is not None  # SGP: a (k,) importance beside each basis, never a complement
-    ks_worst = {name: k if scaled else k // 2 for name, k in ks_full.items()}
+    ks_worst = {name: k if scaled or 2 * k < memory_dim else memory_dim // 2
+                for name, k, memory_dim in ((g.name, ks_full[g.name], g.dim) for g in state.groups)}  # fmt: skip
     update = 2 if config.gp_projection == "update" else 1
     layers: dict[str, LayerPlan] = {}
     seen: set = set()
@@ -200,17 +207,17 @@ def plan_peft_model(model, fill: float | Mapping[str, float] = 1.0, adapter_name
             k = widths[group.name]
             stored = stored_width(k, group.dim, scaled) * group.dim + (k if scaled else 0)
             setattr(layer, field_name, getattr(layer, field_name) + stored * BASIS_BYTES)
-        layer.gram_bytes += group.dim**2 * GRAM_BYTES
-    return _totals(peft_model, adapter_name, state, list(layers.values()), (owners, ks, ks_full, ks_worst), fill)
+        layer.gram_bytes += held_bytes(group.dim)
+    widths = (owners, ks, ks_full, ks_worst)
+    return _totals(peft_model, adapter_name, state, list(layers.values()), widths, fill)
 
 
 def _totals(peft_model, adapter_name, state, layers, widths, fill) -> GPPlan:
     owners, ks, ks_full, ks_worst = widths
     config = peft_model.peft_config[adapter_name]
+    update = update_cost(state.groups, owners, (ks_full, ks), config.gp_update_budget_gb)
     adapter = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
     adapter_bytes = safetensors_bytes({k: (tuple(v.shape), v.dtype) for k, v in adapter.items()}, {"format": "pt"})
-    grams = sum(layer.gram_bytes for layer in layers)
-    workspace = EIGH_WORKSPACE * max(g.dim for g in state.groups) ** 2 * GRAM_BYTES
     held = [name for name in owners if owners[name] == name]  # one device copy per shared basis (wiring.units)
     dims = state.memory.dims
     bases_full, bases = (sum(dims[n] * ks_full[n] * BASIS_BYTES for n in held),
@@ -236,9 +243,11 @@ def _totals(peft_model, adapter_name, state, layers, widths, fill) -> GPPlan:
         memory_file_bytes_full=_memory_file_bytes(state, owners, ks_full, threshold, scaled),
         memory_file_bytes_worst=_memory_file_bytes(state, owners, ks_worst, threshold, scaled),
         memory_file_bytes=_memory_file_bytes(state, owners, ks, threshold, scaled),
-        update_gram_bytes=grams,
-        update_peak_bytes_full=grams + workspace + bases_full,
-        update_peak_bytes=grams + workspace + bases,
+        update_gram_bytes=update.gram_bytes,
+        update_passes=update.passes,
+        update_pass_gram_bytes=update.pass_gram_bytes,
+        update_peak_bytes_full=update.peak_bytes_full,
+        update_peak_bytes=update.peak_bytes,
         projection_flops_full=sum(layer.projection_flops_full for layer in layers),
         projection_flops=sum(layer.projection_flops for layer in layers),
         device_basis_bytes_full=bases_full,

@@ -230,7 +230,8 @@ def test_gradient_mode_is_exact_with_plain_sgd(case, paradigm):
 
 @pytest.mark.parametrize("case, paradigm", rows())
 def test_save_and_reload_restores_weights_and_bases_bit_identically(case, paradigm, tmp_path):
-    model = make_model(case, paradigm, gp_threshold=0.95)
+    bounds = {"gp_update_budget_gb": 2.5, "gp_max_basis_rank": {"no such layer": 7}}  # no effect here, but saved
+    model = make_model(case, paradigm, gp_threshold=0.95, **bounds)
     batch = case.make_batch(0)
     train_steps(model, batch, 3)
     peft_gp.update_memory(model, [batch])
@@ -240,6 +241,7 @@ def test_save_and_reload_restores_weights_and_bases_bit_identically(case, paradi
     loaded = peft_gp.from_pretrained(case.build(), str(tmp_path), is_trainable=True)
     assert type(loaded.peft_config["default"]) is type(model.peft_config["default"])
     assert loaded.peft_config["default"].gp_threshold == 0.95
+    assert {key: getattr(loaded.peft_config["default"], key) for key in bounds} == bounds
     saved, restored = peft_gp.get_memory(model), peft_gp.get_memory(loaded)
     assert saved.thresholds == restored.thresholds
     assert set(saved.bases) == set(restored.bases)

@@ -20,6 +20,7 @@ from peft_gp.cli import main
 from peft_gp.continual.paradigms import make_peft_config
 from peft_gp.plan import PlanError, plan, plan_peft_model, safetensors_bytes
 from peft_gp.wiring.grams import collect_grams
+from peft_gp.wiring.passes import memory_passes
 from peft_gp.wiring.state import get_state
 
 TOLERANCE = 0.10  # the issue's bound; the sizes below agree to the byte
@@ -171,6 +172,28 @@ def test_llama_3_8b_shape(tmp_path):
     assert len(down) == 32 and down[0].memory_bytes_worst == (14336 * 7168 + 16 * 8) * 4
     keys = [layer for layer in planned.layers if layer.name.endswith("k_proj")]
     assert keys[0].shared == {"model.layers.0.self_attn.k_proj.lora_A": "model.layers.0.self_attn.q_proj.lora_A"}
+    # the default gp_update_budget_gb (8 GB of Grams at once): passes over the sample, the update's peak within 16 GB
+    assert planned.update_passes > 1 and planned.update_pass_gram_bytes <= 4e9
+    assert planned.update_peak_bytes_full <= 16e9 and planned.update_peak_bytes <= planned.update_peak_bytes_full
+    one_pass = plan(folder, "lora", fill=0.5, r=16, target_modules="all-linear", gp={"gp_update_budget_gb": None})
+    assert one_pass.update_passes == 1 and one_pass.update_peak_bytes_full > 2 * full  # every Gram held at once
+    capped = plan(folder, "lora", fill=0.5, r=16, target_modules="all-linear", gp={"gp_max_basis_rank": 512})
+    at_cap = 32 * (3 * 4096 * 512 + 14336 * 512 + 7 * 16 * 8) * 4  # every lora_A basis at the cap: stored as is
+    assert capped.memory_file_bytes_worst == pytest.approx(at_cap, rel=1e-4) and at_cap < 4e9
+    assert capped.memory_file_bytes_full == pytest.approx(at_cap, rel=1e-4)  # never fuller than the cap
+
+
+def test_the_plan_splits_passes_as_the_update_does(tmp_path):
+    """A tiny model fits the default budget: one pass. Under a tiny budget the plan's passes are the update's."""
+    folder, model, _ = measured(tmp_path, "llama", threshold=0.9)
+    lora = MODELS["llama"][2]
+    assert plan(folder, "lora", fill=1.0, **lora).update_passes == 1
+    budget = 2 * 8 * 32**2 * 3 / 1e9  # three 32-wide inputs per pass
+    planned = plan(folder, "lora", fill=1.0, gp={"gp_update_budget_gb": budget}, **lora)
+    groups = get_state(model).groups
+    passes, _ = memory_passes(model, groups, batches(model.config.vocab_size), budget, None)
+    assert planned.update_passes == len(passes) > 1
+    assert planned.update_pass_gram_bytes <= budget * 1e9 / 2 < planned.update_gram_bytes
 
 
 def test_cli_prints_the_table_and_json(tmp_path, capsys):

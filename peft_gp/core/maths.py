@@ -84,7 +84,7 @@ def _residual(gram: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return (residual + residual.T) / 2
 
 
-def _orthonormal_against(directions: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+def orthonormal_against(directions: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """``directions`` re-orthogonalised against ``basis`` (twice is enough, Kahan/Parlett) and orthonormalised."""
     for _ in range(2):
         directions = directions - basis @ (basis.T @ directions)
@@ -92,7 +92,11 @@ def _orthonormal_against(directions: torch.Tensor, basis: torch.Tensor) -> torch
 
 
 def grow_basis(
-    gram: torch.Tensor, basis: torch.Tensor | None, threshold: float, total_energy: float | None = None
+    gram: torch.Tensor,
+    basis: torch.Tensor | None,
+    threshold: float,
+    total_energy: float | None = None,
+    max_rank: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Extend ``basis`` so that it captures at least ``threshold`` of the energy of the features behind ``gram``.
 
@@ -102,6 +106,8 @@ def grow_basis(
         threshold: energy threshold τ in (0, 1].
         total_energy: the energy the shares are measured against (default ``tr(gram)``). A larger one lets features
             that lost most of their energy (an input side moved out of the stored space) count as mostly captured.
+        max_rank: the most columns the basis may hold (``None``: ``d``): the old columns stay, and the new directions
+            are added by decreasing energy until the threshold or the cap is reached (protection is then partial).
 
     Returns:
         The new ``(d, k')`` basis (float64, ``k' ≥ k``; the old columns come first, unchanged) and a report with
@@ -121,7 +127,8 @@ def grow_basis(
 
     residual = _residual(gram, basis)
     captured_before = 1.0 - torch.trace(residual).item() / total
-    if captured_before >= threshold or basis.shape[1] >= dim:
+    room = dim if max_rank is None else min(dim, max_rank)
+    if captured_before >= threshold or basis.shape[1] >= room:
         return basis, {"captured_before": captured_before, "captured_after": captured_before, "added": 0}
 
     eigenvalues, eigenvectors = _sorted_eigh(residual)
@@ -130,11 +137,11 @@ def grow_basis(
     # smallest k with captured share >= threshold (tiny slack for the rounding of cumsum)
     reached = (captured >= threshold - 1e-12).nonzero()
     needed = int(reached[0].item()) + 1 if len(reached) else dim
-    added = min(needed, significant, dim - basis.shape[1])
+    added = min(needed, significant, room - basis.shape[1])
     if added == 0:
         return basis, {"captured_before": captured_before, "captured_after": captured_before, "added": 0}
 
-    new_directions = _orthonormal_against(eigenvectors[:, :added], basis)
+    new_directions = orthonormal_against(eigenvectors[:, :added], basis)
     grown = torch.cat([basis, new_directions], dim=1)
     captured_after = captured[added - 1].item()
     return grown, {"captured_before": captured_before, "captured_after": min(captured_after, 1.0), "added": added}

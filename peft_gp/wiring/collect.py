@@ -14,9 +14,11 @@ from ..core import maths
 from ..core.peft_utils import unwrap_peft_model
 from .class_stats import ClassStatistics, StatisticsObserver, head_module
 from .config import gp_config_of
-from .grams import collect_grams
+from .gp_settings import rank_caps
+from .grams import NO_FEATURES_MESSAGE, collect_grams
 from .guard import GPCapacityWarning
 from .memory_file import GPMemoryError
+from .passes import memory_passes
 from .sharding import full, write
 from .slices import prepare_slices
 from .state import get_state
@@ -56,23 +58,19 @@ def update_memory(
     state = get_state(peft_model, adapter_name)
     memory, groups = state.memory, state.groups
     max_samples = config.gp_memory_samples if max_samples is None else max_samples
-    exact: dict[str, torch.Tensor] = {}
     observer = _statistics_observer(peft_model, adapter_name, config)
-    observers = [observer] if observer is not None else []
-    grams, _ = collect_grams(model, groups, batches, max_samples=max_samples, exact_grams=exact, observers=observers)
+    threshold = maths.threshold_for_task(config.gp_threshold, config.gp_threshold_increment, memory.tasks_seen)
+    passes, batches = memory_passes(model, groups, batches, config.gp_update_budget_gb, max_samples)
+    parts, fingerprint, moved = _grow_passes(model, passes, batches, max_samples, observer, state, config, threshold)
     if observer is not None and not observer.stats.labels:
         raise GPMemoryError(
             "gp_class_statistics is on, but no example of the task had a class label (a 1-d 'labels' tensor in the "
             "batch), so no class statistics could be taken. Nothing was stored."
         )
-    fingerprint = _fingerprint({**grams, **{f"{name}#exact": gram for name, gram in exact.items()}})
     if memory.tasks_seen and memory.info.get("last_task_fingerprint") == fingerprint:
-        return _unchanged_report(memory, grams)  # the last task again: idempotent, no phantom task recorded
-    threshold = maths.threshold_for_task(config.gp_threshold, config.gp_threshold_increment, memory.tasks_seen)
+        return _unchanged_report(memory, parts)  # the last task again: idempotent, no phantom task recorded
     full_before = set(memory.full_groups())
-    moved, totals = _idle_input_sides(groups, grams, memory, threshold)
-    scale = config.gp_importance_scale
-    report = memory.update(grams, threshold, total_energies=totals, exact_grams=exact, importance_scale=scale)
+    report = memory.commit(parts, threshold)
     _move_input_sides(moved, groups, memory)
     memory.info["last_task_fingerprint"] = fingerprint
     if observer is not None:
@@ -80,6 +78,30 @@ def update_memory(
     state.tasks.record_through(memory.tasks_seen - 1, task_name, classes)
     _warn_if_full([name for name in memory.full_groups() if name not in full_before], stacklevel + 1)
     return report
+
+
+def _grow_passes(model, passes, batches, max_samples, observer, state, config, threshold) -> tuple[list, str, list]:
+    """Stream the sample once per pass (``passes.memory_passes``) and grow that pass's bases, its Grams freed before
+    the next; returns the grown parts (``GPMemory.grow``), the task's fingerprint and the idle input sides moved.
+    With several passes the new bases are kept on the CPU, so that the device holds one pass's at a time."""
+    memory, parts, digests, moved, reached = state.memory, [], {}, [], False
+    caps = rank_caps(list(memory.dims), config.gp_max_basis_rank)
+    device = "cpu" if len(passes) > 1 else None
+    for number, groups in enumerate(passes):
+        exact: dict[str, torch.Tensor] = {}
+        observers = [observer] if observer is not None and number == 0 else []
+        grams, _ = collect_grams(model, groups, batches, max_samples=max_samples, exact_grams=exact,
+                                 observers=observers, require_features=False)  # fmt: skip
+        reached = reached or any(torch.any(gram != 0) for gram in grams.values())
+        digests.update(_fingerprint_parts({**grams, **{f"{name}#exact": gram for name, gram in exact.items()}}))
+        pass_moved, totals = _idle_input_sides(groups, grams, memory, threshold, caps)
+        moved += pass_moved
+        scale = config.gp_importance_scale
+        parts.append(memory.grow(grams, threshold, totals, exact, scale, max_ranks=caps, device=device))
+        del grams, exact  # this pass's Grams go before the next pass's come
+    if not reached:
+        raise GPMemoryError(NO_FEATURES_MESSAGE)
+    return parts, _digest(digests), moved
 
 
 @torch.no_grad()
@@ -119,28 +141,36 @@ def _merge_statistics(state, stats: ClassStatistics, tasks_seen: int) -> None:
     state.class_stats.tasks_seen = tasks_seen
 
 
-def _unchanged_report(memory, grams: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+def _unchanged_report(memory, parts: list) -> dict[str, dict[str, float]]:
+    """The report of a task stored again: nothing added, the share its features already had in the memory."""
     report = {}
-    for name, gram in grams.items():
-        captured = maths.captured_energy(gram, memory.bases[name].to(gram.device, torch.float64))
-        size = memory.bases[name].shape[1]
-        report[name] = {"captured_before": captured, "captured_after": captured, "added": 0, "basis_size": size,
-                        "dim": memory.dims[name]}  # fmt: skip
+    for part in parts:
+        for name, entry in part.report.items():
+            captured = entry["captured_before"]
+            report[name] = {"captured_before": captured, "captured_after": captured, "added": 0,
+                            "basis_size": memory.bases[name].shape[1], "dim": memory.dims[name]}  # fmt: skip
     return report
 
 
-def _fingerprint(grams: dict[str, torch.Tensor]) -> str:
-    """A digest of a task's Gram matrices (names, diagonals, column sums): equal only for the very same features."""
+def _fingerprint_parts(grams: dict[str, torch.Tensor]) -> dict[str, bytes]:
+    """Per Gram, what the task's fingerprint reads of it: its diagonal and column sums."""
+    parts = {}
+    for name, gram in grams.items():
+        gram = gram.detach().to("cpu", torch.float64)
+        parts[name] = gram.diagonal().numpy().tobytes() + gram.sum(0).numpy().tobytes()
+    return parts
+
+
+def _digest(parts: dict[str, bytes]) -> str:
+    """A digest of a task's Gram matrices (``_fingerprint_parts``, by name): equal only for the very same features."""
     digest = hashlib.sha256()
-    for name in sorted(grams):
-        gram = grams[name].detach().to("cpu", torch.float64)
+    for name in sorted(parts):
         digest.update(name.encode())
-        digest.update(gram.diagonal().numpy().tobytes())
-        digest.update(gram.sum(0).numpy().tobytes())
+        digest.update(parts[name])
     return digest.hexdigest()
 
 
-def _idle_input_sides(groups, grams, memory, threshold) -> tuple[list, dict[str, float]]:
+def _idle_input_sides(groups, grams, memory, threshold, caps) -> tuple[list, dict[str, float]]:
     """Input sides whose output side is still zero (a reference memory before any training: ``B = 0``).
 
     There ``B A x = 0`` whatever ``A`` is, so the stored features are kept safe more cheaply than by freezing ``B``
@@ -158,7 +188,8 @@ def _idle_input_sides(groups, grams, memory, threshold) -> tuple[list, dict[str,
             continue
         key = (id(grams[group.name]), id(memory.bases[group.name]))  # groups sharing a Gram and basis: grown once
         if key not in grown:
-            grown[key] = maths.grow_basis(grams[group.name], memory.bases[group.name], threshold)[0]
+            grown[key] = maths.grow_basis(grams[group.name], memory.bases[group.name].to(grams[group.name].device),
+                                          threshold, max_rank=caps.get(group.name))[0]  # fmt: skip
         basis = grown[key]
         weight = full(group.weight).detach().to(torch.float64)
         basis = basis.to(weight.device)

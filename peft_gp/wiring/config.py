@@ -8,55 +8,8 @@ from typing import Literal
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig
 
 from .bottleneck import LEGACY_PEFT_TYPES, BottleneckConfig, GPPeftType, register_bottleneck
+from .gp_settings import check_gp_settings
 from .slices import TASK_SLICES_HELP, check_slice_settings
-
-PROJECTION_MODES = ("gradient", "update")
-MODULES_TO_SAVE_POLICIES = ("project", "freeze", "train")
-
-
-def _number(name: str, value, kind: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise TypeError(f"{name} must be {kind}, got {value!r}.")
-
-
-def check_gp_settings(settings: dict) -> None:
-    """Check the ``gp_*`` settings given (a config's, or a run config's, which share these checks and defaults)."""
-    if "gp_threshold" in settings:
-        threshold = settings["gp_threshold"]
-        _number("gp_threshold", threshold, "a number in (0, 1]")
-        if not 0.0 < threshold <= 1.0:
-            raise ValueError(
-                f"gp_threshold must be in (0, 1], got {threshold}. It is the share of each task's feature energy to "
-                "protect: 0.97 is the usual value, 1.0 protects the whole span of the features."
-            )
-    if "gp_threshold_increment" in settings:
-        increment = settings["gp_threshold_increment"]
-        _number("gp_threshold_increment", increment, "a number in [0, 1)")
-        if not 0.0 <= increment < 1.0:
-            raise ValueError(f"gp_threshold_increment must be in [0, 1), got {increment} (GPM uses 0.003).")
-    if "gp_projection" in settings and settings["gp_projection"] not in PROJECTION_MODES:
-        raise ValueError(f"gp_projection must be one of {PROJECTION_MODES}, got {settings['gp_projection']!r}.")
-    if "gp_memory_samples" in settings:
-        samples = settings["gp_memory_samples"]
-        if isinstance(samples, bool) or not isinstance(samples, int):
-            raise TypeError(f"gp_memory_samples must be a positive integer, got {samples!r}.")
-        if samples < 1:
-            raise ValueError(f"gp_memory_samples must be at least 1, got {samples}.")
-    if settings.get("gp_importance_scale") is not None:
-        scale = settings["gp_importance_scale"]
-        _number("gp_importance_scale", scale, "a positive number or None")
-        if not 0.0 < scale < float("inf"):
-            raise ValueError(f"gp_importance_scale must be positive and finite (SGP uses 10) or None, got {scale}.")
-    if settings.get("gp_task_slices") is not None:
-        slices = settings["gp_task_slices"]
-        if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1:
-            raise ValueError(f"gp_task_slices must be a positive integer (the most tasks) or None, got {slices!r}.")
-    if "gp_class_statistics" in settings and not isinstance(settings["gp_class_statistics"], bool):
-        raise TypeError(f"gp_class_statistics must be True or False, got {settings['gp_class_statistics']!r}.")
-    if "gp_modules_to_save" in settings and settings["gp_modules_to_save"] not in MODULES_TO_SAVE_POLICIES:
-        raise ValueError(
-            f"gp_modules_to_save must be one of {MODULES_TO_SAVE_POLICIES}, got {settings['gp_modules_to_save']!r}."
-        )
 
 
 @dataclass
@@ -81,6 +34,18 @@ class GPConfigMixin:
             ``m_i`` keeps an importance ``λ_i = (α+1)σ_i / (ασ_i + σ_max)`` in [0, 1] from the tasks' singular values
             along it, and updates are projected as ``G (I − M Λ Mᵀ)``: weak directions stay partly open to new tasks.
             ``None`` (default): ``λ = 1``, the hard projection; a larger ``α`` comes closer to it.
+        gp_update_budget_gb: The most GB (10⁹ bytes) of Gram matrices a memory update holds at once: each distinct
+            input's float64 ``d × d`` sum and the batch's Gram being added to it. Groups
+            whose Grams exceed it are split into passes, the sample streamed once per pass (hooks on that pass's
+            groups alone), each pass's bases grown and its Grams freed before the next; the bases are the same as in
+            one pass. The update's peak is about the budget plus the widest ``d``'s decomposition (``5 d²`` float64)
+            and the pass's new bases (``peft-gp plan`` prints it). Models whose Grams fit take one pass. ``None``:
+            one pass, whatever it holds.
+        gp_max_basis_rank: Keep at most this many columns in each distinct input's basis (an int, or a dict from a
+            regular expression searched in the projected group's name to an int; unmatched groups are uncapped): the
+            first tasks' directions stay and each task adds its highest-energy ones until the cap. Protection is
+            then partial: features beyond the cap's directions are not protected (``gp_threshold=1.0`` is no longer
+            exact). The file then holds at most ``cap · d`` floats per input. ``None`` (default): no cap.
     """
 
     gp_threshold: float = field(
@@ -117,6 +82,14 @@ class GPConfigMixin:
             "help": "Also take per-class statistics of the classification head's input in each memory update "
             "(gp_class_stats.safetensors), for the replay-free heads of peft_gp.statistics_head."
         },
+    )
+    gp_update_budget_gb: float | None = field(
+        default=8.0,
+        metadata={"help": "GB of Gram matrices a memory update holds at once (passes over the sample); None: one."},
+    )
+    gp_max_basis_rank: int | dict[str, int] | None = field(
+        default=None,
+        metadata={"help": "Most columns per basis (int or {name regex: int}); protection then partial. None: no cap."},
     )
 
     def __post_init__(self) -> None:
@@ -196,6 +169,7 @@ class GPAdapterConfig(GPConfigMixin, BottleneckConfig):
 
 
 register_bottleneck(GPAdapterConfig)
+
 
 def _check_task_type(config) -> None:
     if config.task_type is None:

@@ -22,6 +22,11 @@ from .groups import ProjectedGroup
 from .memory import GPMemoryError
 from .shared_grams import ForwardInputs, SharedGrams
 
+NO_FEATURES_MESSAGE = (
+    "No features reached the adapter during the memory update: is the adapter active (model.set_adapter(...)) and "
+    "does the batch go through the adapted layers? Nothing was stored."
+)
+
 
 def non_finite_message(name: str) -> str:
     return (
@@ -66,6 +71,15 @@ def _batch_size(batch: Mapping) -> int:
 
 def _head(value, size: int):
     return value[:size] if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+
+
+def cut_batch(batch: dict, seen: int, max_samples: int | None) -> tuple[dict, int]:
+    """``batch`` cut to the examples left under ``max_samples`` after ``seen``, and its number of examples."""
+    size = _batch_size(batch)
+    if max_samples is not None and seen + size > max_samples:
+        size = max_samples - seen
+        batch = {k: _head(v, size) for k, v in batch.items()}
+    return batch, size
 
 
 def _to_device(batch, device):
@@ -200,10 +214,7 @@ class GramCollector:
             for batch in batches:
                 if max_samples is not None and seen >= max_samples:
                     break
-                batch, size = dict(batch), _batch_size(batch)
-                if max_samples is not None and seen + size > max_samples:
-                    size = max_samples - seen
-                    batch = {k: _head(v, size) for k, v in batch.items()}
+                batch, size = cut_batch(dict(batch), seen, max_samples)
                 self.run_batch(batch)
                 seen += size
         finally:
@@ -246,12 +257,13 @@ def collect_grams(
     max_samples: int | None = None,
     exact_grams: dict[str, torch.Tensor] | None = None,
     observers: list | None = None,
+    require_features: bool = True,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Stream ``batches`` through ``model`` (eval mode, no grad); each group's float64 Gram matrix and the examples
     seen. Groups that received the same inputs in every batch map to one tensor (``shared_grams``). Features a source
     marks ``exact`` (kept whole, e.g. prompt rows) go to ``exact_grams`` when given (added to the rest otherwise).
     ``observers`` (objects whose ``attach()`` returns a handle) watch the same pass (class statistics). Raises
-    ``GPMemoryError`` when no example or no feature arrived, or one was not finite."""
+    ``GPMemoryError`` when no example or (with ``require_features``) no feature arrived, or one was not finite."""
     collector = GramCollector(model, groups, observers)
     seen = collector.run(batches, max_samples)
     if collector.distributed:
@@ -262,11 +274,8 @@ def collect_grams(
             "Nothing was stored."
         )
     grams = collector.result()
-    if not any(torch.any(gram != 0) for gram in grams.values()):
-        raise GPMemoryError(
-            "No features reached the adapter during the memory update: is the adapter active "
-            "(model.set_adapter(...)) and does the batch go through the adapted layers? Nothing was stored."
-        )
+    if require_features and not any(torch.any(gram != 0) for gram in grams.values()):
+        raise GPMemoryError(NO_FEATURES_MESSAGE)
     if exact_grams is None:
         for name, gram in collector.exact_grams.items():
             grams[name] += gram

@@ -28,6 +28,19 @@ def compact_form(basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | Non
 
 
 @dataclass
+class GrownBases:
+    """The new bases of some groups (``GPMemory.grow``) with their importances, complements and growth report."""
+
+    bases: dict[str, torch.Tensor] = field(default_factory=dict)
+    importances: dict[str, torch.Tensor] = field(default_factory=dict)
+    complements: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    report: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def fields(self) -> tuple[dict, dict, dict, dict]:
+        return self.bases, self.importances, self.complements, self.report
+
+
+@dataclass
 class GPMemory:
     """Bases of the feature spaces of finished tasks, keyed by projected-group name.
 
@@ -75,41 +88,71 @@ class GPMemory:
         beside the token embeddings): their whole span is added after the threshold's share of ``grams``, never
         weighed against them (their scales may differ by orders of magnitude); their directions get importance 1.
         ``importance_scale`` (SGP's α) also updates each direction's importance (``maths.direction_importance``);
-        ``None`` drops the importances: hard projection.
+        ``None`` drops the importances: hard projection. ``grow`` and ``commit`` do the same in parts (one per pass).
         """
-        missing = sorted(set(self.dims) - set(grams))
-        if missing:
-            raise GPMemoryError(f"No features were collected for {missing[:4]}: the memory update would be partial.")
-        new_bases, new_importances, new_complements, report = {}, {}, {}, {}
+        return self.commit([self.grow(grams, threshold, total_energies, exact_grams, importance_scale)], threshold)
+
+    def grow(
+        self, grams: dict, threshold: float, total_energies: dict[str, float] | None = None,
+        exact_grams: dict[str, torch.Tensor] | None = None, importance_scale: float | None = None,
+        max_ranks: dict[str, int | None] | None = None, device: torch.device | str | None = None,
+    ) -> GrownBases:  # fmt: skip
+        """The new bases of the groups in ``grams`` (``update``'s arguments), not yet in the memory (``commit``).
+
+        ``max_ranks``: per group, the most columns its basis keeps (``gp_max_basis_rank``; a class of groups sharing
+        a basis takes its smallest). ``device``: where the new bases are kept (default: the Gram's)."""
+        grown_bases = GrownBases()
         for names in self._update_classes(grams, total_energies, exact_grams):
             name, gram = names[0], grams[names[0]]
-            if gram.shape != (self.dims[name], self.dims[name]):
+            if tuple(gram.shape) != (self.dims[name], self.dims[name]):
                 raise GPMemoryError(f"Gram matrix of {name!r} is {tuple(gram.shape)}, expected d = {self.dims[name]}.")
-            total = (total_energies or {}).get(name)
-            grown, stats = maths.grow_basis(gram, self.bases[name], threshold, total_energy=total)
-            if importance_scale is not None:
-                previous = self.importances.get(name, torch.ones(self.bases[name].shape[1]))
-                importance = maths.direction_importance(gram, grown, previous, importance_scale)
-            if exact_grams and name in exact_grams:
-                grown, _ = maths.grow_basis(exact_grams[name], grown, 1.0)
-            grown = grown.to(torch.float32).contiguous()
-            if importance_scale is not None:  # directions of the exact features: importance 1
-                ones = importance.new_ones(grown.shape[1] - importance.shape[0])
-                importance = torch.cat([importance, ones]).to(torch.float32).cpu()
+            caps = [cap for cap in ((max_ranks or {}).get(member) for member in names) if cap is not None]
+            cap = min(caps) if caps else None
+            exact = (exact_grams or {}).get(name)
+            grown, importance, stats = self._grow_one(gram, name, threshold, total_energies, exact, importance_scale,
+                                                      cap)  # fmt: skip
+            grown = grown.to(torch.float32).to(gram.device if device is None else device).contiguous()
             compact = compact_form(grown) if importance_scale is None else None  # importances need the directions
             grown = grown if compact is None else compact[0]
             for member in names:  # groups that read the same inputs share one basis (and its importances)
-                new_bases[member] = grown
-                if importance_scale is not None:
-                    new_importances[member] = importance
+                grown_bases.bases[member] = grown
+                if importance is not None:
+                    grown_bases.importances[member] = importance
                 if compact is not None:
-                    new_complements[member] = compact
-                report[member] = {**stats, "basis_size": grown.shape[1], "dim": self.dims[name]}
-        self.bases.update(new_bases)  # all or nothing: no basis changes if one group fails
-        self.importances, self.complements = new_importances, new_complements
+                    grown_bases.complements[member] = compact
+                grown_bases.report[member] = {**stats, "basis_size": grown.shape[1], "dim": self.dims[name]}
+        return grown_bases
+
+    def _grow_one(self, gram, name, threshold, total_energies, exact, importance_scale, cap):
+        """One class's new basis (float64), its importances (``None`` without SGP) and its growth report."""
+        old = self.bases[name].to(gram.device)
+        total = (total_energies or {}).get(name)
+        grown, stats = maths.grow_basis(gram, old, threshold, total_energy=total, max_rank=cap)
+        importance = None
+        if importance_scale is not None:
+            previous = self.importances.get(name, torch.ones(old.shape[1]))
+            importance = maths.direction_importance(gram, grown, previous, importance_scale)
+        if exact is not None:
+            grown, _ = maths.grow_basis(exact, grown, 1.0, max_rank=cap)
+        if importance is not None:  # directions of the exact features: importance 1
+            ones = importance.new_ones(grown.shape[1] - importance.shape[0])
+            importance = torch.cat([importance, ones]).to(torch.float32).cpu()
+        return grown, importance, stats
+
+    def commit(self, parts: list[GrownBases], threshold: float) -> dict[str, dict[str, float]]:
+        """Store one task from the new bases of all its groups (``grow``, one part per pass): all or nothing."""
+        grown = GrownBases()
+        for part in parts:
+            for mine, theirs in zip(grown.fields(), part.fields()):
+                mine.update(theirs)
+        missing = sorted(set(self.dims) - set(grown.bases))
+        if missing:
+            raise GPMemoryError(f"No features were collected for {missing[:4]}: the memory update would be partial.")
+        self.bases.update(grown.bases)
+        self.importances, self.complements = grown.importances, grown.complements
         self.thresholds.append(threshold)
         self.version += 1
-        return report
+        return grown.report
 
     def _update_classes(self, grams, total_energies, exact_grams) -> list[list[str]]:
         """The groups that grow as one: the same Gram tensor (they read the same inputs, ``grams.collect_grams``),

@@ -1,0 +1,94 @@
+"""Checks of the ``gp_*`` settings, shared by the ``GP*Config`` classes and the run config (one source of truth)."""
+
+from __future__ import annotations
+
+import re
+
+PROJECTION_MODES = ("gradient", "update")
+MODULES_TO_SAVE_POLICIES = ("project", "freeze", "train")
+
+
+def _number(name: str, value, kind: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise TypeError(f"{name} must be {kind}, got {value!r}.")
+
+
+def check_gp_settings(settings: dict) -> None:
+    """Check the ``gp_*`` settings given (a config's, or a run config's, which share these checks and defaults)."""
+    check_update_settings(settings)
+    if "gp_threshold" in settings:
+        threshold = settings["gp_threshold"]
+        _number("gp_threshold", threshold, "a number in (0, 1]")
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(
+                f"gp_threshold must be in (0, 1], got {threshold}. It is the share of each task's feature energy to "
+                "protect: 0.97 is the usual value, 1.0 protects the whole span of the features."
+            )
+    if "gp_threshold_increment" in settings:
+        increment = settings["gp_threshold_increment"]
+        _number("gp_threshold_increment", increment, "a number in [0, 1)")
+        if not 0.0 <= increment < 1.0:
+            raise ValueError(f"gp_threshold_increment must be in [0, 1), got {increment} (GPM uses 0.003).")
+    if "gp_projection" in settings and settings["gp_projection"] not in PROJECTION_MODES:
+        raise ValueError(f"gp_projection must be one of {PROJECTION_MODES}, got {settings['gp_projection']!r}.")
+    if "gp_memory_samples" in settings:
+        samples = settings["gp_memory_samples"]
+        if isinstance(samples, bool) or not isinstance(samples, int):
+            raise TypeError(f"gp_memory_samples must be a positive integer, got {samples!r}.")
+        if samples < 1:
+            raise ValueError(f"gp_memory_samples must be at least 1, got {samples}.")
+    if settings.get("gp_importance_scale") is not None:
+        scale = settings["gp_importance_scale"]
+        _number("gp_importance_scale", scale, "a positive number or None")
+        if not 0.0 < scale < float("inf"):
+            raise ValueError(f"gp_importance_scale must be positive and finite (SGP uses 10) or None, got {scale}.")
+    if settings.get("gp_task_slices") is not None:
+        slices = settings["gp_task_slices"]
+        if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1:
+            raise ValueError(f"gp_task_slices must be a positive integer (the most tasks) or None, got {slices!r}.")
+    if "gp_class_statistics" in settings and not isinstance(settings["gp_class_statistics"], bool):
+        raise TypeError(f"gp_class_statistics must be True or False, got {settings['gp_class_statistics']!r}.")
+    if "gp_modules_to_save" in settings and settings["gp_modules_to_save"] not in MODULES_TO_SAVE_POLICIES:
+        raise ValueError(
+            f"gp_modules_to_save must be one of {MODULES_TO_SAVE_POLICIES}, got {settings['gp_modules_to_save']!r}."
+        )
+
+
+def _positive_int(name: str, value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{what}, got {value!r}.")
+
+
+def check_update_settings(settings: dict) -> None:
+    """Check the memory update's bounds: ``gp_update_budget_gb`` and ``gp_max_basis_rank``."""
+    budget = settings.get("gp_update_budget_gb")
+    if budget is not None:
+        _number("gp_update_budget_gb", budget, "a positive number of GB or None")
+        if not 0.0 < budget < float("inf"):
+            raise ValueError(f"gp_update_budget_gb must be positive and finite (GB) or None (one pass), got {budget}.")
+    cap = settings.get("gp_max_basis_rank")
+    if isinstance(cap, dict):
+        for pattern, value in cap.items():
+            if not isinstance(pattern, str):
+                raise TypeError(f"gp_max_basis_rank's keys must be regular expressions (str), got {pattern!r}.")
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"gp_max_basis_rank: {pattern!r} is not a regular expression ({error}).") from None
+            _positive_int(f"gp_max_basis_rank[{pattern!r}]", value, "")
+    elif cap is not None:
+        _positive_int("gp_max_basis_rank", cap, ", a dict of name pattern -> positive integer, or None")
+
+
+def rank_caps(names: list[str], setting: int | dict[str, int] | None) -> dict[str, int | None]:
+    """Each projected group's ``gp_max_basis_rank``: the int for all, or the smallest value of the patterns found in
+    its name (``re.search``; ``None`` where none is)."""
+    if setting is None:
+        return dict.fromkeys(names)
+    if not isinstance(setting, dict):
+        return dict.fromkeys(names, setting)
+    caps = {}
+    for name in names:
+        found = [value for pattern, value in setting.items() if re.search(pattern, name)]
+        caps[name] = min(found) if found else None
+    return caps
