@@ -231,7 +231,8 @@ def plan_text(result: GPPlan, per_layer: bool = False) -> str:
               f"{_size(r.memory_file_bytes)} at {fill}, {_size(r.memory_file_bytes_full)} with every basis full "
               "(float32, the smaller of each basis and its complement)",
               f"- memory update: {_size(r.update_gram_bytes)} of float64 Gram matrices in "
-              f"{r.update_passes} pass(es) over the sample, at most {_size(r.update_pass_gram_bytes)} held at once; "
+              f"{r.update_passes} pass(es) over the sample, at most {_size(r.update_pass_gram_bytes)} per pass "
+              "(twice that while a batch's Grams are added); "
               f"peak about {_size(r.update_peak_bytes_full)} with every basis full, {_size(r.update_peak_bytes)} at "
               f"{fill} (a pass's Grams + its widest decomposition + its new bases; an estimate)",
               f"- projection per optimizer step: {r.projection_flops_full / 1e9:,.1f} GFLOP with every basis full, "
