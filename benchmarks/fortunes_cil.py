@@ -148,6 +148,7 @@ def run_config(args: argparse.Namespace, paradigm: str, seed: int) -> RunConfig:
         paradigm_kwargs=paradigm_kwargs(paradigm, args),
         gp_threshold=args.gp_threshold,
         gp_memory_samples=args.gp_memory_samples,
+        heads=["trained"],  # this benchmark's tables are the trained head's; class_heads.py compares the others
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.lr if args.lr is not None else LEARNING_RATES[paradigm],

@@ -70,8 +70,8 @@ def run(args: argparse.Namespace, paradigm: str, seed: int) -> dict:
     for method in METHODS:
         torch.manual_seed(seed)
         projection = "update" if method == "plain" else method
-        result, _ = train_stream(base, tasks, config.replace(gp_projection=projection), gp=method != "plain",
-                                 say=lambda *_: None)  # fmt: skip
+        run_config = config.replace(gp_projection=projection, heads=["trained"])
+        result, _ = train_stream(base, tasks, run_config, gp=method != "plain", say=lambda *_: None)
         til = result.task_il_matrix
         records[method] = {"til_matrix": til, "cil_matrix": result.accuracy_matrix,
                            "til": accuracy_matrix_summary(til), "cil": accuracy_matrix_summary(result.accuracy_matrix),

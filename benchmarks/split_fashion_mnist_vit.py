@@ -94,7 +94,7 @@ def stream_config(args: argparse.Namespace) -> tuple[RunConfig, list]:
     """The run's config and the raw stream: the first task (4 classes) to pretrain on, then 3 tasks of 2."""
     config = RunConfig(name="split_fashion_mnist_vit", model=None, model_config=VIT, dataset="fashion_mnist",
                        classes_per_task=[4, 2, 2, 2], train_per_class=args.train_per_class,
-                       test_per_class=args.test_per_class, paradigm="lora",
+                       test_per_class=args.test_per_class, paradigm="lora", heads=["trained"],
                        paradigm_kwargs={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
                                         "target_modules": ["q_proj", "v_proj"]},
                        epochs=args.epochs, learning_rate=args.lr, gp_threshold=args.gp_threshold,

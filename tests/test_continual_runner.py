@@ -84,7 +84,8 @@ def test_run_writes_consistent_outputs_and_gp_keeps_old_tasks(tiny_dirs, tmp_pat
     assert saved["results"]["gp"]["accuracy_matrix"] == gp.accuracy_matrix
     assert saved["results"]["gp"]["metrics"] == pytest.approx(accuracy_matrix_summary(gp.accuracy_matrix))
     assert saved["results"]["gp"]["task_il_metrics"] == pytest.approx(accuracy_matrix_summary(gp.task_il_matrix))
-    assert RunConfig.from_dict(saved["config"]) == config
+    assert run.config.heads == ["lda", "trained"] and config.heads is None  # the class scenario's default heads
+    assert RunConfig.from_dict(saved["config"]) == config.replace(heads=["lda", "trained"])
     assert [t["class_names"] for t in saved["stream"]] == [t["class_names"] for t in run.stream]
     summary = (tmp_path / "run" / "summary.md").read_text()
     assert "GP-LoRA" in summary and "LoRA (no GP)" in summary and "| after task |" in summary

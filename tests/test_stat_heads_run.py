@@ -127,7 +127,8 @@ def test_frozen_statistics_are_the_base_models_features(heads_run, tiny_dirs):
         (dict(heads=["lda", "knn"]), "Unknown head"),
         (dict(heads=["lda", "lda"]), "distinct"),
         (dict(heads=[]), "non-empty"),
-        (dict(compare_frozen=True), "compare_frozen"),
+        (dict(compare_frozen=True, heads=["trained"]), "compare_frozen"),
+        (dict(compare_frozen=True, scenario="task"), "compare_frozen"),
         (dict(heads=["lda"], scenario="generative"), "generative"),
     ],
 )

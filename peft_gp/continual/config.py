@@ -78,7 +78,9 @@ class RunConfig:
             covariance, shrunk) or ``aligned`` (the trained head retrained on features sampled from the stored
             Gaussians, SLCA's classifier alignment). GP takes the statistics in its memory update
             (``gp_class_statistics``); the plain run takes them the same way, but its features drift afterwards.
-            All heads are read from the same forward passes. A string is one head.
+            All heads are read from the same forward passes. A string is one head. ``None`` (the default): ``[lda,
+            trained]`` in the ``class`` scenario when the model's head is linear (measured best there:
+            benchmarks/README.md, docs/class-heads.md), else ``[trained]``.
         compare_frozen: Also evaluate the frozen encoder (no fine-tuning; the base model's features) with each
             statistics head of ``heads``: the replay-free peer to beat (SimpleCIL / APER).
         epochs, batch_size, eval_batch_size, learning_rate, weight_decay, seed: Training settings (one
@@ -132,7 +134,7 @@ class RunConfig:
     gp_modules_to_save: str | None = None
     gp_importance_scale: float | None = None
     gp_task_slices: int | None = None
-    heads: list[str] = field(default_factory=lambda: ["trained"])
+    heads: list[str] | None = None
     compare_frozen: bool = False
     epochs: float = 5.0
     batch_size: int = 32
@@ -203,6 +205,10 @@ class RunConfig:
 
     def _check_heads(self) -> None:
         self.heads = [self.heads] if isinstance(self.heads, str) else self.heads
+        if self.heads is None:  # resolved per scenario and model when the run starts (continual.heads.default_heads)
+            if self.compare_frozen and self.scenario != "class":
+                raise RunConfigError("compare_frozen needs statistics heads: set heads, e.g. heads: [trained, lda].")
+            return
         if not isinstance(self.heads, list) or not self.heads or len(set(map(str, self.heads))) != len(self.heads):
             raise RunConfigError(f"heads must be a non-empty list of distinct heads of {HEADS}, got {self.heads!r}.")
         unknown = [head for head in self.heads if head not in HEADS]
@@ -220,7 +226,7 @@ class RunConfig:
     @property
     def statistics_heads(self) -> list[str]:
         """The heads of ``heads`` built from class statistics."""
-        return [head for head in self.heads if head != "trained"]
+        return [head for head in self.heads or [] if head != "trained"]
 
     @property
     def masking(self) -> str:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import HEAD_MASKING, RunConfigError
+from .config import HEAD_MASKING, RunConfig, RunConfigError
 from .tasks import Task
 
 
@@ -102,3 +102,13 @@ def check_head(model: nn.Module, needed: int) -> str:
             f"with num_labels={needed} (the runner does this for you)."
         )
     return name
+
+
+def default_heads(config: RunConfig, model: nn.Module) -> list[str]:
+    """The heads of a run whose ``heads`` is ``None``: ``[lda, trained]`` for class-incremental runs of a model with
+    a linear head (an LDA head on class statistics beat the trained head on every class-incremental benchmark here:
+    Fortunes-20 52 against 14%, BBC News 90 against 72%), else ``[trained]``."""
+    if config.heads is not None:
+        return config.heads
+    linear = isinstance(classifier_head(model)[1], nn.Linear)
+    return ["lda", "trained"] if config.scenario == "class" and linear else ["trained"]

@@ -26,6 +26,7 @@ from ..wiring.guard import GPCapacityWarning
 from ..wiring.persistence import save_pretrained
 from .config import RunConfig
 from .generative_runner import run_generative
+from .heads import default_heads
 from .loading import prepare
 from .report import write_outputs
 from .results import MethodResult, RunResult
@@ -71,6 +72,7 @@ def run_sequence(
         return run_generative(config, tasks, model, processor, say)
     began = time.perf_counter()
     encoded, base_model = prepare(config, tasks, model, processor)
+    config = config.replace(heads=default_heads(config, base_model))
     say(
         f"{config.name}: {config.scenario}-incremental, {len(encoded)} tasks "
         f"{[t.name for t in encoded]}, {sum(len(t.train) for t in encoded)} train / "

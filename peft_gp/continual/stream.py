@@ -23,7 +23,7 @@ from ..wiring.memory_data import example_lengths
 from ..wiring.state import get_memory, get_state
 from .config import RunConfig, RunConfigError
 from .evaluation import collate_batch
-from .heads import MaskedCrossEntropy, prediction_classes, training_classes
+from .heads import MaskedCrossEntropy, default_heads, prediction_classes, training_classes
 from .loading import peft_config_for
 from .paradigms import build_peft_model
 from .results import HEAD_LABELS, MethodResult
@@ -123,6 +123,7 @@ def train_stream(
 ) -> tuple[MethodResult, dict[str, torch.Tensor]]:
     """Train ``tasks`` in order on a copy of ``base_model``; evaluate after each. Returns the result and the initial
     trainable weights (to check that compared methods start alike)."""
+    config = config.replace(heads=default_heads(config, base_model))
     peft_config = peft_config_for(config, tasks, base_model, gp)
     torch.manual_seed(config.seed)  # same adapter initialisation for every method
     model = build_peft_model(copy.deepcopy(base_model), peft_config)
@@ -194,6 +195,7 @@ def evaluate_seen(
 def frozen_stream(base_model: nn.Module, tasks: Sequence[Task], config: RunConfig, say=print) -> MethodResult:
     """The frozen encoder with each statistics head: no training, the statistics of each task taken when it arrives
     (a LoRA model with ``lora_B = 0`` computes exactly the base model's features)."""
+    config = config.replace(heads=default_heads(config, base_model))
     frozen = config.replace(heads=config.statistics_heads, paradigm="lora",
                             paradigm_kwargs=config.paradigm_kwargs if config.paradigm == "lora" else {})  # fmt: skip
     torch.manual_seed(config.seed)
