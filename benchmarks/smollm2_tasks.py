@@ -83,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gp-memory-samples", type=int, default=None, help="examples per memory update (128)")
     parser.add_argument("--gp-modules-to-save", choices=["project", "freeze", "train"], default="train",
                         help="the shared head under GP (default train: see the module docstring)")
+    parser.add_argument("--gp-task-slices", type=int, default=None, help="per-task LoRA slices (issue 20)")
+    parser.add_argument("--gp-max-basis-rank", type=int, default=None, help="cap of each basis' columns (issue 23)")
+    parser.add_argument("--no-baseline", action="store_true", help="GP-LoRA only (no plain LoRA run)")
     parser.add_argument("--data-dir", default=str(FORTUNES_DIR), help="folder of the topic files")
     parser.add_argument("--model", default="smollm2", help="model folder or built-in alias (default smollm2)")
     parser.add_argument("--output", default=None, help="JSON record (default benchmarks/results/smollm2_tasks.json)")
@@ -108,7 +111,9 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         paradigm="lora",
         paradigm_kwargs={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         gp=True,
-        compare_baseline=True,
+        compare_baseline=not args.no_baseline,
+        gp_task_slices=args.gp_task_slices,
+        gp_kwargs={} if args.gp_max_basis_rank is None else {"gp_max_basis_rank": args.gp_max_basis_rank},
         **stream_settings(args, gp_memory_samples=args.gp_memory_samples, eval_batch_size=args.batch_size,
                           save_adapters=True, plots=False),
     )
@@ -136,18 +141,19 @@ def cost(run) -> dict:
     proper (without it), and ``train_time_ratio_with_memory`` compares the whole of it."""
     gp, plain = run.main, run.baseline
     train_gp = [t["train_seconds"] for t in gp.tasks]
-    train_plain = [t["train_seconds"] for t in plain.tasks]
+    train_plain = [t["train_seconds"] for t in plain.tasks] if plain is not None else []
     memory = [t.get("memory_update_seconds", 0.0) for t in gp.tasks]
     training_gp = sum(train_gp) - sum(memory)
     memory_file = Path(run.paths["adapter_gp"]) / MEMORY_FILE
     return {
         "train_seconds_gp": train_gp,
         "train_seconds_plain": train_plain,
-        "train_time_ratio": training_gp / sum(train_plain),
-        "train_time_ratio_with_memory": sum(train_gp) / sum(train_plain),
+        "train_time_ratio": training_gp / sum(train_plain) if train_plain else None,
+        "train_time_ratio_with_memory": sum(train_gp) / sum(train_plain) if train_plain else None,
         "memory_update_seconds": memory,
         "memory_update_share": sum(memory) / training_gp,
         "memory_file_bytes": memory_file.stat().st_size,
+        "adapter_file_bytes": (Path(run.paths["adapter_gp"]) / "adapter_model.safetensors").stat().st_size,
     }
 
 
@@ -168,12 +174,16 @@ def main(argv=None) -> dict:
     spent = cost(run)
     print()
     print(comparison_text(run))
+    if spent["train_time_ratio"] is not None:
+        print(
+            f"\ncost: training GP/plain {spent['train_time_ratio']:.2f}x without the memory updates, "
+            f"{spent['train_time_ratio_with_memory']:.2f}x with them ({sum(spent['train_seconds_gp']):.0f}s / "
+            f"{sum(spent['train_seconds_plain']):.0f}s)"
+        )
     print(
-        f"\ncost: training GP/plain {spent['train_time_ratio']:.2f}x without the memory updates, "
-        f"{spent['train_time_ratio_with_memory']:.2f}x with them ({sum(spent['train_seconds_gp']):.0f}s / "
-        f"{sum(spent['train_seconds_plain']):.0f}s); memory updates {sum(spent['memory_update_seconds']):.1f}s = "
-        f"{100 * spent['memory_update_share']:.1f}% of GP's training proper; {MEMORY_FILE} "
-        f"{spent['memory_file_bytes'] / 2**20:.2f} MiB"
+        f"memory updates {sum(spent['memory_update_seconds']):.1f}s = {100 * spent['memory_update_share']:.1f}% of "
+        f"GP's training proper; {MEMORY_FILE} {spent['memory_file_bytes'] / 2**20:.2f} MiB, "
+        f"{spent['memory_file_bytes'] / spent['adapter_file_bytes']:.1f}x the adapter"
     )
     total = time.perf_counter() - began
     print(f"total time {total:.0f}s; 1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")

@@ -182,6 +182,20 @@ def test_runs_with_task_slices_give_each_task_the_baseline_s_rank(tmp_path):
         RunConfig(paradigm="prompt", gp_task_slices=2)
 
 
+
+def test_gp_kwargs_reach_the_gp_config_only_and_bad_ones_are_refused():
+    tasks, model = id_stream()
+    config = RunConfig(name="kwargs", scenario="task", gp_kwargs={"gp_max_basis_rank": 3, "gp_update_budget_gb": 1.0})
+    gp_config = peft_config_for(config, tasks, model, gp=True)
+    assert (gp_config.gp_max_basis_rank, gp_config.gp_update_budget_gb) == (3, 1.0)
+    assert type(peft_config_for(config, tasks, model, gp=False)).__name__ == "LoraConfig"
+    assert RunConfig.from_dict(config.to_dict()).gp_kwargs == config.gp_kwargs
+    with pytest.raises(RunConfigError, match="gp_kwargs must map arguments of the GP configs"):
+        RunConfig(gp_kwargs={"gp_max_rank": 3})
+    with pytest.raises(RunConfigError, match="gp_max_basis_rank must be a positive integer"):
+        RunConfig(gp_kwargs={"gp_max_basis_rank": 0})
+
+
 VIT_KWARGS = {"lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}, "prompt": {"num_virtual_tokens": 4},
               "prefix": {"num_virtual_tokens": 4}}  # fmt: skip
 

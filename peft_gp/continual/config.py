@@ -71,6 +71,8 @@ class RunConfig:
         gp_task_slices: LoRA and the adapter: per-task slices for the GP run (``gp_task_slices`` of the configs), each
             as wide as ``paradigm_kwargs``' rank (bottleneck), so each task trains like the baseline's adapter; the GP
             adapter's total rank is that times ``gp_task_slices`` (``lora_alpha`` scaled alike). ``None``: one shared.
+        gp_kwargs: Further ``gp_*`` arguments of the GP run's config only (``gp_max_basis_rank``,
+            ``gp_update_budget_gb``, ...; see ``peft_gp.GPConfigMixin``), checked like the fields above.
         heads: Which heads each method is evaluated with, the first one being the method's main result:
             ``trained`` (the classification head trained with the tasks), or a replay-free head built from class
             statistics taken when each task ends (the head's input per class, over the memory sample of
@@ -134,6 +136,7 @@ class RunConfig:
     gp_modules_to_save: str | None = None
     gp_importance_scale: float | None = None
     gp_task_slices: int | None = None
+    gp_kwargs: dict[str, Any] = field(default_factory=dict)
     heads: list[str] | None = None
     compare_frozen: bool = False
     epochs: float = 5.0
@@ -159,6 +162,12 @@ class RunConfig:
         if self.head_masking is not None and self.head_masking not in HEAD_MASKING:
             raise RunConfigError(f"head_masking must be one of {HEAD_MASKING} (or null), got {self.head_masking!r}.")
         settings = {name: getattr(self, name) for name in GP_DEFAULTS if getattr(self, name, None) is not None}
+        extra = self.gp_kwargs
+        if not isinstance(extra, dict) or any(key not in GP_DEFAULTS for key in extra):
+            raise RunConfigError(
+                f"gp_kwargs must map arguments of the GP configs ({sorted(GP_DEFAULTS)}) to values, got {extra!r}."
+            )
+        settings |= extra
         try:
             check_gp_settings(settings)  # the configs' own checks: one source of truth
         except (TypeError, ValueError) as error:

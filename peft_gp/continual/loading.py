@@ -111,7 +111,7 @@ def gp_settings_of(config: RunConfig) -> dict:
     settings = {name: getattr(config, name) for name in GP_FIELDS}
     settings["gp_modules_to_save"] = config.modules_to_save_policy
     optional = {"gp_importance_scale": config.gp_importance_scale, "gp_task_slices": config.gp_task_slices}
-    return settings | {name: value for name, value in optional.items() if value is not None}
+    return settings | {name: value for name, value in optional.items() if value is not None} | config.gp_kwargs
 
 
 def peft_config_for(config: RunConfig, tasks: Sequence[Task], base_model: nn.Module, gp: bool):
