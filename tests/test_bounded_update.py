@@ -14,6 +14,7 @@ from peft_gp.wiring.passes import input_bytes, memory_passes, pack, rereadable
 from peft_gp.wiring.state import get_state
 
 from .test_shared_bases import batches, llama, lora_llama
+from .testing import lm_outputs_around_task2
 
 TINY = 1e-6  # GB: every unit of groups over budget, a pass each
 
@@ -76,23 +77,7 @@ def test_old_outputs_stay_after_a_multi_pass_update():
                                                          gp_threshold=1.0, gp_update_budget_gb=TINY))  # fmt: skip
     old = {"input_ids": batches(0)[0]["input_ids"][:2, :], "attention_mask": torch.ones(2, 6, dtype=torch.long)}
     peft_gp.update_memory(model, (batch for batch in [old]))
-    model.eval()
-    with torch.no_grad():
-        before = model(**old).logits
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    peft_gp.GPProjector(model).attach(optimizer)
-    new = batches(1)[0]
-    model.train()
-    losses = []
-    for _ in range(10):
-        loss = model(**new, labels=new["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    with torch.no_grad():
-        after = model(**old).logits
+    before, after, losses = lm_outputs_around_task2(model, old, batches(1)[0])
     assert losses[-1] < losses[0]
     assert (after - before).abs().max() <= 1e-4 * before.abs().max()
 

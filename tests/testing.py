@@ -41,7 +41,7 @@ from transformers import (  # noqa: E402
 )
 from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 
-from peft_gp import GPAdapterConfig, GPLoraConfig  # noqa: E402
+from peft_gp import GPAdapterConfig, GPLoraConfig, GPProjector  # noqa: E402
 from peft_gp.wiring.grams import collect_grams  # noqa: E402
 from peft_gp.wiring.memory import GPMemory  # noqa: E402
 from peft_gp.wiring.memory_file import IMPORTANCE_SUFFIX  # noqa: E402
@@ -297,6 +297,21 @@ def train_steps(model, batch, steps: int, optimizer=None, lr: float = 1e-2) -> l
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def lm_outputs_around_task2(model, old: dict, new: dict, steps: int = 10) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The exactness tests' run on a causal LM whose memory holds task 1: its logits on ``old`` before and after
+    ``steps`` projected AdamW steps (weight decay 0.1) of language modelling on ``new``, and the losses."""
+    model.eval()
+    with torch.no_grad():
+        before = model(**old).logits
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    GPProjector(model).attach(optimizer)
+    losses = train_steps(model, {**new, "labels": new["input_ids"]}, steps, optimizer)
+    model.eval()
+    with torch.no_grad():
+        after = model(**old).logits
+    return before, after, losses
 
 
 # ---- a tiny BERT's two classification tasks, and Trainer settings -----------------------------------------------

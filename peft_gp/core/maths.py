@@ -38,7 +38,7 @@ def threshold_for_task(threshold: float, increment: float, task_id: int) -> floa
 
 
 @contextmanager
-def _one_thread(device: torch.device):
+def one_thread(device: torch.device):
     """Run a decomposition on one CPU thread. For d in the hundreds an eigendecomposition takes ~0.02 s either way,
     but with several OpenMP threads on a loaded machine the spinning workers stretched it to seconds (measured: 5 s for
     d = 384); and one thread gives the same bits whatever the process's thread setting (``complement``)."""
@@ -54,8 +54,8 @@ def _one_thread(device: torch.device):
 
 
 def _sorted_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenpairs by decreasing eigenvalue (on one CPU thread, ``_one_thread``)."""
-    with _one_thread(gram.device):
+    """Eigenpairs by decreasing eigenvalue (on one CPU thread, ``one_thread``)."""
+    with one_thread(gram.device):
         eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     eigenvalues = eigenvalues.flip(0).clamp_min(0.0)
     return eigenvalues, eigenvectors.flip(1)
@@ -130,17 +130,31 @@ def grow_basis(
     room = dim if max_rank is None else min(dim, max_rank)
     if captured_before >= threshold or basis.shape[1] >= room:
         return basis, {"captured_before": captured_before, "captured_after": captured_before, "added": 0}
-
     eigenvalues, eigenvectors = _sorted_eigh(residual)
+    return add_directions(basis, eigenvalues, eigenvectors, captured_before, total, threshold, room)
+
+
+def add_directions(
+    basis: torch.Tensor,
+    eigenvalues: torch.Tensor,
+    eigenvectors: torch.Tensor,
+    captured_before: float,
+    total: float,
+    threshold: float,
+    room: int,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GPM's rule: the residual's leading eigenvectors (``eigenvalues`` decreasing, ``eigenvectors`` ``(d, m)``) are
+    added to ``basis`` until ``captured_before`` plus their energies over ``total`` reaches ``threshold``, at most
+    ``room`` columns in all, never an eigenvalue below ``RELATIVE_EIGEN_TOLERANCE · total``; orthonormalised against
+    ``basis``. Returns the grown basis and ``grow_basis``'s report."""
     significant = int((eigenvalues > RELATIVE_EIGEN_TOLERANCE * total).sum().item())
     captured = captured_before + torch.cumsum(eigenvalues, 0) / total
     # smallest k with captured share >= threshold (tiny slack for the rounding of cumsum)
     reached = (captured >= threshold - 1e-12).nonzero()
-    needed = int(reached[0].item()) + 1 if len(reached) else dim
+    needed = int(reached[0].item()) + 1 if len(reached) else eigenvalues.shape[0]
     added = min(needed, significant, room - basis.shape[1])
-    if added == 0:
+    if added <= 0:
         return basis, {"captured_before": captured_before, "captured_after": captured_before, "added": 0}
-
     new_directions = orthonormal_against(eigenvectors[:, :added], basis)
     grown = torch.cat([basis, new_directions], dim=1)
     captured_after = captured[added - 1].item()
@@ -173,7 +187,7 @@ def complement(basis: torch.Tensor) -> torch.Tensor:
     dim, width = matrix.shape
     if width == 0:
         return torch.eye(dim, dtype=torch.float64)
-    with _one_thread(matrix.device):
+    with one_thread(matrix.device):
         full = torch.linalg.qr(matrix, mode="complete").Q
     return full[:, width:].contiguous()
 

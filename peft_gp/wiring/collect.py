@@ -20,6 +20,7 @@ from .guard import GPCapacityWarning
 from .memory_file import GPMemoryError
 from .passes import memory_passes
 from .sharding import full, write
+from .sketches import has_features, is_sketch, sketch_rows, sketch_specs
 from .slices import prepare_slices
 from .state import get_state
 
@@ -60,7 +61,8 @@ def update_memory(
     max_samples = config.gp_memory_samples if max_samples is None else max_samples
     observer = _statistics_observer(peft_model, adapter_name, config)
     threshold = maths.threshold_for_task(config.gp_threshold, config.gp_threshold_increment, memory.tasks_seen)
-    passes, batches = memory_passes(model, groups, batches, config.gp_update_budget_gb, max_samples)
+    sketched = sketch_rows(groups, config.gp_sketch_above, config.gp_sketch_rows)
+    passes, batches = memory_passes(model, groups, batches, config.gp_update_budget_gb, max_samples, sketched)
     parts, fingerprint, moved = _grow_passes(model, passes, batches, max_samples, observer, state, config, threshold)
     if observer is not None and not observer.stats.labels:
         raise GPMemoryError(
@@ -87,12 +89,14 @@ def _grow_passes(model, passes, batches, max_samples, observer, state, config, t
     memory, parts, digests, moved, reached = state.memory, [], {}, [], False
     caps = rank_caps(list(memory.dims), config.gp_max_basis_rank)
     device = "cpu" if len(passes) > 1 else None
+    on = next(p.device for p in unwrap_peft_model(model).parameters())  # where the collector puts its sums
     for number, groups in enumerate(passes):
         exact: dict[str, torch.Tensor] = {}
         observers = [observer] if observer is not None and number == 0 else []
+        sketches = sketch_specs(groups, memory.bases, config.gp_sketch_above, config.gp_sketch_rows, on)
         grams, _ = collect_grams(model, groups, batches, max_samples=max_samples, exact_grams=exact,
-                                 observers=observers, require_features=False)  # fmt: skip
-        reached = reached or any(torch.any(gram != 0) for gram in grams.values())
+                                 observers=observers, require_features=False, sketches=sketches)  # fmt: skip
+        reached = reached or any(has_features(gram) for gram in grams.values())
         digests.update(_fingerprint_parts({**grams, **{f"{name}#exact": gram for name, gram in exact.items()}}))
         pass_moved, totals = _idle_input_sides(groups, grams, memory, threshold, caps)
         moved += pass_moved
@@ -153,9 +157,13 @@ def _unchanged_report(memory, parts: list) -> dict[str, dict[str, float]]:
 
 
 def _fingerprint_parts(grams: dict[str, torch.Tensor]) -> dict[str, bytes]:
-    """Per Gram, what the task's fingerprint reads of it: its diagonal and column sums."""
+    """Per Gram, what the task's fingerprint reads of it: its diagonal and column sums (of a sketch: its features'
+    exact sums and sums of squares)."""
     parts = {}
     for name, gram in grams.items():
+        if is_sketch(gram):
+            parts[name] = gram.fingerprint()
+            continue
         gram = gram.detach().to("cpu", torch.float64)
         parts[name] = gram.diagonal().numpy().tobytes() + gram.sum(0).numpy().tobytes()
     return parts
@@ -184,8 +192,8 @@ def _idle_input_sides(groups, grams, memory, threshold, caps) -> tuple[list, dic
         side = group.output_side
         if side is None or side.bias is not None or group.index is not None or group.transpose:
             continue
-        if torch.any(full(side.weight) != 0):
-            continue
+        if torch.any(full(side.weight) != 0) or is_sketch(grams[group.name]) or is_sketch(grams[side.name]):
+            continue  # a sketched side keeps both bases the usual way: no Gram to carry through A
         key = (id(grams[group.name]), id(memory.bases[group.name]))  # groups sharing a Gram and basis: grown once
         if key not in grown:
             grown[key] = maths.grow_basis(grams[group.name], memory.bases[group.name].to(grams[group.name].device),

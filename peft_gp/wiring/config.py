@@ -46,6 +46,15 @@ class GPConfigMixin:
             first tasks' directions stay and each task adds its highest-energy ones until the cap. Protection is
             then partial: features beyond the cap's directions are not protected (``gp_threshold=1.0`` is no longer
             exact). The file then holds at most ``cap · d`` floats per input. ``None`` (default): no cap.
+        gp_sketch_above: Inputs read by LoRA or adapter layers whose feature dimension ``d`` is above this (Llama's
+            14336-wide ``down_proj``) stream their residual features (outside the old basis) into a Frequent
+            Directions sketch ``B`` of ``gp_sketch_rows`` rows instead of a ``d × d`` Gram: ``2ℓ · d`` float64 and an
+            SVD of a ``2ℓ × d`` matrix instead of ``d²`` and an eigendecomposition. The energies the threshold reads
+            stay exact; the new directions are ``B``'s top right singular vectors. For any unit ``x`` and ``k < ℓ``,
+            ``0 ≤ ‖Ax‖² − ‖Bx‖² ≤ ‖A − A_k‖_F² / (ℓ − k)`` (``A``: the residual features): features of rank
+            ``< ℓ`` are captured exactly. Merged over processes under DDP/FSDP2. Not with ``gp_importance_scale``.
+            ``None`` (default): every input keeps its Gram.
+        gp_sketch_rows: ``ℓ``, the rows a sketch keeps (its buffer holds ``2ℓ``; default 512).
     """
 
     gp_threshold: float = field(
@@ -91,6 +100,12 @@ class GPConfigMixin:
         default=None,
         metadata={"help": "Most columns per basis (int or {name regex: int}); protection then partial. None: no cap."},
     )
+
+    gp_sketch_above: int | None = field(
+        default=None,
+        metadata={"help": "Inputs wider than this get a Frequent Directions sketch instead of a Gram; None: none."},
+    )
+    gp_sketch_rows: int = field(default=512, metadata={"help": "Rows (ell) of each Frequent Directions sketch."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -78,6 +78,21 @@ def check_update_settings(settings: dict) -> None:
             _positive_int(f"gp_max_basis_rank[{pattern!r}]", value, "")
     elif cap is not None:
         _positive_int("gp_max_basis_rank", cap, ", a dict of name pattern -> positive integer, or None")
+    check_sketch_settings(settings)
+
+
+def check_sketch_settings(settings: dict) -> None:
+    """Check ``gp_sketch_above`` and ``gp_sketch_rows`` (and that the sketch goes without SGP importances)."""
+    above = settings.get("gp_sketch_above")
+    if above is not None:
+        _positive_int("gp_sketch_above", above, " (inputs wider than this are sketched) or None")
+    if "gp_sketch_rows" in settings:
+        _positive_int("gp_sketch_rows", settings["gp_sketch_rows"], " (the rows ℓ of each sketch)")
+    if above is not None and settings.get("gp_importance_scale") is not None:
+        raise ValueError(
+            "gp_sketch_above cannot go with gp_importance_scale: SGP's importances need each direction's energy in "
+            "the task's Gram matrix, which a sketched input does not keep. Drop one of the two."
+        )
 
 
 def rank_caps(names: list[str], setting: int | dict[str, int] | None) -> dict[str, int | None]:

@@ -18,9 +18,12 @@ from torch import nn
 
 from ..core import maths
 from ..core.peft_utils import unwrap_peft_model
+from ..core.sketch import FrequentDirections
+from .batches import cut_batch, decoder_mask, same_tensor, to_device
 from .groups import ProjectedGroup
 from .memory import GPMemoryError
 from .shared_grams import ForwardInputs, SharedGrams
+from .sketches import SketchSpec, has_features, is_sketch, merge_across_processes
 
 NO_FEATURES_MESSAGE = (
     "No features reached the adapter during the memory update: is the adapter active (model.set_adapter(...)) and "
@@ -35,59 +38,6 @@ def non_finite_message(name: str) -> str:
     )
 
 
-def decoder_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-    """Which decoder input positions of an encoder-decoder batch hold tokens (not padding).
-
-    ``decoder_attention_mask`` when given; else, as the decoder inputs are ``labels`` shifted right (T5, BART, and
-    ``DataCollatorForSeq2Seq``'s ``decoder_input_ids``), the start token and every position whose previous label is
-    not ``-100``.
-    """
-    mask = batch.get("decoder_attention_mask")
-    if isinstance(mask, torch.Tensor):
-        return mask.bool()
-    labels, decoder_inputs = batch.get("labels"), batch.get("decoder_input_ids")
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
-        return None
-    if isinstance(decoder_inputs, torch.Tensor) and decoder_inputs.shape != labels.shape:
-        return None  # decoder inputs that are not the labels shifted right: no mask known
-    shifted = torch.ones_like(labels, dtype=torch.bool)
-    shifted[:, 1:] = labels[:, :-1] != -100
-    return shifted
-
-
-def _same_tensor(inputs: torch.Tensor, other) -> bool:
-    """``inputs`` is ``other`` or a same-shaped alias of it (an identity dropout or dtype cast passes it through)."""
-    if not isinstance(other, torch.Tensor):
-        return False
-    return inputs is other or (inputs.shape == other.shape and inputs.data_ptr() == other.data_ptr())
-
-
-def _batch_size(batch: Mapping) -> int:
-    for value in batch.values():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
-    raise ValueError("A memory batch holds no tensor: batches must be dicts of tensors (as a DataLoader yields).")
-
-
-def _head(value, size: int):
-    return value[:size] if isinstance(value, torch.Tensor) and value.dim() > 0 else value
-
-
-def cut_batch(batch: dict, seen: int, max_samples: int | None) -> tuple[dict, int]:
-    """``batch`` cut to the examples left under ``max_samples`` after ``seen``, and its number of examples."""
-    size = _batch_size(batch)
-    if max_samples is not None and seen + size > max_samples:
-        size = max_samples - seen
-        batch = {k: _head(v, size) for k, v in batch.items()}
-    return batch, size
-
-
-def _to_device(batch, device):
-    if isinstance(batch, Mapping):
-        return {key: _to_device(value, device) for key, value in batch.items()}
-    return batch.to(device) if isinstance(batch, torch.Tensor) else batch
-
-
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -95,8 +45,12 @@ def _distributed() -> bool:
 class GramCollector:
     """The forward hooks of one memory update and the float64 Gram matrices they fill."""
 
-    def __init__(self, model: nn.Module, groups: list[ProjectedGroup], observers: list | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, groups: list[ProjectedGroup], observers: list | None = None,
+        sketches: dict[str, SketchSpec] | None = None,
+    ) -> None:  # fmt: skip
         self.model, self.groups, self.observers = model, groups, list(observers or [])
+        self.sketches = dict(sketches or {})  # groups whose input is sketched (``sketches``), not summed in a Gram
         self.peft_model = unwrap_peft_model(model)
         self.base_model = self.peft_model.get_base_model()
         self.encoder_decoder = bool(getattr(getattr(self.base_model, "config", None), "is_encoder_decoder", 0))
@@ -117,7 +71,7 @@ class GramCollector:
     # ---- hooks -------------------------------------------------------------------------------------------------
 
     def _mask_for(self, inputs: torch.Tensor) -> torch.Tensor | None:
-        return self.masks.get("encoder") if _same_tensor(inputs, self.masks.get("encoder_output")) else self.mask
+        return self.masks.get("encoder") if same_tensor(inputs, self.masks.get("encoder_output")) else self.mask
 
     def gram_of(self, group: ProjectedGroup, inputs: torch.Tensor, masked: bool) -> torch.Tensor | None:
         rows = group.features(inputs.detach(), self._mask_for(inputs) if masked else None)  # padding left out
@@ -128,6 +82,9 @@ class GramCollector:
                 raise GPMemoryError(non_finite_message(group.name))
             self.non_finite.append(group.name)  # raised on every rank after the all-reduce, not here
             return None
+        spec = self.sketches.get(group.name)
+        if spec is not None:
+            return FrequentDirections.of_rows(rows, spec.rows, spec.basis)
         return maths.feature_gram(rows)
 
     def input_hook(self, group: ProjectedGroup):
@@ -137,7 +94,9 @@ class GramCollector:
                 return
             # Sibling layers often read the very same tensor (LoRA on q/k/v): one Gram serves them all, and the
             # groups that receive the same inputs in every pass keep one Gram sum and one basis (shared_grams).
-            kind = (group.feature_key, id(self._mask_for(inputs)))
+            # A sketch holds residual rows: only groups with one old basis may share it (``SketchSpec.key``).
+            spec = self.sketches.get(group.name)
+            kind = (group.feature_key, id(self._mask_for(inputs)), None if spec is None else (spec.rows, spec.key))
             index = self.inputs.find(inputs, kind)
             if index is None:
                 gram = self.gram_of(group, inputs, masked=True)
@@ -194,7 +153,7 @@ class GramCollector:
     # ---- the pass ----------------------------------------------------------------------------------------------
 
     def run_batch(self, batch: dict) -> None:
-        batch = _to_device(batch, self.device)
+        batch = to_device(batch, self.device)
         mask = batch.get("attention_mask")
         self.mask = mask.bool() if isinstance(mask, torch.Tensor) else None
         if self.encoder_decoder:
@@ -231,15 +190,25 @@ class GramCollector:
             where = self.non_finite[0] if self.non_finite else "an adapted layer (another rank)"
             raise GPMemoryError(non_finite_message(where))
         self.shared.agree(lambda leaders: _min_max(leaders.to(self.device)))
-        self.shared.fill(self.dims, self.device)
+        self.shared.fill(self.dims, self.device, self.empty)
         for gram in [*self.shared.distinct(), *self.grams.values(), *self.exact_grams.values()]:
-            dist.all_reduce(gram)
+            if is_sketch(gram):
+                merge_across_processes(gram)  # sketches merge, they do not add up
+            else:
+                dist.all_reduce(gram)
         return int(flags[0].item())
 
     def result(self) -> dict[str, torch.Tensor]:
-        """Every group's Gram matrix; groups that read the same inputs map to the same tensor."""
-        self.shared.fill(self.dims, self.device)
+        """Every group's Gram matrix (or sketch); groups that read the same inputs map to the same tensor."""
+        self.shared.fill(self.dims, self.device, self.empty)
         return {**self.shared.by_name(), **self.grams}
+
+    def empty(self, name: str):
+        """What a group no input reached holds: a zero Gram matrix, or an empty sketch."""
+        spec = self.sketches.get(name)
+        if spec is None:
+            return torch.zeros(self.dims[name], self.dims[name], dtype=torch.float64, device=self.device)
+        return FrequentDirections(self.dims[name], spec.rows, spec.basis)
 
 
 def _min_max(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,13 +227,15 @@ def collect_grams(
     exact_grams: dict[str, torch.Tensor] | None = None,
     observers: list | None = None,
     require_features: bool = True,
+    sketches: dict[str, SketchSpec] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Stream ``batches`` through ``model`` (eval mode, no grad); each group's float64 Gram matrix and the examples
     seen. Groups that received the same inputs in every batch map to one tensor (``shared_grams``). Features a source
     marks ``exact`` (kept whole, e.g. prompt rows) go to ``exact_grams`` when given (added to the rest otherwise).
     ``observers`` (objects whose ``attach()`` returns a handle) watch the same pass (class statistics). Raises
-    ``GPMemoryError`` when no example or (with ``require_features``) no feature arrived, or one was not finite."""
-    collector = GramCollector(model, groups, observers)
+    ``GPMemoryError`` when no example or (with ``require_features``) no feature arrived, or one was not finite.
+    ``sketches`` (``sketches.sketch_specs``): groups that get a Frequent Directions sketch instead of a Gram."""
+    collector = GramCollector(model, groups, observers, sketches)
     seen = collector.run(batches, max_samples)
     if collector.distributed:
         seen = collector.reduce(seen)
@@ -274,7 +245,7 @@ def collect_grams(
             "Nothing was stored."
         )
     grams = collector.result()
-    if require_features and not any(torch.any(gram != 0) for gram in grams.values()):
+    if require_features and not any(has_features(gram) for gram in grams.values()):
         raise GPMemoryError(NO_FEATURES_MESSAGE)
     if exact_grams is None:
         for name, gram in collector.exact_grams.items():

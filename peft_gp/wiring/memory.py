@@ -11,6 +11,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from ..core import maths
 from ..core.files import atomic_write_bytes
+from ..core.sketch import FrequentDirections, grow_from_sketch
 from .memory_file import FORMAT_VERSION, IMPORTANCE_SUFFIX, GPMemoryError, read_memory_file
 
 GP_MEMORY_NAME = "gp_memory.safetensors"
@@ -97,7 +98,8 @@ class GPMemory:
         exact_grams: dict[str, torch.Tensor] | None = None, importance_scale: float | None = None,
         max_ranks: dict[str, int | None] | None = None, device: torch.device | str | None = None,
     ) -> GrownBases:  # fmt: skip
-        """The new bases of the groups in ``grams`` (``update``'s arguments), not yet in the memory (``commit``).
+        """The new bases of the groups in ``grams`` (``update``'s arguments), not yet in the memory (``commit``). A
+        value of ``grams`` may be a Frequent Directions sketch of the residual features (``gp_sketch_above``).
 
         ``max_ranks``: per group, the most columns its basis keeps (``gp_max_basis_rank``; a class of groups sharing
         a basis takes its smallest). ``device``: where the new bases are kept (default: the Gram's)."""
@@ -127,6 +129,9 @@ class GPMemory:
         """One class's new basis (float64), its importances (``None`` without SGP) and its growth report."""
         old = self.bases[name].to(gram.device)
         total = (total_energies or {}).get(name)
+        if isinstance(gram, FrequentDirections):  # gp_sketch_above: no importances, no exact features (checked)
+            grown, stats = grow_from_sketch(gram, old, threshold, total_energy=total, max_rank=cap)
+            return grown, None, stats
         grown, stats = maths.grow_basis(gram, old, threshold, total_energy=total, max_rank=cap)
         importance = None
         if importance_scale is not None:

@@ -18,8 +18,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, RandomSampler
 
-from .grams import GramCollector, cut_batch
+from .batches import cut_batch
+from .grams import GramCollector
 from .groups import ProjectedGroup
+from .sketches import sketch_bytes
 
 GB = 1e9
 GRAM_BYTES = 8  # float64
@@ -70,13 +72,16 @@ def pack(units: list[list[str]], costs: list[int], budget: float | None) -> list
     return passes
 
 
-def unit_costs(units: list[list[str]], classes: list[list[str]], dims: dict) -> list[int]:
-    """Each unit's bytes while streaming: one ``input_bytes`` per class of groups reading one input."""
+def unit_costs(units: list[list[str]], classes: list[list[str]], dims: dict, sketched: dict | None = None) -> list:
+    """Each unit's bytes while streaming: one ``input_bytes`` per class of groups reading one input, or for an input
+    sketched with ``ℓ = sketched[name]`` rows its ``sketch_bytes``."""
     leader = {name: members[0] for members in classes for name in members}
+    sketched = sketched or {}
     costs = []
     for members in units:
         inputs = dict.fromkeys(leader.get(name, name) for name in members)
-        costs.append(sum(input_bytes(dims[name]) for name in inputs))
+        costs.append(sum(sketch_bytes(dims[name], sketched[name]) if name in sketched else input_bytes(dims[name])
+                         for name in inputs))  # fmt: skip
     return costs
 
 
@@ -113,19 +118,21 @@ def rereadable(batches: Iterable, max_samples: int | None) -> Iterable:
 
 
 def memory_passes(
-    model, groups: list[ProjectedGroup], batches: Iterable, budget_gb: float | None, max_samples: int | None
-) -> tuple[list[list[ProjectedGroup]], Iterable]:
-    """The groups of each pass of a memory update under ``budget_gb`` and the batches to stream once per pass."""
+    model, groups: list[ProjectedGroup], batches: Iterable, budget_gb: float | None, max_samples: int | None,
+    sketched: dict[str, int] | None = None,
+) -> tuple[list[list[ProjectedGroup]], Iterable]:  # fmt: skip
+    """The groups of each pass of a memory update under ``budget_gb`` and the batches to stream once per pass;
+    ``sketched``: ``{group: ℓ}`` of the inputs sketched (``sketches.sketch_rows``), costed as their sketches."""
     budget = None if budget_gb is None else budget_gb * GB
     dims = {group.name: group.dim for group in groups}
     alone = [[group.name] for group in groups]
-    if budget is None or sum(unit_costs(alone, alone, dims)) <= budget:
+    if budget is None or sum(unit_costs(alone, alone, dims, sketched)) <= budget:
         return [groups], batches  # everything fits, even unshared: one pass, no probe
     batches = rereadable(batches, max_samples)
     first = next(iter(batches), None)
     classes = alone if first is None else probe_classes(model, groups, first)
     joined = units(groups, classes)
-    names = pack(joined, unit_costs(joined, classes, dims), budget)
+    names = pack(joined, unit_costs(joined, classes, dims, sketched), budget)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         shared = [names]
         dist.broadcast_object_list(shared, src=0)  # every process streams the same passes

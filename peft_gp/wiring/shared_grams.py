@@ -105,16 +105,18 @@ class SharedGrams:
                 classes.append((part, total if position == 0 or total is None else total.clone()))
         self.classes = classes
 
-    def fill(self, dims: dict[str, int], device) -> None:
-        """Give the groups that received no input a zero Gram, one per dimension (they may differ in it)."""
+    def fill(self, dims: dict[str, int], device, empty: Callable[[str], object] | None = None) -> None:
+        """Give the groups that received no input a zero Gram, one per dimension (they may differ in it); ``empty``
+        makes it from the name of the first group of that dimension (an empty sketch, ``wiring.sketches``)."""
         classes = []
         for members, total in self.classes:
             if total is not None:
                 classes.append((members, total))
                 continue
             for dim in dict.fromkeys(dims[name] for name in members):
-                zeros = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-                classes.append(([name for name in members if dims[name] == dim], zeros))
+                same = [name for name in members if dims[name] == dim]
+                zeros = torch.zeros(dim, dim, dtype=torch.float64, device=device) if empty is None else empty(same[0])
+                classes.append((same, zeros))
         self.classes = classes
 
     def distinct(self) -> list[torch.Tensor]:
