@@ -15,6 +15,7 @@ them, and each shared basis is costed once, on the layer of its first group.
   Grams fit ``gp_update_budget_gb`` (``wiring.passes``); per pass its Grams, its widest eigendecomposition
   (``core.maths.grow_basis``: about ``5 d²`` float64 measured on CPU) and its new float32 bases (``plan_update``);
 * ``gp_max_basis_rank``: no basis wider than its cap, in the file, on the device and in the projection's FLOPs;
+* ``gp_sketch_above``: a sketched input holds a ``2ℓ × d`` float64 sketch and an SVD of it, not a Gram and its eigh;
 * projection: per optimizer step and group, ``(G M) Mᵀ`` costs ``4 · rows · d · k`` FLOPs, twice in ``"update"``
   mode (the gradient and the step); the bases stay on the device in float32 during training, one copy per shared
   basis.
@@ -45,6 +46,7 @@ from .plan_sources import (
 from .plan_update import held_bytes, update_cost
 from .wiring.gp_settings import rank_caps
 from .wiring.memory import GPMemory
+from .wiring.sketches import sketch_rows
 from .wiring.state import get_state
 
 __all__ = ["GPPlan", "LayerPlan", "PlanError", "plan", "plan_peft_model", "safetensors_bytes"]
@@ -189,6 +191,7 @@ def plan_peft_model(model, fill: float | Mapping[str, float] = 1.0, adapter_name
     ks_worst = {name: k if scaled or 2 * k < memory_dim else memory_dim // 2
                 for name, k, memory_dim in ((g.name, ks_full[g.name], g.dim) for g in state.groups)}  # fmt: skip
     update = 2 if config.gp_projection == "update" else 1
+    sketched = sketch_rows(state.groups, config.gp_sketch_above, config.gp_sketch_rows)
     layers: dict[str, LayerPlan] = {}
     seen: set = set()
     for group in state.groups:
@@ -207,7 +210,7 @@ def plan_peft_model(model, fill: float | Mapping[str, float] = 1.0, adapter_name
             k = widths[group.name]
             stored = stored_width(k, group.dim, scaled) * group.dim + (k if scaled else 0)
             setattr(layer, field_name, getattr(layer, field_name) + stored * BASIS_BYTES)
-        layer.gram_bytes += held_bytes(group.dim)
+        layer.gram_bytes += held_bytes(group.dim, sketched.get(group.name))
     widths = (owners, ks, ks_full, ks_worst)
     return _totals(peft_model, adapter_name, state, list(layers.values()), widths, fill)
 
@@ -215,7 +218,7 @@ def plan_peft_model(model, fill: float | Mapping[str, float] = 1.0, adapter_name
 def _totals(peft_model, adapter_name, state, layers, widths, fill) -> GPPlan:
     owners, ks, ks_full, ks_worst = widths
     config = peft_model.peft_config[adapter_name]
-    update = update_cost(state.groups, owners, (ks_full, ks), config.gp_update_budget_gb)
+    update = update_cost(state.groups, owners, (ks_full, ks), config)
     adapter = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
     adapter_bytes = safetensors_bytes({k: (tuple(v.shape), v.dtype) for k, v in adapter.items()}, {"format": "pt"})
     held = [name for name in owners if owners[name] == name]  # one device copy per shared basis (wiring.units)

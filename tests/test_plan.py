@@ -181,6 +181,13 @@ def test_llama_3_8b_shape(tmp_path):
     at_cap = 32 * (3 * 4096 * 512 + 14336 * 512 + 7 * 16 * 8) * 4  # every lora_A basis at the cap: stored as is
     assert capped.memory_file_bytes_worst == pytest.approx(at_cap, rel=1e-4) and at_cap < 4e9
     assert capped.memory_file_bytes_full == pytest.approx(at_cap, rel=1e-4)  # never fuller than the cap
+    # down_proj's 14336-wide input sketched (ℓ = 512), capped at 512, 2 GB passes: peak and file within 4 GB
+    gp = {"gp_sketch_above": 4096, "gp_max_basis_rank": 512, "gp_update_budget_gb": 2}
+    sketched = plan(folder, "lora", fill=0.5, r=16, target_modules="all-linear", gp=gp)
+    down = [layer for layer in sketched.layers if layer.name.endswith("down_proj")]
+    assert down[0].gram_bytes == 2 * 512 * 14336 * 8 + 16 * 16 * 8  # the sketch's buffer; lora_B's 16² Gram
+    assert sketched.update_peak_bytes_full <= 4e9 and sketched.memory_file_bytes_worst <= 4e9
+    assert sketched.update_passes == 16 and sketched.memory_file_bytes_worst == capped.memory_file_bytes_worst
 
 
 def test_the_plan_splits_passes_as_the_update_does(tmp_path):

@@ -14,7 +14,10 @@ import peft_gp
 from peft_gp import GPLoraConfig
 from peft_gp.core import maths
 from peft_gp.core.sketch import FrequentDirections, grow_from_sketch
+from peft_gp.plan import plan_peft_model
+from peft_gp.wiring.grams import collect_grams
 from peft_gp.wiring.passes import memory_passes
+from peft_gp.wiring.sketches import is_sketch, sketch_specs
 from peft_gp.wiring.state import get_state
 
 from .test_bounded_update import TINY
@@ -139,6 +142,17 @@ def test_a_sketch_costs_its_buffer_in_the_pass_budget():
     assert len(alone[0]) == 1
     as_grams = memory_passes(model, [g for g in groups if "down_proj.lora_A" in g.name], repeated(0), budget, None)
     assert len(as_grams[0]) == 2
+
+
+def test_the_plan_costs_the_sketches_the_update_holds():
+    model = lora_llama(gp_sketch_above=16, gp_sketch_rows=ROWS)
+    state = get_state(model)
+    specs = sketch_specs(state.groups, state.memory.bases, 16, ROWS, "cpu")
+    grams, _ = collect_grams(model, state.groups, repeated(0), sketches=specs)
+    held = {id(value): value for value in grams.values()}.values()
+    measured = sum(v.sketch_rows().new_empty(2 * v.rows, v.dim).nbytes if is_sketch(v) else v.nbytes for v in held)
+    assert sum(is_sketch(value) for value in held) == 8  # 2 layers × (q/k/v, o, gate/up, down)
+    assert plan_peft_model(model).update_gram_bytes == measured
 
 
 def test_two_processes_merge_their_sketches(tmp_path):
