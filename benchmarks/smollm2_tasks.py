@@ -44,6 +44,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bbc_news_cil.py: spinning OpenMP waits stall under load
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -85,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the shared head under GP (default train: see the module docstring)")
     parser.add_argument("--gp-task-slices", type=int, default=None, help="per-task LoRA slices (issue 20)")
     parser.add_argument("--gp-max-basis-rank", type=int, default=None, help="cap of each basis' columns (issue 23)")
+    parser.add_argument("--gp-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other gp_* argument of the GP config, e.g. gp_sketch_above=512 (repeatable)")
     parser.add_argument("--no-baseline", action="store_true", help="GP-LoRA only (no plain LoRA run)")
     parser.add_argument("--data-dir", default=str(FORTUNES_DIR), help="folder of the topic files")
     parser.add_argument("--model", default="smollm2", help="model folder or built-in alias (default smollm2)")
@@ -113,10 +116,24 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         gp=True,
         compare_baseline=not args.no_baseline,
         gp_task_slices=args.gp_task_slices,
-        gp_kwargs={} if args.gp_max_basis_rank is None else {"gp_max_basis_rank": args.gp_max_basis_rank},
+        gp_kwargs=gp_options(args),
         **stream_settings(args, gp_memory_samples=args.gp_memory_samples, eval_batch_size=args.batch_size,
                           save_adapters=True, plots=False),
     )
+
+
+def gp_options(args: argparse.Namespace) -> dict:
+    """``--gp-option KEY=VALUE`` (values read as JSON where they parse, e.g. numbers) and ``--gp-max-basis-rank``."""
+    options = {} if args.gp_max_basis_rank is None else {"gp_max_basis_rank": args.gp_max_basis_rank}
+    for item in args.gp_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --gp-option takes KEY=VALUE (e.g. gp_sketch_above=512), got {item!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
 
 
 def stream(args: argparse.Namespace, config: RunConfig) -> list[Task]:
