@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
@@ -52,6 +52,17 @@ def cut_batch(batch: dict, seen: int, max_samples: int | None) -> tuple[dict, in
         size = max_samples - seen
         batch = {k: _head(v, size) for k, v in batch.items()}
     return batch, size
+
+
+def capped_batches(batches: Iterable[Mapping], max_samples: int | None) -> Iterator[tuple[dict, int]]:
+    """``(batch, examples in it)`` for each batch, the last one cut so that at most ``max_samples`` examples come."""
+    seen = 0
+    for batch in batches:
+        if max_samples is not None and seen >= max_samples:
+            return
+        batch, size = cut_batch(dict(batch), seen, max_samples)
+        yield batch, size
+        seen += size
 
 
 def to_device(batch, device):

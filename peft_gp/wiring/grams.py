@@ -19,7 +19,7 @@ from torch import nn
 from ..core import maths
 from ..core.peft_utils import unwrap_peft_model
 from ..core.sketch import FrequentDirections
-from .batches import cut_batch, decoder_mask, same_tensor, to_device
+from .batches import capped_batches, decoder_mask, same_tensor, to_device
 from .groups import ProjectedGroup
 from .memory import GPMemoryError
 from .shared_grams import ForwardInputs, SharedGrams
@@ -170,10 +170,7 @@ class GramCollector:
         self.peft_model.eval()
         seen = 0
         try:
-            for batch in batches:
-                if max_samples is not None and seen >= max_samples:
-                    break
-                batch, size = cut_batch(dict(batch), seen, max_samples)
+            for batch, size in capped_batches(batches, max_samples):
                 self.run_batch(batch)
                 seen += size
         finally:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, RandomSampler
 
-from .batches import cut_batch
+from .batches import capped_batches
 from .grams import GramCollector
 from .groups import ProjectedGroup
 from .sketches import sketch_bytes
@@ -107,14 +107,7 @@ def rereadable(batches: Iterable, max_samples: int | None) -> Iterable:
     shuffles = isinstance(batches, DataLoader) and isinstance(batches.sampler, RandomSampler)
     if iter(batches) is not batches and not shuffles:
         return batches
-    kept, seen = [], 0
-    for batch in batches:
-        if max_samples is not None and seen >= max_samples:
-            break
-        batch, size = cut_batch(dict(batch), seen, max_samples)
-        kept.append(batch)
-        seen += size
-    return kept
+    return [batch for batch, _ in capped_batches(batches, max_samples)]
 
 
 def memory_passes(
