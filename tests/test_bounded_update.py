@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tqdm import tqdm
 
 import peft_gp
 from peft_gp import GPLoraConfig
@@ -68,6 +69,13 @@ def test_one_shot_batches_are_read_once_within_max_samples():
     assert [len(batch["input_ids"]) for batch in kept] == [4, 2]
     loader = torch.utils.data.DataLoader([{"input_ids": torch.arange(3)}] * 5, batch_size=2, shuffle=True)
     assert isinstance(rereadable(loader, None), list)  # a shuffling loader would draw another sample per pass
+    rows = [{"input_ids": torch.arange(3)}] * 5
+    in_order = torch.utils.data.DataLoader(rows, batch_size=2)
+    assert rereadable(in_order, None) is in_order
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(rows), batch_size=2, drop_last=False)
+    assert isinstance(rereadable(torch.utils.data.DataLoader(rows, batch_sampler=sampler), None), list)
+    wrapped = tqdm(batch for batch in data)  # iter() of a progress bar is not the bar, yet it reads a generator
+    assert [len(batch["input_ids"]) for batch in rereadable(wrapped, None)] == [4, 4, 4]
 
 
 def test_old_outputs_stay_after_a_multi_pass_update():

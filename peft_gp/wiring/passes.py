@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, SequentialSampler
 
 from .batches import capped_batches
 from .grams import GramCollector
@@ -102,12 +102,18 @@ def probe_classes(model, groups: list[ProjectedGroup], batch: Mapping) -> list[l
 
 
 def rereadable(batches: Iterable, max_samples: int | None) -> Iterable:
-    """``batches`` if reading it again gives the same batches; else its batches read once into a list (at most
-    ``max_samples`` examples): one-shot iterators and ``DataLoader``s that shuffle."""
-    shuffles = isinstance(batches, DataLoader) and isinstance(batches.sampler, RandomSampler)
-    if iter(batches) is not batches and not shuffles:
+    """``batches`` if reading it again surely gives the same batches (a list, a tuple, or a ``DataLoader`` reading
+    its dataset in order); else its batches read once into a list (at most ``max_samples`` examples, the memory
+    sample): one-shot iterators, wrappers of them (a progress bar), loaders that shuffle (through ``sampler`` or
+    ``batch_sampler``) or sample in their own way."""
+    if isinstance(batches, (list, tuple)) or (isinstance(batches, DataLoader) and _in_order(batches)):
         return batches
     return [batch for batch, _ in capped_batches(batches, max_samples)]
+
+
+def _in_order(loader: DataLoader) -> bool:
+    sampler = getattr(loader.batch_sampler, "sampler", None) if loader.batch_sampler is not None else loader.sampler
+    return isinstance(sampler, SequentialSampler) and isinstance(loader.sampler, SequentialSampler)
 
 
 def memory_passes(
