@@ -176,3 +176,24 @@ def test_the_next_task_trains_from_the_trained_head_not_the_statistics_head(tmp_
         losses[head] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses["lda"] == pytest.approx(losses[None], rel=1e-4, abs=1e-5)
     assert max(losses["lda"]) < 10
+
+
+def test_a_head_without_bias_is_refused_before_training_and_before_anything_is_written(tmp_path):
+    """LDA needs a bias (Llama's score layer has none): GPTrainer refuses before training; apply_statistics_head
+    refuses before it writes a row (the head used to be half overwritten when the error came)."""
+    from .testing import task_dataset, training_args
+
+    base = tiny_bert()
+    base.classifier = torch.nn.Linear(base.classifier.in_features, base.classifier.out_features, bias=False)
+    config = peft_gp.GPLoraConfig(task_type="SEQ_CLS", target_modules=["query"], gp_class_statistics=True)
+    model = peft_gp.get_peft_model(base, config)
+    with pytest.raises(ValueError, match="needs a head with a bias.*statistics_head='ncm'"):
+        peft_gp.GPTrainer(model=model, args=training_args(tmp_path), train_dataset=task_dataset(0, 8),
+                          gp_statistics_head="lda")  # fmt: skip
+    peft_gp.GPTrainer(model=model, args=training_args(tmp_path, num_train_epochs=1), train_dataset=task_dataset(0, 8),
+                      gp_statistics_head="ncm").train()  # fmt: skip
+    head = model.base_model.model.classifier.modules_to_save["default"]
+    before = head.weight.detach().clone()
+    with pytest.raises(ValueError, match="needs a bias"):
+        peft_gp.apply_statistics_head(model, "lda")
+    assert torch.equal(head.weight, before)

@@ -104,7 +104,12 @@ class GPCallback(TrainerCallback):
                 "gp_class_statistics=True."
             )
         if config.gp_class_statistics:
-            head_module(peft_model, self.adapter_name)  # a clear error before training when there is no linear head
+            head = head_module(peft_model, self.adapter_name)  # a clear error before training: no linear head
+            if self.statistics_head in ("lda", "aligned") and head.bias is None:
+                raise ValueError(
+                    f"statistics_head={self.statistics_head!r} needs a head with a bias; this model's head has none "
+                    "(e.g. LlamaForSequenceClassification's score): use statistics_head='ncm'."
+                )
         if self.projector is None or self.projector._model is not peft_model:
             self.projector = GPProjector(peft_model, self.adapter_name)
         self.trainer = trainer if trainer is not None else self.trainer

@@ -65,19 +65,20 @@ def apply_statistics_head(
     model: nn.Module, kind: str = "lda", adapter_name: str | None = None, shrinkage: float = 0.1, seed: int = 0
 ) -> list:
     """Write the statistics head into the rows of the stored classes of the model's classification head; returns
-    the labels written. The head must have a bias (or ``kind="ncm"``, whose bias is zero)."""
+    the labels written. The head must have a bias (or ``kind="ncm"``, whose bias is zero): checked before anything
+    is written."""
     peft_model = unwrap_peft_model(model)
     labels, weight, bias = statistics_head(peft_model, kind, adapter_name, shrinkage, seed)
     head = head_module(peft_model, adapter_name)
     rows = head_rows(labels, head)
+    if head.bias is None and bool((bias != 0).any()):
+        raise ValueError(f"The {kind} head needs a bias and the model's head has none: use kind='ncm'.")
     state = get_state(peft_model, adapter_name)
     if state.trained_head is None:  # a second call keeps the head as trained, not the first statistics head
         state.trained_head = (head.weight.detach().clone(), None if head.bias is None else head.bias.detach().clone())
     head.weight[rows] = weight.to(head.weight.dtype)
     if head.bias is not None:
         head.bias[rows] = bias.to(head.bias.dtype)
-    elif bool((bias != 0).any()):
-        raise ValueError(f"The {kind} head needs a bias and the model's head has none: use kind='ncm'.")
     return labels
 
 
