@@ -19,7 +19,7 @@ from .wiring.guard import GPCapacityWarning, UnprotectedTrainingWarning
 from .wiring.memory import GP_MEMORY_NAME, GPMemory, GPMemoryError
 from .wiring.persistence import from_pretrained, load_memory, load_task_state, save_memory, save_pretrained
 from .wiring.projector import GPProjector
-from .wiring.stat_heads import apply_statistics_head, statistics_head
+from .wiring.stat_heads import apply_statistics_head, restore_trained_head, statistics_head
 from .wiring.state import get_memory, get_task_state
 from .wiring.task_record import GP_TASKS_NAME, GPTaskState
 
@@ -44,6 +44,7 @@ __all__ = [
     "GPTrainer",
     "UnprotectedTrainingWarning",
     "apply_statistics_head",
+    "restore_trained_head",
     "from_pretrained",
     "get_memory",
     "get_peft_model",

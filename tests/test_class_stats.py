@@ -197,3 +197,28 @@ def test_a_head_without_bias_is_refused_before_training_and_before_anything_is_w
     with pytest.raises(ValueError, match="needs a bias"):
         peft_gp.apply_statistics_head(model, "lda")
     assert torch.equal(head.weight, before)
+
+
+def test_the_head_as_trained_is_saved_with_the_statistics_and_put_back_after_loading(tmp_path):
+    """Save after a task with the LDA head written, load with peft_gp.from_pretrained, train the next task: it
+    starts from the head as trained (saved in gp_class_stats.safetensors), not from the LDA head (loss ~360)."""
+    from peft_gp.wiring.class_stats import head_module
+    from peft_gp.wiring.state import get_state
+
+    from .testing import gp_model, task_dataset, training_args
+
+    torch.manual_seed(0)
+    model = gp_model(gp_threshold=1.0, gp_class_statistics=True)
+    peft_gp.GPTrainer(model=model, args=training_args(tmp_path, num_train_epochs=2), train_dataset=task_dataset(0, 8),
+                      gp_statistics_head="lda").train()  # fmt: skip
+    trained_weight, trained_bias = get_state(model).class_stats.trained_head
+    assert not torch.equal(head_module(model).weight.detach().cpu(), trained_weight)  # the LDA rows are written
+    peft_gp.save_pretrained(model, tmp_path / "saved")
+    loaded = peft_gp.from_pretrained(tiny_bert(), str(tmp_path / "saved"), is_trainable=True)
+    assert torch.equal(get_state(loaded).class_stats.trained_head[0], trained_weight)
+    trainer = peft_gp.GPTrainer(model=loaded, args=training_args(tmp_path, num_train_epochs=1),
+                                train_dataset=task_dataset(1, 8), gp_statistics_head="lda")  # fmt: skip
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert max(losses) < 10, losses
+    assert get_state(loaded).class_stats.trained_head is not None  # task 2's head as trained, kept for task 3

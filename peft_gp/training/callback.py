@@ -59,8 +59,8 @@ class GPCallback(TrainerCallback):
             tasks trained into one ``output_dir`` never overwrite each other's.
         statistics_head: after each task's memory update, write a head built from the class statistics (``"ncm"``,
             ``"lda"`` or ``"aligned"``; see ``peft_gp.statistics_head``) into the model's classification head. Needs
-            ``gp_class_statistics=True`` in the GP config. The next task in this process trains from the head as it
-            was trained (put back when training begins); a model loaded from a save trains from the statistics head.
+            ``gp_class_statistics=True`` in the GP config. The next task trains from the head as it was trained (kept
+            with the class statistics, saved with them, put back when training begins).
     """
 
     def __init__(

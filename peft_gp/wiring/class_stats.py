@@ -39,6 +39,8 @@ class ClassStatistics:
     sums: torch.Tensor | None = None  # (C, d) float64
     second: torch.Tensor | None = None  # (d, d) float64: Σ x xᵀ over every example
     tasks_seen: int = 0
+    # the head's (weight, bias) as trained while a statistics head replaces it (stat_heads), saved with the rest
+    trained_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def __post_init__(self) -> None:
         classes = len(self.labels)
@@ -91,6 +93,9 @@ class ClassStatistics:
 
     def save(self, path: str) -> None:
         tensors = {"counts": self.counts, "sums": self.sums, "second": self.second}
+        if self.trained_head is not None:
+            weight, bias = self.trained_head
+            tensors |= {"trained_head.weight": weight} | ({} if bias is None else {"trained_head.bias": bias})
         metadata = {"gp_format_version": "1", "gp_labels": json.dumps(self.labels), "gp_dim": str(self.dim),
                     "gp_tasks_seen": str(self.tasks_seen)}  # fmt: skip
         atomic_write_bytes(path, save_safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata))
@@ -111,6 +116,8 @@ class ClassStatistics:
             raise GPMemoryError(f"{path} is not a readable class-statistics file ({error}). {fix}") from None
         stats = cls(dim, list(labels), tensors.get("counts"), tensors.get("sums"), tensors.get("second"), tasks)
         _check(stats, path, fix)
+        if "trained_head.weight" in tensors:
+            stats.trained_head = (tensors["trained_head.weight"], tensors.get("trained_head.bias"))
         return stats
 
 

@@ -5,7 +5,8 @@
 the rows of those classes in the model's classification head (integer labels are the head's output rows), so that
 the model's own forward, ``from_pretrained`` included, predicts with it. It keeps the head as trained beside it, and
 ``restore_trained_head`` puts that back before the next task trains: a statistics head is for predicting, and an LDA
-head's logits are far larger than a trained head's (the next task's loss started in the hundreds).
+head's logits are far larger than a trained head's (the next task's loss started in the hundreds). The head as
+trained is saved with the class statistics, so a model loaded from a save trains on from it as well.
 """
 
 from __future__ import annotations
@@ -73,9 +74,10 @@ def apply_statistics_head(
     rows = head_rows(labels, head)
     if head.bias is None and bool((bias != 0).any()):
         raise ValueError(f"The {kind} head needs a bias and the model's head has none: use kind='ncm'.")
-    state = get_state(peft_model, adapter_name)
-    if state.trained_head is None:  # a second call keeps the head as trained, not the first statistics head
-        state.trained_head = (head.weight.detach().clone(), None if head.bias is None else head.bias.detach().clone())
+    stats = get_state(peft_model, adapter_name).class_stats
+    if stats.trained_head is None:  # a second call keeps the head as trained, not the first statistics head
+        bias_now = None if head.bias is None else head.bias.detach().cpu().clone()
+        stats.trained_head = (head.weight.detach().cpu().clone(), bias_now)
     head.weight[rows] = weight.to(head.weight.dtype)
     if head.bias is not None:
         head.bias[rows] = bias.to(head.bias.dtype)
@@ -84,16 +86,17 @@ def apply_statistics_head(
 
 @torch.no_grad()
 def restore_trained_head(model: nn.Module, adapter_name: str | None = None) -> bool:
-    """Put back the head as trained where ``apply_statistics_head`` replaced it; returns whether it did. In the same
-    process only: a model loaded from a save holds the statistics head, and the next task trains from it."""
+    """Put back the head as trained where ``apply_statistics_head`` replaced it; returns whether it did. The head as
+    trained is saved with the class statistics (``gp_class_stats.safetensors``), so this works after
+    ``peft_gp.from_pretrained`` too."""
     peft_model = unwrap_peft_model(model)
-    state = get_state(peft_model, adapter_name)
-    if state.trained_head is None:
+    stats = get_state(peft_model, adapter_name).class_stats
+    if stats is None or stats.trained_head is None:
         return False
     head = head_module(peft_model, adapter_name)
-    weight, bias = state.trained_head
-    head.weight.copy_(weight)
+    weight, bias = stats.trained_head
+    head.weight.copy_(weight.to(head.weight.device, head.weight.dtype))
     if bias is not None:
-        head.bias.copy_(bias)
-    state.trained_head = None
+        head.bias.copy_(bias.to(head.bias.device, head.bias.dtype))
+    stats.trained_head = None
     return True

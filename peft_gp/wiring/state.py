@@ -75,7 +75,6 @@ class GPState:
     guard: TrainingGuard | None = None
     route: ForwardRoute | None = None
     class_stats: ClassStatistics | None = None  # with gp_class_statistics: the head's input per class
-    trained_head: tuple | None = None  # the head's (weight, bias) as trained, while a statistics head replaces it
 
 
 def _describe(model: PeftModel, adapter_name: str) -> dict[str, str]:
