@@ -165,3 +165,5 @@ def test_a_model_whose_head_is_not_linear_runs_with_the_trained_head_and_refuses
     assert len(run.accuracy_matrix) == 2 and run.main.head_matrices is None
     with pytest.raises(RunConfigError, match="linear classification head"):
         run_sequence(config.replace(heads=["trained", "lda"]), tasks=tasks, model=model, **SILENT)
+    with pytest.raises(RunConfigError, match="compare_frozen needs statistics heads.*'classifier'"):
+        run_sequence(config.replace(compare_frozen=True), tasks=tasks, model=model, **SILENT)

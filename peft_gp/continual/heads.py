@@ -110,5 +110,11 @@ def default_heads(config: RunConfig, model: nn.Module) -> list[str]:
     Fortunes-20 52 against 14%, BBC News 90 against 72%), else ``[trained]``."""
     if config.heads is not None:
         return config.heads
-    linear = isinstance(classifier_head(model)[1], nn.Linear)
+    name, head = classifier_head(model)
+    linear = isinstance(head, nn.Linear)
+    if config.compare_frozen and not linear:
+        raise RunConfigError(
+            f"compare_frozen needs statistics heads, and this model's head {name!r} ({type(head).__name__}) is not "
+            "one linear layer whose rows they could replace: drop compare_frozen, or use a model with a linear head."
+        )
     return ["lda", "trained"] if config.scenario == "class" and linear else ["trained"]
