@@ -17,16 +17,32 @@ import torch
 # Eigenvalues of a Gram matrix below this share of its trace are numerical zeros: they never enter a basis,
 # whatever the energy threshold (a threshold of 1.0 means "the whole numerical span of the features").
 RELATIVE_EIGEN_TOLERANCE = 1e-10
+# The floor when each batch's Gram product is rounded to float32 (``gp_gram_dtype="float32"``, sums in float64): a
+# rounding error E of the products (|E_ij| ≲ u·(|X|ᵀ|X|)_ij per batch, u = float32 eps) gives directions outside the
+# features' span eigenvalues up to about ‖E‖₂ instead of 0, and summed batches add up to ≲ u·tr(C). Measured on CPU
+# (d = 32–768, 1k–16k rows a batch, ranks d/8 to d−1, means up to 100× the spread): at most 0.15·u·tr(C). The floor,
+# 16·u·tr(C) ≈ 1.9e-6·tr(C), is 100× that; directions weaker than it are below what float32 products resolve anyway.
+FLOAT32_EIGEN_TOLERANCE = 16 * torch.finfo(torch.float32).eps
+GRAM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+EIGEN_TOLERANCES = {"float64": RELATIVE_EIGEN_TOLERANCE, "float32": FLOAT32_EIGEN_TOLERANCE}
 
 
-def feature_gram(features: torch.Tensor) -> torch.Tensor:
-    """Return ``Xᵀ X`` in float64 for the rows ``X`` of ``features`` (shape ``(..., d)``).
+def feature_gram(features: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Return ``Xᵀ X`` for the rows ``X`` of ``features`` (shape ``(..., d)``), computed in ``dtype`` (float64, or
+    float32 for speed on GPUs, at full float32 precision: no TF32).
 
     The Gram matrix is what the memory stores per task instead of the ``N × d`` features: its eigenvalues are the
     squared singular values of ``X``, it costs O(d²) whatever N is, and Gram matrices of batches (or processes) add up.
     """
-    rows = features.reshape(-1, features.shape[-1]).to(torch.float64)
-    return rows.T @ rows
+    rows = features.reshape(-1, features.shape[-1]).to(dtype)
+    if dtype == torch.float64 or rows.device.type != "cuda":
+        return rows.T @ rows
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # TF32 would round to 10 bits: far above the eigenvalue floor
+    try:
+        return rows.T @ rows
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 def threshold_for_task(threshold: float, increment: float, task_id: int) -> float:
@@ -97,6 +113,7 @@ def grow_basis(
     threshold: float,
     total_energy: float | None = None,
     max_rank: int | None = None,
+    eigen_tolerance: float = RELATIVE_EIGEN_TOLERANCE,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Extend ``basis`` so that it captures at least ``threshold`` of the energy of the features behind ``gram``.
 
@@ -108,6 +125,8 @@ def grow_basis(
             that lost most of their energy (an input side moved out of the stored space) count as mostly captured.
         max_rank: the most columns the basis may hold (``None``: ``d``): the old columns stay, and the new directions
             are added by decreasing energy until the threshold or the cap is reached (protection is then partial).
+        eigen_tolerance: the floor below which eigenvalues, relative to the energy, are numerical zeros
+            (``EIGEN_TOLERANCES``: ``FLOAT32_EIGEN_TOLERANCE`` for Grams of float32 products).
 
     Returns:
         The new ``(d, k')`` basis (float64, ``k' ≥ k``; the old columns come first, unchanged) and a report with
@@ -115,7 +134,7 @@ def grow_basis(
 
     The criterion is GPM's: with ``C`` the Gram matrix and ``Ĉ = (I − MMᵀ) C (I − MMᵀ)`` its residual outside the old
     basis, the captured share is ``1 − tr(Ĉ)/tr(C)``; leading eigenvectors of ``Ĉ`` are added until the captured
-    share reaches τ. Eigenvalues below ``RELATIVE_EIGEN_TOLERANCE · tr(C)`` are never added.
+    share reaches τ. Eigenvalues below ``eigen_tolerance · tr(C)`` are never added.
     """
     gram, basis = _checked(gram, basis, threshold)
     dim = gram.shape[0]
@@ -131,7 +150,7 @@ def grow_basis(
     if captured_before >= threshold or basis.shape[1] >= room:
         return basis, {"captured_before": captured_before, "captured_after": captured_before, "added": 0}
     eigenvalues, eigenvectors = _sorted_eigh(residual)
-    return add_directions(basis, eigenvalues, eigenvectors, captured_before, total, threshold, room)
+    return add_directions(basis, eigenvalues, eigenvectors, captured_before, total, threshold, room, eigen_tolerance)
 
 
 def add_directions(
@@ -142,12 +161,13 @@ def add_directions(
     total: float,
     threshold: float,
     room: int,
+    eigen_tolerance: float = RELATIVE_EIGEN_TOLERANCE,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GPM's rule: the residual's leading eigenvectors (``eigenvalues`` decreasing, ``eigenvectors`` ``(d, m)``) are
     added to ``basis`` until ``captured_before`` plus their energies over ``total`` reaches ``threshold``, at most
-    ``room`` columns in all, never an eigenvalue below ``RELATIVE_EIGEN_TOLERANCE · total``; orthonormalised against
+    ``room`` columns in all, never an eigenvalue below ``eigen_tolerance · total``; orthonormalised against
     ``basis``. Returns the grown basis and ``grow_basis``'s report."""
-    significant = int((eigenvalues > RELATIVE_EIGEN_TOLERANCE * total).sum().item())
+    significant = int((eigenvalues > eigen_tolerance * total).sum().item())
     captured = captured_before + torch.cumsum(eigenvalues, 0) / total
     # smallest k with captured share >= threshold (tiny slack for the rounding of cumsum)
     reached = (captured >= threshold - 1e-12).nonzero()

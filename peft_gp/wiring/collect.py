@@ -88,6 +88,7 @@ def _grow_passes(model, passes, batches, max_samples, observer, state, config, t
     With several passes the new bases are kept on the CPU, so that the device holds one pass's at a time."""
     memory, parts, digests, moved, reached = state.memory, [], {}, [], False
     caps = rank_caps(list(memory.dims), config.gp_max_basis_rank)
+    dtype, tolerance = maths.GRAM_DTYPES[config.gp_gram_dtype], maths.EIGEN_TOLERANCES[config.gp_gram_dtype]
     device = "cpu" if len(passes) > 1 else None
     on = next(p.device for p in unwrap_peft_model(model).parameters())  # where the collector puts its sums
     for number, groups in enumerate(passes):
@@ -95,13 +96,14 @@ def _grow_passes(model, passes, batches, max_samples, observer, state, config, t
         observers = [observer] if observer is not None and number == 0 else []
         sketches = sketch_specs(groups, memory.bases, config.gp_sketch_above, config.gp_sketch_rows, on)
         grams, _ = collect_grams(model, groups, batches, max_samples=max_samples, exact_grams=exact,
-                                 observers=observers, require_features=False, sketches=sketches)  # fmt: skip
+                                 observers=observers, require_features=False, sketches=sketches,
+                                 gram_dtype=dtype)  # fmt: skip
         reached = reached or any(has_features(gram) for gram in grams.values())
         digests.update(_fingerprint_parts({**grams, **{f"{name}#exact": gram for name, gram in exact.items()}}))
-        pass_moved, totals = _idle_input_sides(groups, grams, memory, threshold, caps)
+        pass_moved, totals = _idle_input_sides(groups, grams, memory, threshold, caps, tolerance)
         moved += pass_moved
         scale = config.gp_importance_scale
-        parts.append(memory.grow(grams, threshold, totals, exact, scale, max_ranks=caps, device=device))
+        parts.append(memory.grow(grams, threshold, totals, exact, scale, caps, device, tolerance))
         del grams, exact  # this pass's Grams go before the next pass's come
     if not reached:
         raise GPMemoryError(NO_FEATURES_MESSAGE)
@@ -178,7 +180,7 @@ def _digest(parts: dict[str, bytes]) -> str:
     return digest.hexdigest()
 
 
-def _idle_input_sides(groups, grams, memory, threshold, caps) -> tuple[list, dict[str, float]]:
+def _idle_input_sides(groups, grams, memory, threshold, caps, tolerance) -> tuple[list, dict[str, float]]:
     """Input sides whose output side is still zero (a reference memory before any training: ``B = 0``).
 
     There ``B A x = 0`` whatever ``A`` is, so the stored features are kept safe more cheaply than by freezing ``B``
@@ -197,7 +199,7 @@ def _idle_input_sides(groups, grams, memory, threshold, caps) -> tuple[list, dic
         key = (id(grams[group.name]), id(memory.bases[group.name]))  # groups sharing a Gram and basis: grown once
         if key not in grown:
             grown[key] = maths.grow_basis(grams[group.name], memory.bases[group.name].to(grams[group.name].device),
-                                          threshold, max_rank=caps.get(group.name))[0]  # fmt: skip
+                                          threshold, max_rank=caps.get(group.name), eigen_tolerance=tolerance)[0]
         basis = grown[key]
         weight = full(group.weight).detach().to(torch.float64)
         basis = basis.to(weight.device)

@@ -55,6 +55,11 @@ class GPConfigMixin:
             ``< ℓ`` are captured exactly. Merged over processes under DDP/FSDP2. Not with ``gp_importance_scale``.
             ``None`` (default): every input keeps its Gram.
         gp_sketch_rows: ``ℓ``, the rows a sketch keeps (its buffer holds ``2ℓ``; default 512).
+        gp_gram_dtype: ``"float32"`` computes each batch's Gram product ``Xᵀ X`` in float32 (no TF32), added to the
+            float64 sums: float64 matmuls are 2–64× slower on GPUs (not measured here: CPU only). Sums, all-reduce,
+            eigendecomposition and bases stay float64; eigenvalues below ``16 · eps₃₂ · tr(C)`` (≈ 1.9e-6, ~100×
+            the measured rounding) are zeros instead of ``1e-10``: ``core.maths.FLOAT32_EIGEN_TOLERANCE``.
+            Sketches (``gp_sketch_above``) stay float64. Default ``"float64"``.
     """
 
     gp_threshold: float = field(
@@ -106,6 +111,9 @@ class GPConfigMixin:
         metadata={"help": "Inputs wider than this get a Frequent Directions sketch instead of a Gram; None: none."},
     )
     gp_sketch_rows: int = field(default=512, metadata={"help": "Rows (ell) of each Frequent Directions sketch."})
+    gp_gram_dtype: Literal["float64", "float32"] = field(
+        default="float64", metadata={"help": "dtype of each batch's Gram product (sums stay float64); float32: GPUs."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 PROJECTION_MODES = ("gradient", "update")
+GRAM_DTYPES = ("float64", "float32")
 MODULES_TO_SAVE_POLICIES = ("project", "freeze", "train")
 
 
@@ -82,12 +83,18 @@ def check_update_settings(settings: dict) -> None:
 
 
 def check_sketch_settings(settings: dict) -> None:
-    """Check ``gp_sketch_above`` and ``gp_sketch_rows`` (and that the sketch goes without SGP importances)."""
+    """Check ``gp_sketch_above``, ``gp_sketch_rows`` (and that the sketch goes without SGP importances) and
+    ``gp_gram_dtype``."""
     above = settings.get("gp_sketch_above")
     if above is not None:
         _positive_int("gp_sketch_above", above, " (inputs wider than this are sketched) or None")
     if "gp_sketch_rows" in settings:
         _positive_int("gp_sketch_rows", settings["gp_sketch_rows"], " (the rows ℓ of each sketch)")
+    if "gp_gram_dtype" in settings and settings["gp_gram_dtype"] not in GRAM_DTYPES:
+        raise ValueError(
+            f"gp_gram_dtype must be one of {GRAM_DTYPES} (the dtype of each batch's Gram product; the sums stay "
+            f"float64), got {settings['gp_gram_dtype']!r}."
+        )
     if above is not None and settings.get("gp_importance_scale") is not None:
         raise ValueError(
             "gp_sketch_above cannot go with gp_importance_scale: SGP's importances need each direction's energy in "

@@ -43,13 +43,15 @@ def _distributed() -> bool:
 
 
 class GramCollector:
-    """The forward hooks of one memory update and the float64 Gram matrices they fill."""
+    """The forward hooks of one memory update and the float64 Gram matrices they fill (each batch's product in
+    ``gram_dtype``)."""
 
     def __init__(
         self, model: nn.Module, groups: list[ProjectedGroup], observers: list | None = None,
-        sketches: dict[str, SketchSpec] | None = None,
+        sketches: dict[str, SketchSpec] | None = None, gram_dtype: torch.dtype = torch.float64,
     ) -> None:  # fmt: skip
         self.model, self.groups, self.observers = model, groups, list(observers or [])
+        self.gram_dtype = gram_dtype  # of each batch's product (``gp_gram_dtype``); the sums are float64
         self.sketches = dict(sketches or {})  # groups whose input is sketched (``sketches``), not summed in a Gram
         self.peft_model = unwrap_peft_model(model)
         self.base_model = self.peft_model.get_base_model()
@@ -85,7 +87,7 @@ class GramCollector:
         spec = self.sketches.get(group.name)
         if spec is not None:
             return FrequentDirections.of_rows(rows, spec.rows, spec.basis)
-        return maths.feature_gram(rows)
+        return maths.feature_gram(rows, self.gram_dtype)
 
     def input_hook(self, group: ProjectedGroup):
         def hook(module, args, output):
@@ -113,7 +115,7 @@ class GramCollector:
             if gram is None:
                 return
             if exact:
-                self.exact_grams[group.name] = self.exact_grams.get(group.name, 0) + gram
+                self.exact_grams[group.name] = self.exact_grams.get(group.name, 0) + gram.to(torch.float64)
             else:
                 self.grams[group.name] += gram
 
@@ -225,14 +227,16 @@ def collect_grams(
     observers: list | None = None,
     require_features: bool = True,
     sketches: dict[str, SketchSpec] | None = None,
+    gram_dtype: torch.dtype = torch.float64,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Stream ``batches`` through ``model`` (eval mode, no grad); each group's float64 Gram matrix and the examples
     seen. Groups that received the same inputs in every batch map to one tensor (``shared_grams``). Features a source
     marks ``exact`` (kept whole, e.g. prompt rows) go to ``exact_grams`` when given (added to the rest otherwise).
     ``observers`` (objects whose ``attach()`` returns a handle) watch the same pass (class statistics). Raises
     ``GPMemoryError`` when no example or (with ``require_features``) no feature arrived, or one was not finite.
-    ``sketches`` (``sketches.sketch_specs``): groups that get a Frequent Directions sketch instead of a Gram."""
-    collector = GramCollector(model, groups, observers, sketches)
+    ``sketches`` (``sketches.sketch_specs``): groups that get a Frequent Directions sketch instead of a Gram.
+    ``gram_dtype``: each batch's Gram product is computed in it (``gp_gram_dtype``) and added to the float64 sums."""
+    collector = GramCollector(model, groups, observers, sketches, gram_dtype)
     seen = collector.run(batches, max_samples)
     if collector.distributed:
         seen = collector.reduce(seen)

@@ -97,12 +97,15 @@ class GPMemory:
         self, grams: dict, threshold: float, total_energies: dict[str, float] | None = None,
         exact_grams: dict[str, torch.Tensor] | None = None, importance_scale: float | None = None,
         max_ranks: dict[str, int | None] | None = None, device: torch.device | str | None = None,
+        eigen_tolerance: float = maths.RELATIVE_EIGEN_TOLERANCE,
     ) -> GrownBases:  # fmt: skip
         """The new bases of the groups in ``grams`` (``update``'s arguments), not yet in the memory (``commit``). A
         value of ``grams`` may be a Frequent Directions sketch of the residual features (``gp_sketch_above``).
 
         ``max_ranks``: per group, the most columns its basis keeps (``gp_max_basis_rank``; a class of groups sharing
-        a basis takes its smallest). ``device``: where the new bases are kept (default: the Gram's)."""
+        a basis takes its smallest). ``device``: where the new bases are kept (default: the Gram's).
+        ``eigen_tolerance``: ``maths.grow_basis``'s floor (``maths.EIGEN_TOLERANCES`` of ``gp_gram_dtype``; a
+        sketch keeps the default: it is made in float64)."""
         grown_bases = GrownBases()
         for names in self._update_classes(grams, total_energies, exact_grams):
             name, gram = names[0], grams[names[0]]
@@ -112,7 +115,7 @@ class GPMemory:
             cap = min(caps) if caps else None
             exact = (exact_grams or {}).get(name)
             grown, importance, stats = self._grow_one(gram, name, threshold, total_energies, exact, importance_scale,
-                                                      cap)  # fmt: skip
+                                                      cap, eigen_tolerance)  # fmt: skip
             grown = grown.to(torch.float32).to(gram.device if device is None else device).contiguous()
             compact = compact_form(grown) if importance_scale is None else None  # importances need the directions
             grown = grown if compact is None else compact[0]
@@ -125,20 +128,21 @@ class GPMemory:
                 grown_bases.report[member] = {**stats, "basis_size": grown.shape[1], "dim": self.dims[name]}
         return grown_bases
 
-    def _grow_one(self, gram, name, threshold, total_energies, exact, importance_scale, cap):
+    def _grow_one(self, gram, name, threshold, total_energies, exact, importance_scale, cap, tolerance):
         """One class's new basis (float64), its importances (``None`` without SGP) and its growth report."""
         old = self.bases[name].to(gram.device)
         total = (total_energies or {}).get(name)
         if isinstance(gram, FrequentDirections):  # gp_sketch_above: no importances, no exact features (checked)
             grown, stats = grow_from_sketch(gram, old, threshold, total_energy=total, max_rank=cap)
             return grown, None, stats
-        grown, stats = maths.grow_basis(gram, old, threshold, total_energy=total, max_rank=cap)
+        grown, stats = maths.grow_basis(gram, old, threshold, total_energy=total, max_rank=cap,
+                                        eigen_tolerance=tolerance)  # fmt: skip
         importance = None
         if importance_scale is not None:
             previous = self.importances.get(name, torch.ones(old.shape[1]))
             importance = maths.direction_importance(gram, grown, previous, importance_scale)
         if exact is not None:
-            grown, _ = maths.grow_basis(exact, grown, 1.0, max_rank=cap)
+            grown, _ = maths.grow_basis(exact, grown, 1.0, max_rank=cap, eigen_tolerance=tolerance)
         if importance is not None:  # directions of the exact features: importance 1
             ones = importance.new_ones(grown.shape[1] - importance.shape[0])
             importance = torch.cat([importance, ones]).to(torch.float32).cpu()

@@ -81,7 +81,7 @@ class SharedGrams:
             totals = [total] + [None if total is None else total.clone() for _ in range(len(parts) - 1)]
             for (signature, part), part_total in zip(parts.items(), totals):
                 for index in signature:
-                    part_total = grams[index].clone() if part_total is None else part_total.add_(grams[index])
+                    part_total = _sum_of(grams[index]) if part_total is None else part_total.add_(grams[index])
                 classes.append((part, part_total))
         self.classes = classes
 
@@ -127,3 +127,11 @@ class SharedGrams:
     def by_name(self) -> dict[str, torch.Tensor]:
         """Each group's Gram; the groups of one class map to the same tensor."""
         return {name: total for members, total in self.classes for name in members}
+
+
+def _sum_of(gram):
+    """A new sum from a batch's Gram: a float64 copy (a float32 product, ``gp_gram_dtype``, is summed in float64), or
+    a sketch's copy."""
+    if isinstance(gram, torch.Tensor) and gram.dtype != torch.float64:
+        return gram.to(torch.float64)
+    return gram.clone()
