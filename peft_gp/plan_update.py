@@ -5,7 +5,8 @@ Per pass: while the sample streams, each distinct input holds its float64 Gram s
 (``2 · 8 d²``); then each Gram is decomposed in turn beside the pass's sums (``core.maths.grow_basis``: about
 ``5 d²`` float64 for the widest, measured on CPU) and the pass's new float32 bases are made. The peak of a pass is the
 larger of the two phases; the update's, the largest over passes. With several passes the new bases go to the CPU
-after each pass, so only one pass's are counted; in one pass, all of them.
+after each pass, so only one pass's are counted; in one pass, all of them. The batch's Gram is counted at 8 bytes
+also under ``gp_gram_dtype="float32"`` (a float32 product, 4): conservative by ``4 d²`` per input while streaming.
 
 An input sketched under ``gp_sketch_above`` (``wiring.sketches``) holds its ``2ℓ × d`` float64 buffer instead of the
 Gram (no batch Gram beside it: a batch's rows are inserted as they come) and, while it shrinks or is decomposed, an SVD
