@@ -190,8 +190,13 @@ def test_gp_kwargs_reach_the_gp_config_only_and_bad_ones_are_refused():
     assert (gp_config.gp_max_basis_rank, gp_config.gp_update_budget_gb) == (3, 1.0)
     assert type(peft_config_for(config, tasks, model, gp=False)).__name__ == "LoraConfig"
     assert RunConfig.from_dict(config.to_dict()).gp_kwargs == config.gp_kwargs
-    with pytest.raises(RunConfigError, match="gp_kwargs must map arguments of the GP configs"):
-        RunConfig(gp_kwargs={"gp_max_rank": 3})
+    with pytest.raises(RunConfigError, match="'gp_max_basis_rnk' in gp_kwargs. Did you mean 'gp_max_basis_rank'"):
+        RunConfig(gp_kwargs={"gp_max_basis_rnk": 3})
+    with pytest.raises(RunConfigError, match="gp_kwargs sets 'gp_threshold': set gp_threshold: ... as a field"):
+        RunConfig(gp_threshold=0.9, gp_kwargs={"gp_threshold": 0.5})  # would have overridden the field silently
+    with pytest.raises(RunConfigError, match="gp_kwargs must be a mapping"):
+        RunConfig(gp_kwargs=[1])
+    assert RunConfig(gp_kwargs=None).gp_kwargs == {}  # an empty YAML value
     with pytest.raises(RunConfigError, match="gp_max_basis_rank must be a positive integer"):
         RunConfig(gp_kwargs={"gp_max_basis_rank": 0})
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..hub.checks import check_repo_id
 from ..wiring.config import GP_DEFAULTS, check_gp_settings
+from ..wiring.gp_settings import check_gp_kwargs
 
 SCENARIOS = ("class", "task", "domain", "generative")
 HEAD_MASKING = ("seen", "current", "none")
@@ -81,7 +82,7 @@ class RunConfig:
             Gaussians, SLCA's classifier alignment). GP takes the statistics in its memory update
             (``gp_class_statistics``); the plain run takes them the same way, but its features drift afterwards.
             All heads are read from the same forward passes. A string is one head. ``None`` (the default): ``[lda,
-            trained]`` in the ``class`` scenario when the model's head is linear (measured best there:
+            trained]`` in the ``class`` scenario when the model's head is linear (far above the trained head there:
             benchmarks/README.md, docs/class-heads.md), else ``[trained]``.
         compare_frozen: Also evaluate the frozen encoder (no fine-tuning; the base model's features) with each
             statistics head of ``heads``: the replay-free peer to beat (SimpleCIL / APER).
@@ -162,16 +163,15 @@ class RunConfig:
         if self.head_masking is not None and self.head_masking not in HEAD_MASKING:
             raise RunConfigError(f"head_masking must be one of {HEAD_MASKING} (or null), got {self.head_masking!r}.")
         settings = {name: getattr(self, name) for name in GP_DEFAULTS if getattr(self, name, None) is not None}
-        extra = self.gp_kwargs
-        if not isinstance(extra, dict) or any(key not in GP_DEFAULTS for key in extra):
-            raise RunConfigError(
-                f"gp_kwargs must map arguments of the GP configs ({sorted(GP_DEFAULTS)}) to values, got {extra!r}."
-            )
-        settings |= extra
-        try:
-            check_gp_settings(settings)  # the configs' own checks: one source of truth
+        self.gp_kwargs = {} if self.gp_kwargs is None else self.gp_kwargs  # an empty YAML value
+        taken = {name: f"set {name}: ... as a field of its own" for name in field_names()}
+        taken["gp_class_statistics"] = "the run takes class statistics when heads name a statistics head"
+        try:  # the configs' own checks: one source of truth
+            settings |= check_gp_kwargs(self.gp_kwargs, set(GP_DEFAULTS), taken)
+            check_gp_settings(settings)
         except (TypeError, ValueError) as error:
-            raise RunConfigError(f"{error} (null gp_modules_to_save: the scenario's default)") from error
+            hint = " (null gp_modules_to_save: the scenario's default)" if "gp_modules_to_save" in str(error) else ""
+            raise RunConfigError(f"{error}{hint}") from error
         slices = self.gp_task_slices
         if slices is not None and (isinstance(slices, bool) or not isinstance(slices, int) or slices < 1):
             raise RunConfigError(f"gp_task_slices must be a positive integer or null, got {slices!r}.")

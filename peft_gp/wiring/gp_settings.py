@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 
 PROJECTION_MODES = ("gradient", "update")
@@ -114,3 +115,19 @@ def rank_caps(names: list[str], setting: int | dict[str, int] | None) -> dict[st
         found = [value for pattern, value in setting.items() if re.search(pattern, name)]
         caps[name] = min(found) if found else None
     return caps
+
+
+def check_gp_kwargs(extra, known: set[str], taken: dict[str, str]) -> dict:
+    """``extra`` (a run's ``gp_kwargs``) if each key is in ``known`` (the GP configs' arguments) and not in ``taken``
+    (key -> where it is set instead); else a ``ValueError`` naming the key, with the closest valid one."""
+    if not isinstance(extra, dict):
+        raise ValueError(f"gp_kwargs must be a mapping of gp_* arguments to values, got {extra!r}.")
+    allowed = sorted(known - set(taken))
+    for key in extra:
+        if key in taken:
+            raise ValueError(f"gp_kwargs sets {key!r}: {taken[key]}.")
+        if key not in known:
+            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else f" It takes: {', '.join(allowed)}."
+            raise ValueError(f"Unknown key {key!r} in gp_kwargs.{hint}")
+    return extra
