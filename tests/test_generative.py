@@ -201,8 +201,10 @@ def test_plain_trainer_resumes_with_last_checkpoint_and_its_memory(tmp_path):
     assert trainer.state.global_step == 6 and peft_gp.get_memory(fresh).tasks_seen == 2
 
 
-def test_reference_memory_protects_the_base_model_from_the_first_task(tmp_path):
-    model = causal_gp_model("llama")
+@pytest.mark.parametrize("gp", [{}, {"gp_sketch_above": 8}], ids=["gram", "sketch"])
+def test_reference_memory_protects_the_base_model_from_the_first_task(tmp_path, gp):
+    """Also with the inputs sketched (gp_sketch_above): lora_B used to get a basis there, frozen at zero."""
+    model = causal_gp_model("llama", **gp)
     reference = lm_task(0)  # stands for general text the base model should keep handling
     before, new_loss = outputs(model, reference), loss_on(model, lm_task(1))
     loader = DataLoader(reference, batch_size=2, collate_fn=default_data_collator)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..core import maths
 from ..core.peft_utils import unwrap_peft_model
+from ..core.sketch import grow_from_sketch
 from .class_stats import ClassStatistics, StatisticsObserver, head_module
 from .config import gp_config_of
 from .gp_settings import rank_caps
@@ -194,20 +195,36 @@ def _idle_input_sides(groups, grams, memory, threshold, caps, tolerance) -> tupl
         side = group.output_side
         if side is None or side.bias is not None or group.index is not None or group.transpose:
             continue
-        if torch.any(full(side.weight) != 0) or is_sketch(grams[group.name]) or is_sketch(grams[side.name]):
-            continue  # a sketched side keeps both bases the usual way: no Gram to carry through A
+        if torch.any(full(side.weight) != 0) or is_sketch(grams[side.name]):
+            continue
         key = (id(grams[group.name]), id(memory.bases[group.name]))  # groups sharing a Gram and basis: grown once
         if key not in grown:
-            grown[key] = maths.grow_basis(grams[group.name], memory.bases[group.name].to(grams[group.name].device),
-                                          threshold, max_rank=caps.get(group.name), eigen_tolerance=tolerance)[0]
+            grown[key] = _grown_basis(grams[group.name], memory.bases[group.name], threshold, caps.get(group.name),
+                                      tolerance)  # fmt: skip
         basis = grown[key]
         weight = full(group.weight).detach().to(torch.float64)
         basis = basis.to(weight.device)
         weight = weight - (weight @ basis) @ basis.T
         totals[side.name] = torch.trace(grams[side.name]).item()
-        grams[side.name] = weight @ grams[group.name].to(weight.device) @ weight.T
+        grams[side.name] = _carried_gram(weight, grams[group.name])
         moved.append((group, weight))
     return moved, totals
+
+
+def _grown_basis(gram, old: torch.Tensor, threshold: float, cap: int | None, tolerance: float) -> torch.Tensor:
+    """The input side's new basis, from its Gram or (``gp_sketch_above``) its sketch of the residual features."""
+    if is_sketch(gram):
+        return grow_from_sketch(gram, old, threshold, max_rank=cap)[0]
+    return maths.grow_basis(gram, old.to(gram.device), threshold, max_rank=cap, eigen_tolerance=tolerance)[0]
+
+
+def _carried_gram(weight: torch.Tensor, gram) -> torch.Tensor:
+    """The Gram of ``weight x`` over the input side's features: ``W C Wᵀ``; from a sketch ``B`` of the features
+    outside the old basis, ``(W Bᵀ)(W Bᵀ)ᵀ`` (``W`` is zero on the old basis, so only the residual counts)."""
+    if is_sketch(gram):
+        carried = weight @ gram.sketch_rows().to(weight.device).T
+        return carried @ carried.T
+    return weight @ gram.to(weight.device) @ weight.T
 
 
 def summarize_report(report: dict[str, dict[str, float]]) -> dict[str, float]:
