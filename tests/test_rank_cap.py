@@ -63,6 +63,10 @@ def test_a_dict_caps_the_layers_its_patterns_name():
     capped = [name for name in memory.bases if ".mlp." in name and name.endswith("lora_A")]
     assert capped and all(memory.bases[name].shape[1] == 2 for name in capped)
     assert max(basis.shape[1] for name, basis in memory.bases.items() if name not in capped) > 2
+    with pytest.raises(ValueError, match=r"pattern\(s\) \['qurey'\] match no projected group"):
+        rank_caps(names, {"qurey": 4, "mlp": 2})
+    with pytest.raises(ValueError, match="match no projected group"):  # when the adapter is wired, before training
+        peft_gp.get_memory(lora_llama(gp_max_basis_rank={"qurey": 4}))
 
 
 @pytest.mark.parametrize("cap", [0, -1, 2.5, True, {"q": 0}, {3: 4}, {"(": 4}])

@@ -175,6 +175,7 @@ def test_two_processes_merge_their_sketches(tmp_path):
         ({"gp_sketch_above": 0}, "gp_sketch_above"),
         ({"gp_sketch_above": 1.5}, "gp_sketch_above"),
         ({"gp_sketch_rows": 0}, "gp_sketch_rows"),
+        ({"gp_sketch_rows": 1}, "at least 2"),  # it would keep no row: nothing protected
         ({"gp_sketch_above": 8, "gp_importance_scale": 10.0}, "gp_importance_scale"),
     ],
 )

@@ -42,7 +42,9 @@ class GPConfigMixin:
             and the pass's new bases (``peft-gp plan`` prints it). Models whose Grams fit take one pass. ``None``:
             one pass, whatever it holds.
         gp_max_basis_rank: Keep at most this many columns in each distinct input's basis (an int, or a dict from a
-            regular expression searched in the projected group's name to an int; unmatched groups are uncapped): the
+            regular expression searched in the projected group's name to an int; unmatched groups are uncapped, but
+            groups sharing one basis, e.g. ``q/k/v``, take the smallest cap of any of them, and a pattern that
+            matches no group is refused at the first memory update): the
             first tasks' directions stay and each task adds its highest-energy ones until the cap. Protection is
             then partial: features beyond the cap's directions are not protected (``gp_threshold=1.0`` is no longer
             exact). The file then holds at most ``cap · d`` floats per input. ``None`` (default): no cap.

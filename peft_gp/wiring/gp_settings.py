@@ -90,7 +90,10 @@ def check_sketch_settings(settings: dict) -> None:
     if above is not None:
         _positive_int("gp_sketch_above", above, " (inputs wider than this are sketched) or None")
     if "gp_sketch_rows" in settings:
-        _positive_int("gp_sketch_rows", settings["gp_sketch_rows"], " (the rows ℓ of each sketch)")
+        rows = settings["gp_sketch_rows"]
+        _positive_int("gp_sketch_rows", rows, " (the rows ℓ of each sketch)")
+        if rows < 2:
+            raise ValueError(f"gp_sketch_rows must be at least 2 (a sketch keeps ℓ − 1 rows), got {rows}.")
     if "gp_gram_dtype" in settings and settings["gp_gram_dtype"] not in GRAM_DTYPES:
         raise ValueError(
             f"gp_gram_dtype must be one of {GRAM_DTYPES} (the dtype of each batch's Gram product; the sums stay "
@@ -114,6 +117,12 @@ def rank_caps(names: list[str], setting: int | dict[str, int] | None) -> dict[st
     for name in names:
         found = [value for pattern, value in setting.items() if re.search(pattern, name)]
         caps[name] = min(found) if found else None
+    unused = [pattern for pattern in setting if not any(re.search(pattern, name) for name in names)]
+    if unused:
+        raise ValueError(
+            f"gp_max_basis_rank's pattern(s) {unused} match no projected group (e.g. {names[:3]}): a misspelt name "
+            "would leave those layers uncapped. Fix the pattern, searched in the group's name."
+        )
     return caps
 
 
