@@ -157,3 +157,20 @@ def grow_from_sketch(
         eigenvalues, eigenvectors = sketch.spectrum()
         grown, stats = maths.add_directions(basis, eigenvalues, eigenvectors, captured_before, total, threshold, room)
     return grown, {**stats, "sketch_error": shrunk / total}
+
+
+def grow(
+    features: torch.Tensor | FrequentDirections,
+    basis: torch.Tensor | None,
+    threshold: float,
+    total_energy: float | None = None,
+    max_rank: int | None = None,
+    eigen_tolerance: float = maths.RELATIVE_EIGEN_TOLERANCE,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The grown basis and report from a Gram matrix (``maths.grow_basis``) or a sketch (``grow_from_sketch``, made
+    in float64: it keeps the default eigenvalue floor)."""
+    if isinstance(features, FrequentDirections):
+        return grow_from_sketch(features, basis, threshold, total_energy=total_energy, max_rank=max_rank)
+    basis = None if basis is None else basis.to(features.device)
+    return maths.grow_basis(features, basis, threshold, total_energy=total_energy, max_rank=max_rank,
+                            eigen_tolerance=eigen_tolerance)  # fmt: skip

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..core import maths
 from ..core.peft_utils import unwrap_peft_model
-from ..core.sketch import grow_from_sketch
+from ..core.sketch import grow
 from .class_stats import ClassStatistics, StatisticsObserver, head_module
 from .config import gp_config_of
 from .gp_settings import rank_caps
@@ -199,8 +199,8 @@ def _idle_input_sides(groups, grams, memory, threshold, caps, tolerance) -> tupl
             continue
         key = (id(grams[group.name]), id(memory.bases[group.name]))  # groups sharing a Gram and basis: grown once
         if key not in grown:
-            grown[key] = _grown_basis(grams[group.name], memory.bases[group.name], threshold, caps.get(group.name),
-                                      tolerance)  # fmt: skip
+            grown[key] = grow(grams[group.name], memory.bases[group.name], threshold, max_rank=caps.get(group.name),
+                              eigen_tolerance=tolerance)[0]  # fmt: skip
         basis = grown[key]
         weight = full(group.weight).detach().to(torch.float64)
         basis = basis.to(weight.device)
@@ -209,13 +209,6 @@ def _idle_input_sides(groups, grams, memory, threshold, caps, tolerance) -> tupl
         grams[side.name] = _carried_gram(weight, grams[group.name])
         moved.append((group, weight))
     return moved, totals
-
-
-def _grown_basis(gram, old: torch.Tensor, threshold: float, cap: int | None, tolerance: float) -> torch.Tensor:
-    """The input side's new basis, from its Gram or (``gp_sketch_above``) its sketch of the residual features."""
-    if is_sketch(gram):
-        return grow_from_sketch(gram, old, threshold, max_rank=cap)[0]
-    return maths.grow_basis(gram, old.to(gram.device), threshold, max_rank=cap, eigen_tolerance=tolerance)[0]
 
 
 def _carried_gram(weight: torch.Tensor, gram) -> torch.Tensor:

@@ -11,7 +11,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from ..core import maths
 from ..core.files import atomic_write_bytes
-from ..core.sketch import FrequentDirections, grow_from_sketch
+from ..core.sketch import FrequentDirections, grow
 from .memory_file import FORMAT_VERSION, IMPORTANCE_SUFFIX, GPMemoryError, read_memory_file
 
 GP_MEMORY_NAME = "gp_memory.safetensors"
@@ -132,11 +132,9 @@ class GPMemory:
         """One class's new basis (float64), its importances (``None`` without SGP) and its growth report."""
         old = self.bases[name].to(gram.device)
         total = (total_energies or {}).get(name)
+        grown, stats = grow(gram, old, threshold, total_energy=total, max_rank=cap, eigen_tolerance=tolerance)
         if isinstance(gram, FrequentDirections):  # gp_sketch_above: no importances, no exact features (checked)
-            grown, stats = grow_from_sketch(gram, old, threshold, total_energy=total, max_rank=cap)
             return grown, None, stats
-        grown, stats = maths.grow_basis(gram, old, threshold, total_energy=total, max_rank=cap,
-                                        eigen_tolerance=tolerance)  # fmt: skip
         importance = None
         if importance_scale is not None:
             previous = self.importances.get(name, torch.ones(old.shape[1]))
