@@ -44,13 +44,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bbc_news_cil.py: spinning OpenMP waits stall under load
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from peft_gp.cli import parse_value  # noqa: E402
 from peft_gp.continual import RunConfig, RunConfigError, run_sequence  # noqa: E402
 from peft_gp.continual.builtin_data import FORTUNES_DIR, FORTUNES_TOPICS, fortunes  # noqa: E402
 from peft_gp.continual.report import comparison_text  # noqa: E402
@@ -123,16 +123,13 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def gp_options(args: argparse.Namespace) -> dict:
-    """``--gp-option KEY=VALUE`` (values read as JSON where they parse, e.g. numbers) and ``--gp-max-basis-rank``."""
+    """``--gp-option KEY=VALUE`` (values read as ``peft-gp``'s flags read them) and ``--gp-max-basis-rank``."""
     options = {} if args.gp_max_basis_rank is None else {"gp_max_basis_rank": args.gp_max_basis_rank}
     for item in args.gp_option:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"error: --gp-option takes KEY=VALUE (e.g. gp_sketch_above=512), got {item!r}")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value
+        options[key.strip()] = parse_value(key.strip(), value)
     return options
 
 
