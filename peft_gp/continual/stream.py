@@ -15,7 +15,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from ..core.metrics import accuracy_matrix_summary
-from ..hub.card import task_branch
+from ..hub.manifest import task_branch
 from ..hub.push import push_task_to_hub
 from ..training.trainer import GPTrainer
 from ..wiring.class_stats import ClassStatistics, head_module

@@ -13,11 +13,10 @@ from ..core.peft_utils import unwrap_peft_model
 from ..core.tables import accuracy_matrix_markdown, metrics_markdown
 from ..wiring.config import gp_config_of
 from ..wiring.state import get_state
-from ..wiring.task_record import GP_TASKS_NAME, GPTaskState, default_task_name
+from ..wiring.task_record import GP_TASKS_NAME, GPTaskState
 from .checks import check_accuracy_matrix, check_metrics, check_repo_id
+from .manifest import PLOT_NAME, task_branch
 
-MODEL_CARD_NAME = "README.md"
-PLOT_NAME = "gp_accuracy_matrix.png"
 CARD_TAGS = ["peft", "peft-gp", "continual-learning"]
 # Markdown and HTML characters of user text (task and class names, settings) as HTML entities: they cannot end a
 # table cell or row, open a code span, a link or a tag. Control characters and line breaks become spaces.
@@ -39,11 +38,6 @@ def markdown_code(value) -> str:
     if text and _CODE_SAFE.fullmatch(text):
         return f"`{text}`"
     return f"<code>{markdown_text(text)}</code>"
-
-
-def task_branch(task_id: int) -> str:
-    """The Hub branch of task ``task_id`` (0-based): ``task-01`` for the first task."""
-    return default_task_name(task_id)
 
 
 def _base_model_id(peft_model) -> str | None:

@@ -16,8 +16,10 @@ import os
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from ..wiring.memory import GP_MEMORY_NAME
-from ..wiring.task_record import GP_TASKS_NAME
-from .card import MODEL_CARD_NAME, PLOT_NAME
+from ..wiring.task_record import GP_TASKS_NAME, default_task_name
+
+MODEL_CARD_NAME = "README.md"
+PLOT_NAME = "gp_accuracy_matrix.png"
 
 MANIFEST_NAME = "gp_push_files.json"
 MANIFEST_VERSION = 1
@@ -30,6 +32,11 @@ RESERVED_NAMES = frozenset(
 NEVER_PUSHED = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt", "training_args*", ".*", "id_rsa*",
                 "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.key", "*.p12")  # fmt: skip
 _SHOWN = 12
+
+
+def task_branch(task_id: int) -> str:
+    """The Hub branch of task ``task_id`` (0-based): ``task-01`` for the first task."""
+    return default_task_name(task_id)
 
 
 def never_pushed(relative_path: str) -> str | None:

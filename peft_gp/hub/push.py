@@ -18,9 +18,8 @@ from torch import nn
 
 from ..core.hub_errors import GPHubError, hub_errors, raise_unchained, redacted_logs
 from ..wiring.task_record import GP_TASKS_NAME, GPTaskState
-from .card import MODEL_CARD_NAME, task_branch
 from .checks import check_repo_id
-from .manifest import files_to_push
+from .manifest import MODEL_CARD_NAME, files_to_push, task_branch
 from .save import save_task
 
 

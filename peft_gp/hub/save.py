@@ -13,9 +13,9 @@ from ..core.plots import plot_accuracy_matrix
 from ..wiring.persistence import save_pretrained
 from ..wiring.state import get_state
 from ..wiring.task_record import GP_TASKS_NAME, GPTaskState, normalize_matrix
-from .card import MODEL_CARD_NAME, PLOT_NAME, model_card
+from .card import model_card
 from .checks import check_accuracy_matrix, check_repo_id
-from .manifest import check_extra_files, check_save_folder, write_manifest
+from .manifest import MODEL_CARD_NAME, PLOT_NAME, check_extra_files, check_save_folder, write_manifest
 
 
 def record_task(

@@ -7,8 +7,8 @@ from typing import Any
 
 from transformers import Trainer
 
-from ..hub.card import task_branch
 from ..hub.checks import check_repo_id
+from ..hub.manifest import task_branch
 from ..hub.push import TaskPush, push_task_to_hub
 from ..wiring.memory import GPMemory
 from ..wiring.persistence import save_gp_files
