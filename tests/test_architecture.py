@@ -124,3 +124,36 @@ def test_report_import_levels():
     deepest = max(levels.values())
     print(f"{len(levels)} modules on {deepest} import levels")
     assert inspect.isfunction(import_levels) and deepest >= 1
+
+
+def test_no_file_under_tests_imports_a_test_module():
+    """Shared helpers live in ``tests/testing.py`` and shared fixtures in ``tests/conftest.py``, which pytest finds by
+    itself: no file under tests/ (nor the code it runs in a subprocess) imports a test module, itself included, or
+    takes names from conftest."""
+    tests = Path(__file__).resolve().parent
+    found = set()
+    for path in sorted(tests.rglob("*.py")):
+        package = list(path.relative_to(tests.parent).parts[:-1])
+        trees = [ast.parse(path.read_text())]
+        while trees:
+            for node in ast.walk(trees.pop()):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and "import" in node.value:
+                    # code run in a subprocess; a template's import lines, which parse alone
+                    lines = [line for line in node.value.splitlines() if line.startswith(("from ", "import "))]
+                    for source in [node.value, *lines]:
+                        try:
+                            trees.append(ast.parse(source))
+                        except (SyntaxError, ValueError):
+                            pass  # prose, or a template
+                if isinstance(node, ast.ImportFrom):
+                    base = package[: len(package) - node.level + 1] if node.level else []
+                    target = ".".join(base + ([node.module] if node.module else []))
+                    targets = [target, *(f"{target}.{alias.name}" for alias in node.names)]
+                elif isinstance(node, ast.Import):
+                    targets = [alias.name for alias in node.names]
+                else:
+                    continue
+                modules = {target.removeprefix("tests.").split(".")[0] for target in targets}
+                if any(module.startswith("test_") or module == "conftest" for module in modules):
+                    found.add(f"{path.relative_to(tests.parent)}: {ast.unparse(node)}")
+    assert not found, sorted(found)

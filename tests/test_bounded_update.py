@@ -14,10 +14,7 @@ from peft_gp import GPLoraConfig
 from peft_gp.wiring.passes import input_bytes, memory_passes, pack, rereadable
 from peft_gp.wiring.state import get_state
 
-from .test_shared_bases import batches, llama, lora_llama
-from .testing import lm_outputs_around_task2
-
-TINY = 1e-6  # GB: every unit of groups over budget, a pass each
+from .testing import TINY, batches, llama, lm_outputs_around_task2, lora_llama
 
 
 def passes_of(model, budget, data=None) -> list:

@@ -12,20 +12,16 @@ import yaml
 from peft_gp.cli import main, parse_value
 from peft_gp.continual import RunConfig, accuracy_matrix_summary
 from peft_gp.continual.paradigms import LORA_DEFAULTS
-from tests.testing import save_tiny_text_model, text_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_yaml(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    save_tiny_text_model(root / "model")
-    text_dataset().save_to_disk(str(root / "data"))
+def tiny_yaml(tiny_dirs):
     config = {
         "name": "tiny-cli",
-        "model": str(root / "model"),
-        "dataset": str(root / "data"),
+        "model": str(tiny_dirs / "model"),
+        "dataset": str(tiny_dirs / "data"),
         "classes_per_task": [2, 2, 2],
         "train_per_class": None,
         "test_per_class": None,
@@ -35,7 +31,7 @@ def tiny_yaml(tmp_path_factory):
         "learning_rate": 0.05,
         "gp_memory_samples": 16,
     }
-    path = root / "run.yaml"
+    path = tiny_dirs / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 

@@ -19,36 +19,7 @@ from peft_gp.continual import (
     run_sequence,
 )
 from peft_gp.continual.loading import load_model, peft_config_for
-from tests.testing import save_tiny_text_model, text_dataset
-
-SILENT = dict(say=lambda *_: None)
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    save_tiny_text_model(root / "model")
-    text_dataset().save_to_disk(str(root / "data"))
-    return root
-
-
-def tiny_config(tiny_dirs, tmp_path, **changes) -> RunConfig:
-    values = dict(
-        name="tiny",
-        model=str(tiny_dirs / "model"),
-        dataset=str(tiny_dirs / "data"),
-        classes_per_task=[2, 2, 2],
-        train_per_class=None,
-        test_per_class=None,
-        max_length=8,
-        epochs=10,
-        batch_size=8,
-        learning_rate=5e-2,
-        gp_memory_samples=32,
-        output_dir=str(tmp_path / "run"),
-        progress=False,
-    )
-    return RunConfig(**{**values, **changes})
+from tests.testing import SILENT, tiny_run_config
 
 
 def check_matrix(matrix, tasks):
@@ -59,7 +30,7 @@ def check_matrix(matrix, tasks):
 
 
 def test_run_writes_consistent_outputs_and_gp_keeps_old_tasks(tiny_dirs, tmp_path):
-    config = tiny_config(tiny_dirs, tmp_path, compare_baseline=True, save_adapters=True)
+    config = tiny_run_config(tiny_dirs, tmp_path, compare_baseline=True, save_adapters=True)
     run = run_sequence(config, **SILENT)
     assert list(run.results) == ["gp", "baseline"]
     assert run.info["same_initial_weights"] is True
@@ -153,10 +124,10 @@ def test_bad_input_fails_before_training(tiny_dirs, tmp_path, monkeypatch):
     ]
     for changes, message in cases:
         with pytest.raises(RunConfigError, match=message):
-            run_sequence(tiny_config(tiny_dirs, tmp_path, **changes), **SILENT)
+            run_sequence(tiny_run_config(tiny_dirs, tmp_path, **changes), **SILENT)
     headless = BertModel(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(RunConfigError, match="BertModel has no classification head"):
-        run_sequence(tiny_config(tiny_dirs, tmp_path), model=headless, **SILENT)
+        run_sequence(tiny_run_config(tiny_dirs, tmp_path), model=headless, **SILENT)
     assert not (tmp_path / "run").exists()
 
 
@@ -239,7 +210,7 @@ PARADIGM_KWARGS = {"adapter": {"bottleneck_size": 8}, "prefix": {"num_virtual_to
 
 @pytest.mark.parametrize("paradigm", sorted(set(PARADIGMS) - {"lora"}))
 def test_every_other_registered_paradigm_runs(paradigm, tiny_dirs, tmp_path):
-    config = tiny_config(tiny_dirs, tmp_path, paradigm=paradigm, paradigm_kwargs=PARADIGM_KWARGS.get(paradigm, {}),
+    config = tiny_run_config(tiny_dirs, tmp_path, paradigm=paradigm, paradigm_kwargs=PARADIGM_KWARGS.get(paradigm, {}),
                          compare_baseline=True, classes_per_task=[3, 3], epochs=6, plots=False)  # fmt: skip
     run = run_sequence(config, **SILENT)
     for result in run.results.values():
@@ -299,7 +270,7 @@ def test_length_grouped_sampler_is_a_permutation_of_similar_length_batches():
 
 
 def test_grouped_run_still_keeps_old_tasks(tiny_dirs, tmp_path):
-    config = tiny_config(tiny_dirs, tmp_path, group_by_length=True, plots=False, compare_baseline=True)
+    config = tiny_run_config(tiny_dirs, tmp_path, group_by_length=True, plots=False, compare_baseline=True)
     run = run_sequence(config, **SILENT)
     gp, plain = run.results["gp"], run.baseline
     check_matrix(gp.accuracy_matrix, 3)

@@ -13,8 +13,7 @@ from peft_gp.core import maths
 from peft_gp.wiring.grams import collect_grams
 from peft_gp.wiring.state import get_state
 
-from .test_shared_bases import batches, lora_llama
-from .testing import lm_outputs_around_task2
+from .testing import batches, lm_outputs_around_task2, lora_llama
 
 DIM, RANK = 48, 9
 

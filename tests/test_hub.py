@@ -1,8 +1,8 @@
 """Per-task Hub pushes against a fake Hub on 127.0.0.1: branches, commits, model card, resume, and failures.
 
-``huggingface_hub`` reads HF_ENDPOINT once, at import; the ``hub`` fixture points its already-imported constants
-(and the module-level ``HfApi`` that PEFT's ``file_exists`` uses) at the fake server, and one test runs plain PEFT in
-a fresh process with HF_ENDPOINT set, the way users do.
+``huggingface_hub`` reads HF_ENDPOINT once, at import; the ``hub`` fixture (conftest.py) points its
+already-imported constants (and the module-level ``HfApi`` that PEFT's ``file_exists`` uses) at the fake server, and
+one test runs plain PEFT in a fresh process with HF_ENDPOINT set, the way users do.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
@@ -25,54 +24,26 @@ from peft_gp import GPTrainer
 from peft_gp.hub import GPHubError, push_task_folder, push_task_to_hub, task_branch
 
 from .fake_hub import FakeHub
-from .testing import gp_model, logits_on, mean_loss, task_dataset, tiny_bert, training_args
+from .testing import (
+    REPO,
+    TOKEN,
+    assert_saved,
+    assert_token_hidden,
+    finished_task,
+    gp_model,
+    logits_on,
+    mean_loss,
+    point_hub_at,
+    task_dataset,
+    tiny_bert,
+    training_args,
+)
 
-TOKEN = "hf_test_secret_0123456789"
-REPO = "user/cl-run"
 SCRIPT = Path(__file__).parent / "scripts" / "load_from_hub.py"
-
-
-def point_hub_at(monkeypatch, endpoint: str) -> None:
-    from huggingface_hub import constants, hf_api
-
-    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-    monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
-
-
-@pytest.fixture
-def hub_env(monkeypatch, tmp_path):
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_saved_token"))
-    monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the fake Hub speaks LFS, not Xet
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    return monkeypatch
-
-
-@pytest.fixture
-def hub(hub_env):
-    with FakeHub(token=TOKEN) as server:
-        point_hub_at(hub_env, server.endpoint)
-        yield server
-    assert not server.unknown, f"requests the fake hub does not implement: {server.unknown}"
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
-
-
-def finished_task(tmp_path, name="few tokens") -> torch.nn.Module:
-    """A model with task 0 trained and stored in its memory (no push)."""
-    model = gp_model()
-    args = training_args(tmp_path / "train", num_train_epochs=2)
-    GPTrainer(model=model, args=args, train_dataset=task_dataset(0, 8), gp_task_name=name).train()
-    return model
 
 
 @pytest.mark.parametrize("paradigm", ["lora", "adapter"])
@@ -183,19 +154,6 @@ def test_subfolder_private_and_pull_request(hub, tmp_path):
     assert hub.repos[REPO].refs["main"] == main_before and "task-02" not in hub.repos[REPO].refs
     loaded = peft_gp.from_pretrained(tiny_bert(), REPO, revision=second.revision, subfolder=second.subfolder)
     assert peft_gp.get_memory(loaded).tasks_seen == 2
-
-
-def assert_token_hidden(error: BaseException, caplog, token: str = TOKEN) -> None:
-    """Not in the message, the traceback or the logs; and no chained error (the HTTP client's errors hold the
-    request, whose headers hold the token)."""
-    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    assert token not in text and token not in caplog.text
-    assert error.__cause__ is None and error.__context__ is None
-
-
-def assert_saved(local_dir: Path) -> None:
-    for name in ("adapter_model.safetensors", "adapter_config.json", "gp_memory.safetensors", "gp_tasks.json"):
-        assert (local_dir / name).is_file(), name
 
 
 def test_rejected_token_gives_401_error_after_local_save(hub_env, tmp_path, caplog):

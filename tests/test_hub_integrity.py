@@ -34,13 +34,19 @@ from peft_gp.hub import (
     save_task,
 )
 
-from . import test_hub as base
 from .fake_hub import FakeHub
-from .testing import task_dataset, tiny_bert, training_args
-
-TOKEN, REPO = base.TOKEN, base.REPO
-hub_env, hub = base.hub_env, base.hub  # the fixtures of tests/test_hub.py
-finished_task, assert_saved, assert_token_hidden = base.finished_task, base.assert_saved, base.assert_token_hidden
+from .testing import (
+    REPO,
+    TOKEN,
+    assert_saved,
+    assert_token_hidden,
+    finished_task,
+    gp_model,
+    serving_fake_hub,
+    task_dataset,
+    tiny_bert,
+    training_args,
+)
 
 
 def hub_requests(server: FakeHub) -> list:
@@ -67,7 +73,7 @@ def test_a_trainer_output_dir_is_refused_and_nothing_is_written_or_sent(hub, tmp
 
 
 def gp_trained_with_checkpoints(output_dir):
-    model = base.gp_model()
+    model = gp_model()
     args = training_args(output_dir, num_train_epochs=1, save_strategy="epoch")
     GPTrainer(model=model, args=args, train_dataset=task_dataset(0, 8)).train()
     return model
@@ -194,7 +200,7 @@ def test_repo_id_is_checked_before_anything_is_written(hub, tmp_path):
 
 
 def test_gp_trainer_checks_the_repo_id_when_built(tmp_path):
-    model = base.gp_model()
+    model = gp_model()
     with pytest.raises(ValueError, match="not a valid Hub repo id"):
         GPTrainer(model=model, args=training_args(tmp_path), gp_push_to_hub="me/bad repo")
 
@@ -252,10 +258,8 @@ def test_accuracies_out_of_range_are_refused_before_anything_is_written(tmp_path
 @pytest.fixture
 def lfs_hub(hub_env):
     """A fake Hub whose LFS threshold (12 kB) puts the adapter weights and the memory (about 35 and 15 kB) on LFS."""
-    with FakeHub(token=TOKEN, lfs_threshold=12 * 1024) as server:
-        base.point_hub_at(hub_env, server.endpoint)
+    with serving_fake_hub(hub_env, lfs_threshold=12 * 1024) as server:
         yield server
-    assert not server.unknown, f"requests the fake hub does not implement: {server.unknown}"
 
 
 @pytest.mark.parametrize("chunk", [None, 8 * 1024], ids=["one-put", "multipart"])

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import get_peft_model
 from safetensors.torch import load_file, save_file
 
 import peft_gp
@@ -24,28 +23,9 @@ from peft_gp import UnprotectedTrainingWarning as Unprotected
 from peft_gp.wiring.memory import GPMemory
 from peft_gp.wiring.task_record import GPTaskState, GPTaskStateError
 
-from .testing import task2_args, task_dataset, tiny_bert, train_steps
+from .testing import bert_batch, lora_bert, saved_bert, task2_args, task_dataset, tiny_bert, train_steps
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def lora_model(**gp):
-    settings = {"task_type": "SEQ_CLS", "r": 8, "target_modules": ["query", "value"], "gp_threshold": 1.0, **gp}
-    return get_peft_model(tiny_bert(), GPLoraConfig(**settings))
-
-
-def batch(task_id: int = 0, rows: int = 2):
-    ids = torch.randint(4, 12, (rows, 4), generator=torch.Generator().manual_seed(task_id))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.arange(rows) % 2}
-
-
-def saved(path, tasks: int = 1, seed: int = 0):
-    model = lora_model()
-    for task_id in range(tasks):
-        train_steps(model, batch(10 * seed + task_id), 2)
-        peft_gp.update_memory(model, [batch(10 * seed + task_id)])
-    peft_gp.save_pretrained(model, path)
-    return model
 
 
 def rewrite_memory(path, **metadata):
@@ -60,9 +40,9 @@ def rewrite_memory(path, **metadata):
 
 def test_a_save_that_fails_half_way_leaves_the_previous_save_whole(tmp_path, monkeypatch):
     folder = tmp_path / "run"
-    first = saved(folder, tasks=1)
+    first = saved_bert(folder, tasks=1)
     (folder / "notes.txt").write_text("mine")  # a file of the user's, kept by every save
-    second = saved(tmp_path / "other", tasks=2, seed=1)
+    second = saved_bert(tmp_path / "other", tasks=2, seed=1)
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # a kill in the middle of writing the memory
@@ -86,9 +66,9 @@ SAVER = """
 import sys, torch
 sys.path.insert(0, {root!r})
 import peft_gp
-from tests.test_integrity import saved
+from tests.testing import saved_bert
 folder = sys.argv[1]
-models = [saved(folder + "-a", tasks=1), saved(folder + "-b", tasks=2, seed=1)]
+models = [saved_bert(folder + "-a", tasks=1), saved_bert(folder + "-b", tasks=2, seed=1)]
 peft_gp.save_pretrained(models[0], folder)
 print("ready", flush=True)
 step = 0
@@ -128,12 +108,12 @@ def test_saves_killed_at_random_moments_leave_a_consistent_folder(tmp_path):
 
 
 def test_memory_from_another_save_is_refused_naming_both_files(tmp_path):
-    saved(tmp_path / "a", tasks=1)
-    saved(tmp_path / "b", tasks=1, seed=1)
+    saved_bert(tmp_path / "a", tasks=1)
+    saved_bert(tmp_path / "b", tasks=1, seed=1)
     shutil.copy(tmp_path / "b" / GP_MEMORY_NAME, tmp_path / "a" / GP_MEMORY_NAME)
     with pytest.raises(GPMemoryError, match=r"gp_memory.safetensors .* other adapter weights than adapter_model"):
         peft_gp.from_pretrained(tiny_bert(), str(tmp_path / "a"))
-    saved(tmp_path / "c", tasks=1)
+    saved_bert(tmp_path / "c", tasks=1)
     shutil.copy(tmp_path / "b" / "gp_tasks.json", tmp_path / "c" / "gp_tasks.json")
     with pytest.raises(GPMemoryError, match="gp_tasks.json .* other adapter weights"):
         peft_gp.from_pretrained(tiny_bert(), str(tmp_path / "c"))
@@ -156,7 +136,7 @@ def test_memory_from_another_save_is_refused_naming_both_files(tmp_path):
     ],
 )
 def test_damaged_memory_metadata_is_refused(tmp_path, metadata, message):
-    saved(tmp_path, tasks=1)
+    saved_bert(tmp_path, tasks=1)
     rewrite_memory(tmp_path / GP_MEMORY_NAME, **metadata)
     with pytest.raises(GPMemoryError, match=message) as error:
         peft_gp.from_pretrained(tiny_bert(), str(tmp_path))
@@ -164,7 +144,7 @@ def test_damaged_memory_metadata_is_refused(tmp_path, metadata, message):
 
 
 def test_task_record_and_memory_must_agree(tmp_path):
-    saved(tmp_path, tasks=2)
+    saved_bert(tmp_path, tasks=2)
     record = json.loads((tmp_path / "gp_tasks.json").read_text())
     record.update(task_names=["a"], task_classes=[None])
     (tmp_path / "gp_tasks.json").write_text(json.dumps(record))
@@ -193,9 +173,9 @@ def test_task_record_types_are_strict(tmp_path, edit, message):
 
 
 def test_projection_is_decided_from_the_bases():
-    model = lora_model()
-    train_steps(model, batch(), 2)
-    peft_gp.update_memory(model, [batch()])
+    model = lora_bert()
+    train_steps(model, bert_batch(), 2)
+    peft_gp.update_memory(model, [bert_batch()])
     memory = peft_gp.get_memory(model)
     memory.thresholds.clear()  # metadata saying "no task" cannot switch the stored directions off
     assert GPProjector(model).active
@@ -205,7 +185,7 @@ def test_projection_is_decided_from_the_bases():
 
 
 def test_unreadable_files_fail_naming_the_file(tmp_path):
-    saved(tmp_path, tasks=1)
+    saved_bert(tmp_path, tasks=1)
     (tmp_path / "gp_tasks.json").write_bytes(b"\xff\xfe not utf-8")
     with pytest.raises(ValueError, match=r"gp_tasks.json is not UTF-8"):
         peft_gp.from_pretrained(tiny_bert(), str(tmp_path))
@@ -219,7 +199,7 @@ def test_unreadable_files_fail_naming_the_file(tmp_path):
 
 
 def test_unknown_gp_settings_are_an_error(tmp_path):
-    saved(tmp_path, tasks=1)
+    saved_bert(tmp_path, tasks=1)
     config = tmp_path / "adapter_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "gp_thresold": 0.5}))
     with pytest.raises(ValueError, match=r"does not know: \['gp_thresold'\]"):
@@ -232,21 +212,21 @@ def test_string_settings_are_type_errors():
 
 
 def test_a_folder_with_only_a_bin_adapter_is_refused(tmp_path):
-    saved(tmp_path, tasks=1)
+    saved_bert(tmp_path, tasks=1)
     os.rename(tmp_path / "adapter_model.safetensors", tmp_path / "adapter_model.bin")
     with pytest.raises(ValueError, match="adapter_model.bin, a torch-serialised file"):
         peft_gp.from_pretrained(tiny_bert(), str(tmp_path))
 
 
 def test_resume_skips_a_newest_checkpoint_whose_trainer_state_is_truncated(tmp_path):
-    model = lora_model(gp_threshold=0.97)
+    model = lora_bert(gp_threshold=0.97)
     args = task2_args(tmp_path)  # one checkpoint per step
     args.max_steps = 3
     peft_gp.GPTrainer(model=model, args=args, train_dataset=task_dataset(0, 8), gp_update_memory=False).train()
     task_folder = tmp_path / "task2" / "task-01"
     (task_folder / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3, "log_hist')
     with pytest.warns(UserWarning, match=r"Skipping .*checkpoint-3 \(.*trainer_state.json is not valid JSON"):
-        path = peft_gp.last_checkpoint(str(tmp_path / "task2"), lora_model())
+        path = peft_gp.last_checkpoint(str(tmp_path / "task2"), lora_bert())
     assert path.endswith("checkpoint-2")
 
 
@@ -255,7 +235,7 @@ def test_resume_skips_a_newest_checkpoint_whose_trainer_state_is_truncated(tmp_p
 
 @pytest.mark.parametrize("unfrozen", ["bert.encoder.layer.0.output.LayerNorm.weight", "bert.pooler.dense.weight"])
 def test_hand_unfrozen_parameters_warn_at_attach(unfrozen):
-    model = lora_model()
+    model = lora_bert()
     dict(model.base_model.model.named_parameters())[unfrozen].requires_grad_(True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     with pytest.warns(Unprotected, match=r"not protected by gradient projection.*(LayerNorm|Linear)"):
@@ -263,10 +243,10 @@ def test_hand_unfrozen_parameters_warn_at_attach(unfrozen):
 
 
 def test_storing_the_same_task_twice_records_one_task():
-    model = lora_model()
-    train_steps(model, batch(), 2)
-    peft_gp.update_memory(model, [batch()], task_name="a")
-    peft_gp.update_memory(model, [batch()], task_name="a")
+    model = lora_bert()
+    train_steps(model, bert_batch(), 2)
+    peft_gp.update_memory(model, [bert_batch()], task_name="a")
+    peft_gp.update_memory(model, [bert_batch()], task_name="a")
     assert peft_gp.get_memory(model).tasks_seen == 1 and peft_gp.get_task_state(model).task_names == ["a"]
 
 
@@ -274,12 +254,12 @@ def test_storing_the_same_task_twice_records_one_task():
 
 
 def _step_with_one_nan(projected: bool) -> tuple[int, list]:
-    model = lora_model(gp_threshold=0.9)
-    train_steps(model, batch(), 2)
-    peft_gp.update_memory(model, [batch()])
+    model = lora_bert(gp_threshold=0.9)
+    train_steps(model, bert_batch(), 2)
+    peft_gp.update_memory(model, [bert_batch()])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     projector = GPProjector(model).attach(optimizer) if projected else None
-    model(**batch(1)).loss.backward()
+    model(**bert_batch(1)).loss.backward()
     name = "layer.0.attention.self.query.lora_A.default.weight"
     lora_a = next(p for n, p in model.named_parameters() if n.endswith(name))
     lora_a.grad[0, 0] = float("nan")
@@ -301,20 +281,20 @@ def test_a_nan_gradient_does_not_spread_through_the_projection():
 
 def test_a_task_trained_again_on_its_own_data_warns_without_naming_full_layers():
     """The same examples again: every gradient lies in the stored space although no layer's space is full."""
-    model = lora_model(gp_threshold=1.0, gp_modules_to_save="freeze", r=16)  # 8 token rows fill no basis
-    train_steps(model, batch(0), 2)
-    peft_gp.update_memory(model, [batch(0)])
+    model = lora_bert(gp_threshold=1.0, gp_modules_to_save="freeze", r=16)  # 8 token rows fill no basis
+    train_steps(model, bert_batch(0), 2)
+    peft_gp.update_memory(model, [bert_batch(0)])
     assert peft_gp.get_memory(model).full_groups() == []
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     projector = GPProjector(model).attach(optimizer)
-    train_steps(model, batch(0), 3, optimizer=optimizer)
+    train_steps(model, bert_batch(0), 3, optimizer=optimizer)
     with pytest.warns(GPCapacityWarning, match=r"gradient: it could barely learn\. No layer's space is full"):
         projector.detach()
 
 
 def test_a_task_whose_gradient_is_all_removed_warns_once_naming_the_full_layers():
-    model = lora_model(gp_threshold=1.0, gp_modules_to_save="freeze")
-    many = batch(0, rows=32)
+    model = lora_bert(gp_threshold=1.0, gp_modules_to_save="freeze")
+    many = bert_batch(0, rows=32)
     many["input_ids"] = torch.randint(4, 64, (32, 8), generator=torch.Generator().manual_seed(3))
     many["attention_mask"] = torch.ones_like(many["input_ids"])
     train_steps(model, many, 2)
@@ -322,6 +302,6 @@ def test_a_task_whose_gradient_is_all_removed_warns_once_naming_the_full_layers(
         peft_gp.update_memory(model, [many])  # every layer's space fills (64-dim inputs, 256 token rows)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     projector = GPProjector(model).attach(optimizer)
-    train_steps(model, batch(1), 3, optimizer=optimizer)
+    train_steps(model, bert_batch(1), 3, optimizer=optimizer)
     with pytest.warns(GPCapacityWarning, match=r"removed 100.0% of this task's gradient.*Full layers \(\d+\)"):
         projector.detach()

@@ -19,6 +19,25 @@ from peft_gp import GPTrainer
 from .testing import TASK2_STEPS, logits_on, task2_args, task_dataset, tiny_bert, tiny_llama
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_until_killed.py"
+
+
+def kill_once_printed(arguments: list[str], line: bytes, failure: str) -> None:
+    """Run ``python arguments`` (one thread) until it prints ``line``, then kill it with SIGKILL; the test fails with
+    ``failure`` if the process ends first."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, *arguments], stdout=subprocess.PIPE, env=env)
+    try:
+        for printed in process.stdout:
+            if printed.strip() == line:
+                break
+        else:
+            pytest.fail(failure)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+
+
 def finish_task2(out, resume) -> dict[str, torch.Tensor]:
     model = peft_gp.from_pretrained(tiny_bert(), os.path.join(out, "after_task1"), is_trainable=True)
     trainer = GPTrainer(model=model, args=task2_args(out), train_dataset=task_dataset(1, 16), gp_update_memory=False)
@@ -27,18 +46,9 @@ def finish_task2(out, resume) -> dict[str, torch.Tensor]:
 
 
 def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path)], stdout=subprocess.PIPE, env=env)
-    try:
-        for line in process.stdout:
-            if line.strip() == b"saved 5":
-                break
-        else:
-            pytest.fail("the training process ended before its fifth checkpoint")
-        process.send_signal(signal.SIGKILL)  # somewhere in steps 6-7 or in the middle of saving checkpoint-6
-    finally:
-        process.kill()
-        process.wait(timeout=60)
+    # killed somewhere in steps 6-7 or in the middle of saving checkpoint-6
+    failure = "the training process ended before its fifth checkpoint"
+    kill_once_printed([str(SCRIPT), str(tmp_path)], b"saved 5", failure)
     checkpoints = sorted(p.name for p in (tmp_path / "task2" / "task-02").iterdir())
     assert "checkpoint-5" in checkpoints and f"checkpoint-{TASK2_STEPS}" not in checkpoints
 
@@ -70,17 +80,8 @@ def test_sequence_in_one_output_dir_killed_in_task_2_resumes_like_an_uninterrupt
     (its final checkpoint already stores it: no second record) and finishes task 2 from its newest checkpoint."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, str(SEQUENCE_SCRIPT), str(killed)], stdout=subprocess.PIPE, env=env)
-    try:
-        for line in process.stdout:
-            if line.strip() == b"task 2 saved 3":
-                break
-        else:
-            pytest.fail("the training process ended before task 2's third checkpoint")
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait(timeout=60)
+    kill_once_printed([str(SEQUENCE_SCRIPT), str(killed)], b"task 2 saved 3",
+                      "the training process ended before task 2's third checkpoint")  # fmt: skip
     assert not (killed / "final").exists()
     resumed = subprocess.run(
         [sys.executable, str(SEQUENCE_SCRIPT), str(killed), "--resume"], env=env, capture_output=True, timeout=300

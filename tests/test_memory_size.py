@@ -16,7 +16,7 @@ from peft_gp import GPMemory, GPMemoryError
 from peft_gp.core import maths
 from peft_gp.wiring.memory import compact_form
 
-from .test_shared_bases import batches, llama, lora_llama
+from .testing import batches, llama, lora_llama
 
 
 def test_the_complement_spans_the_rest_of_the_space_and_is_reproducible():

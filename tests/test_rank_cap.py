@@ -13,7 +13,7 @@ from peft_gp import GPLoraConfig
 from peft_gp.core import maths
 from peft_gp.wiring.gp_settings import rank_caps
 
-from .test_shared_bases import batches, lora_llama
+from .testing import batches, lora_llama
 
 
 def gram_of(rank: int, dim: int = 12, seed: int = 0) -> torch.Tensor:

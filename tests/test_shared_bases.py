@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_gp
 from peft_gp import GPLoraConfig, GPMemory, GPMemoryError, GPProjector
@@ -20,29 +19,10 @@ from peft_gp.wiring.grams import collect_grams
 from peft_gp.wiring.shared_grams import SharedGrams
 from peft_gp.wiring.state import get_state, set_memory
 
-from .testing import save_legacy_memory, tiny_bert, train_steps
+from .testing import batches, lora_llama, save_legacy_memory, tiny_bert, train_steps
 
 LAYER = "model.layers.{}.{}.lora_A"
 ATTENTION, MLP = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")
-
-
-def llama(dtype=torch.float32) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
-    return LlamaForCausalLM(config).to(dtype)
-
-
-def batches(task_id: int, count: int = 2) -> list[dict]:
-    generator = torch.Generator().manual_seed(task_id)
-    ids = torch.randint(1, 64, (4 * count, 6), generator=generator)
-    return [{"input_ids": ids[i : i + 4], "attention_mask": torch.ones(4, 6, dtype=torch.long)}
-            for i in range(0, len(ids), 4)]  # fmt: skip
-
-
-def lora_llama(dtype=torch.float32, **settings):
-    settings = {"r": 4, "target_modules": "all-linear", "init_lora_weights": False, "gp_threshold": 0.9, **settings}
-    return peft_gp.get_peft_model(llama(dtype), GPLoraConfig(**settings))
 
 
 def held(memory: GPMemory) -> int:

@@ -20,12 +20,9 @@ from peft_gp.wiring.passes import memory_passes
 from peft_gp.wiring.sketches import is_sketch, sketch_specs
 from peft_gp.wiring.state import get_state
 
-from .test_bounded_update import TINY
-from .test_shared_bases import batches, lora_llama
-from .testing import lm_outputs_around_task2, run_two_ranks
+from .testing import SKETCH_ROWS, TINY, batches, lm_outputs_around_task2, lora_llama, repeated, run_two_ranks
 
 SCRIPT = Path(__file__).parent / "scripts" / "sketch_ddp.py"
-ROWS = 13  # ℓ: the tiny Llama's task features below have rank ≤ 12, so the sketch is exact
 
 
 def sketch_of(features: torch.Tensor, rows: int, basis: torch.Tensor | None = None, chunk: int = 37):
@@ -84,17 +81,10 @@ def test_low_rank_features_give_the_gram_paths_basis(threshold):
     assert torch.equal(grown[:, :3], old)  # old columns first, unchanged
 
 
-def repeated(task_id: int, rows: int = 2, times: int = 3) -> list[dict]:
-    """Task ``task_id``'s first ``rows`` sequences (6 tokens each) as ``times`` equal batches: rank ≤ 6·rows, yet
-    more rows than the sketch's 2ℓ buffer, so that it shrinks."""
-    ids = batches(task_id)[0]["input_ids"][:rows]
-    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}] * times
-
-
 @pytest.mark.parametrize("threshold", [1.0, 0.9])
 def test_a_sketched_memory_equals_the_gram_memory_on_low_rank_features(threshold):
     plain = lora_llama(gp_threshold=threshold)
-    sketched = lora_llama(gp_threshold=threshold, gp_sketch_above=16, gp_sketch_rows=ROWS)
+    sketched = lora_llama(gp_threshold=threshold, gp_sketch_above=16, gp_sketch_rows=SKETCH_ROWS)
     for task_id in range(2):
         expected = peft_gp.update_memory(plain, repeated(task_id))
         report = peft_gp.update_memory(sketched, repeated(task_id))
@@ -113,9 +103,9 @@ def test_a_sketched_memory_equals_the_gram_memory_on_low_rank_features(threshold
 def test_old_outputs_stay_with_a_sketched_memory(budget):
     """τ = 1, update mode: every input wider than 16 sketched with ℓ = 13 (rank ≤ 12: exact), in one pass or in
     many; training task 2 with AdamW and weight decay leaves task 1's outputs as they were, and task 2 learns."""
-    model = lora_llama(gp_threshold=1.0, gp_sketch_above=16, gp_sketch_rows=ROWS, gp_update_budget_gb=budget)
+    model = lora_llama(gp_threshold=1.0, gp_sketch_above=16, gp_sketch_rows=SKETCH_ROWS, gp_update_budget_gb=budget)
     groups = get_state(model).groups
-    sketched = {group.name: ROWS for group in groups if group.dim > 16}
+    sketched = {group.name: SKETCH_ROWS for group in groups if group.dim > 16}
     passes = memory_passes(model, groups, repeated(0), budget, None, sketched)[0]
     assert (len(passes) > 4) == (budget == TINY)
     report = peft_gp.update_memory(model, iter(repeated(0)))
@@ -127,17 +117,17 @@ def test_old_outputs_stay_with_a_sketched_memory(budget):
 
 
 def test_a_rank_cap_bounds_sketched_bases():
-    model = lora_llama(gp_threshold=1.0, gp_sketch_above=16, gp_sketch_rows=ROWS, gp_max_basis_rank=3)
+    model = lora_llama(gp_threshold=1.0, gp_sketch_above=16, gp_sketch_rows=SKETCH_ROWS, gp_max_basis_rank=3)
     report = peft_gp.update_memory(model, repeated(0))
     assert max(entry["basis_size"] for entry in report.values()) == 3
     assert all(basis.shape[1] <= 3 for basis in peft_gp.get_memory(model).bases.values())
 
 
 def test_a_sketch_costs_its_buffer_in_the_pass_budget():
-    model = lora_llama(gp_sketch_above=16, gp_sketch_rows=ROWS)
+    model = lora_llama(gp_sketch_above=16, gp_sketch_rows=SKETCH_ROWS)
     groups = get_state(model).groups
-    budget = 2 * 8 * (2 * ROWS * 40) * 1.01 / 1e9  # two down_proj sketches (d = 40), not two 40² Grams
-    wide = {group.name: ROWS for group in groups if group.dim > 16}
+    budget = 2 * 8 * (2 * SKETCH_ROWS * 40) * 1.01 / 1e9  # two down_proj sketches (d = 40), not two 40² Grams
+    wide = {group.name: SKETCH_ROWS for group in groups if group.dim > 16}
     alone = memory_passes(model, [g for g in groups if "down_proj.lora_A" in g.name], repeated(0), budget, None, wide)
     assert len(alone[0]) == 1
     as_grams = memory_passes(model, [g for g in groups if "down_proj.lora_A" in g.name], repeated(0), budget, None)
@@ -145,9 +135,9 @@ def test_a_sketch_costs_its_buffer_in_the_pass_budget():
 
 
 def test_the_plan_costs_the_sketches_the_update_holds():
-    model = lora_llama(gp_sketch_above=16, gp_sketch_rows=ROWS)
+    model = lora_llama(gp_sketch_above=16, gp_sketch_rows=SKETCH_ROWS)
     state = get_state(model)
-    specs = sketch_specs(state.groups, state.memory.bases, 16, ROWS, "cpu")
+    specs = sketch_specs(state.groups, state.memory.bases, 16, SKETCH_ROWS, "cpu")
     grams, _ = collect_grams(model, state.groups, repeated(0), sketches=specs)
     held = {id(value): value for value in grams.values()}.values()
     measured = sum(v.sketch_rows().new_empty(2 * v.rows, v.dim).nbytes if is_sketch(v) else v.nbytes for v in held)

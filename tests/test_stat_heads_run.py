@@ -25,26 +25,13 @@ from peft_gp.continual.stat_heads import build_heads, evaluate_heads, take_stati
 from peft_gp.wiring.class_stats import head_module
 from peft_gp.wiring.memory_data import memory_sample
 from peft_gp.wiring.state import get_state
-from tests.testing import save_tiny_text_model, text_dataset
+from tests.testing import SILENT, tiny_run_config
 
-SILENT = dict(say=lambda *_: None)
 HEADS = ["trained", "lda", "ncm", "aligned"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_heads")
-    save_tiny_text_model(root / "model")
-    text_dataset().save_to_disk(str(root / "data"))
-    return root
-
-
 def tiny_config(tiny_dirs, tmp_path, **changes) -> RunConfig:
-    values = dict(name="heads", model=str(tiny_dirs / "model"), dataset=str(tiny_dirs / "data"),
-                  classes_per_task=[2, 2, 2], train_per_class=None, test_per_class=None, max_length=8, epochs=6,
-                  batch_size=8, learning_rate=5e-2, gp_memory_samples=32, output_dir=str(tmp_path / "run"),
-                  progress=False, plots=False)  # fmt: skip
-    return RunConfig(**{**values, **changes})
+    return tiny_run_config(tiny_dirs, tmp_path, **{"name": "heads", "epochs": 6, "plots": False, **changes})
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,7 @@ from peft_gp import (
 from peft_gp.wiring.slices import ROWS
 from peft_gp.wiring.state import get_state
 
-from .test_hub import REPO
-from .test_hub import hub as hub  # noqa: F401 - the fake Hub fixture (and hub_env, which it uses)
-from .test_hub import hub_env as hub_env  # noqa: F401
-from .testing import CASES, logits_on, task_dataset, tiny_bert, tiny_gpt2, train_steps, training_args
+from .testing import CASES, REPO, logits_on, task_dataset, tiny_bert, tiny_gpt2, train_steps, training_args
 
 CASE = {case.name: case for case in CASES}
 SLICES, WIDTH = 3, 4  # rank (bottleneck) 12: three tasks of 4 components each

@@ -1,5 +1,6 @@
 """The shared helpers of the test suite, in one module: tiny models built from configs (no downloads), the model
-matrix, tiny datasets and training settings. ``conftest.py`` holds only fixtures; test modules import from here."""
+matrix, tiny datasets and training settings, the fake Hub's token and checks, the continual runner's tiny config.
+``conftest.py`` holds only fixtures; test modules import from here, never from one another (test_architecture.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import random
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +44,15 @@ from transformers import (  # noqa: E402
 )
 from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 
-from peft_gp import GPAdapterConfig, GPLoraConfig, GPProjector  # noqa: E402
+import peft_gp  # noqa: E402
+from peft_gp import GPAdapterConfig, GPLoraConfig, GPProjector, GPTrainer  # noqa: E402
+from peft_gp.continual import RunConfig  # noqa: E402
 from peft_gp.wiring.grams import collect_grams  # noqa: E402
 from peft_gp.wiring.memory import GPMemory  # noqa: E402
 from peft_gp.wiring.memory_file import IMPORTANCE_SUFFIX  # noqa: E402
 from peft_gp.wiring.state import resolve_groups  # noqa: E402
+
+from .fake_hub import FakeHub  # noqa: E402
 
 # ---- tiny models and the model matrix ------------------------------------------------------------------------------
 
@@ -53,6 +60,9 @@ torch.set_num_threads(1)  # tiny models: threads only add overhead
 
 HIDDEN = 64
 VOCAB = 64
+# the tiny BERT's and the tiny ViT's encoder: 2 layers of width HIDDEN, 4 heads, no dropout
+ENCODER = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
 
 
 @dataclass
@@ -101,17 +111,7 @@ def _image_batch(task_id: int) -> dict:
 
 def tiny_bert(num_labels: int = 4) -> BertForSequenceClassification:
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=num_labels,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    config = BertConfig(vocab_size=VOCAB, max_position_embeddings=32, num_labels=num_labels, **ENCODER)
     return BertForSequenceClassification(config)
 
 
@@ -162,18 +162,7 @@ def tiny_t5() -> T5ForConditionalGeneration:
 
 def tiny_vit(num_labels: int = 4) -> ViTForImageClassification:
     torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=num_labels,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=3, num_labels=num_labels, **ENCODER)
     return ViTForImageClassification(config)
 
 
@@ -314,6 +303,38 @@ def lm_outputs_around_task2(model, old: dict, new: dict, steps: int = 10) -> tup
     return before, after, losses
 
 
+# ---- a smaller Llama (hidden 24) and its language-modelling batches, for the memory tests ----------------------
+
+TINY = 1e-6  # GB: a gp_update_budget_gb that puts every unit of groups over budget, a pass each
+SKETCH_ROWS = 13  # ℓ: the small Llama's task features from ``repeated`` have rank ≤ 12, so the sketch is exact
+
+
+def llama(dtype=torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def batches(task_id: int, count: int = 2) -> list[dict]:
+    generator = torch.Generator().manual_seed(task_id)
+    ids = torch.randint(1, 64, (4 * count, 6), generator=generator)
+    return [{"input_ids": ids[i : i + 4], "attention_mask": torch.ones(4, 6, dtype=torch.long)}
+            for i in range(0, len(ids), 4)]  # fmt: skip
+
+
+def lora_llama(dtype=torch.float32, **settings):
+    settings = {"r": 4, "target_modules": "all-linear", "init_lora_weights": False, "gp_threshold": 0.9, **settings}
+    return peft_gp.get_peft_model(llama(dtype), GPLoraConfig(**settings))
+
+
+def repeated(task_id: int, rows: int = 2, times: int = 3) -> list[dict]:
+    """Task ``task_id``'s first ``rows`` sequences (6 tokens each) as ``times`` equal batches: rank ≤ 6·rows, yet
+    more rows than the sketch's 2ℓ buffer, so that it shrinks."""
+    ids = batches(task_id)[0]["input_ids"][:rows]
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}] * times
+
+
 # ---- a tiny BERT's two classification tasks, and Trainer settings -----------------------------------------------
 
 LENGTH = 6
@@ -385,6 +406,73 @@ def task2_args(out):
     return training_args(
         os.path.join(out, "task2"), save_strategy="steps", save_steps=1, max_steps=TASK2_STEPS, num_train_epochs=1
     )
+
+
+def lora_bert(**gp):
+    """The tiny BERT with GP-LoRA (rank 8) on query and value, threshold 1.0."""
+    settings = {"task_type": "SEQ_CLS", "r": 8, "target_modules": ["query", "value"], "gp_threshold": 1.0, **gp}
+    return get_peft_model(tiny_bert(), GPLoraConfig(**settings))
+
+
+def bert_batch(task_id: int = 0, rows: int = 2):
+    ids = torch.randint(4, 12, (rows, 4), generator=torch.Generator().manual_seed(task_id))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.arange(rows) % 2}
+
+
+def saved_bert(path, tasks: int = 1, seed: int = 0):
+    """``lora_bert()`` after ``tasks`` tasks (2 steps and a memory update each), saved to ``path`` by peft_gp."""
+    model = lora_bert()
+    for task_id in range(tasks):
+        train_steps(model, bert_batch(10 * seed + task_id), 2)
+        peft_gp.update_memory(model, [bert_batch(10 * seed + task_id)])
+    peft_gp.save_pretrained(model, path)
+    return model
+
+
+# ---- pushes to the fake Hub (``tests/fake_hub.py``; the ``hub_env`` and ``hub`` fixtures are in conftest.py) ----
+
+TOKEN = "hf_test_secret_0123456789"
+REPO = "user/cl-run"
+
+
+def point_hub_at(monkeypatch, endpoint: str) -> None:
+    from huggingface_hub import constants, hf_api
+
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
+
+
+@contextmanager
+def serving_fake_hub(monkeypatch, **options) -> Iterator[FakeHub]:
+    """A ``FakeHub`` that takes ``TOKEN``, with ``huggingface_hub`` pointed at it; on leaving, a request that the fake
+    does not implement fails the test."""
+    with FakeHub(token=TOKEN, **options) as server:
+        point_hub_at(monkeypatch, server.endpoint)
+        yield server
+    assert not server.unknown, f"requests the fake hub does not implement: {server.unknown}"
+
+
+def finished_task(tmp_path, name="few tokens") -> torch.nn.Module:
+    """A model with task 0 trained and stored in its memory (no push)."""
+    model = gp_model()
+    args = training_args(tmp_path / "train", num_train_epochs=2)
+    GPTrainer(model=model, args=args, train_dataset=task_dataset(0, 8), gp_task_name=name).train()
+    return model
+
+
+def assert_token_hidden(error: BaseException, caplog, token: str = TOKEN) -> None:
+    """Not in the message, the traceback or the logs; and no chained error (the HTTP client's errors hold the
+    request, whose headers hold the token)."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    assert token not in text and token not in caplog.text
+    assert error.__cause__ is None and error.__context__ is None
+
+
+def assert_saved(local_dir: Path) -> None:
+    for name in ("adapter_model.safetensors", "adapter_config.json", "gp_memory.safetensors", "gp_tasks.json"):
+        assert (local_dir / name).is_file(), name
 
 
 # ---- generative tasks on tiny causal LMs and T5 -----------------------------------------------------------------
@@ -532,6 +620,30 @@ def save_tiny_text_model(folder: Path, arch: str = "bert") -> Path:
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
+
+
+SILENT = dict(say=lambda *_: None)  # run_sequence(config, **SILENT) prints nothing
+
+
+def tiny_run_config(tiny_dirs: Path, tmp_path: Path, **changes) -> RunConfig:
+    """A ``run_sequence`` config over the ``tiny_dirs`` fixture's model and data (three tasks of two classes, every
+    example), writing under ``tmp_path``; ``changes`` override any field."""
+    values = dict(
+        name="tiny",
+        model=str(tiny_dirs / "model"),
+        dataset=str(tiny_dirs / "data"),
+        classes_per_task=[2, 2, 2],
+        train_per_class=None,
+        test_per_class=None,
+        max_length=8,
+        epochs=10,
+        batch_size=8,
+        learning_rate=5e-2,
+        gp_memory_samples=32,
+        output_dir=str(tmp_path / "run"),
+        progress=False,
+    )
+    return RunConfig(**{**values, **changes})
 
 
 def save_legacy_memory(memory, path, version: int) -> None:

@@ -12,15 +12,14 @@ import torch.distributed as dist  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import peft_gp  # noqa: E402
-from tests.test_shared_bases import lora_llama  # noqa: E402
-from tests.test_sketch import ROWS, repeated  # noqa: E402
+from tests.testing import SKETCH_ROWS, lora_llama, repeated  # noqa: E402
 
 
 def main(out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    model = lora_llama(gp_threshold=1.0, gp_sketch_above=16, gp_sketch_rows=ROWS)
+    model = lora_llama(gp_threshold=1.0, gp_sketch_above=16, gp_sketch_rows=SKETCH_ROWS)
     peft_gp.update_memory(model, repeated(rank, rows=1))  # rank r: task r's first sequence, three times
     bases = {name: basis.clone().contiguous() for name, basis in peft_gp.get_memory(model).bases.items()}
     save_file(bases, os.path.join(out, f"rank{rank}.safetensors"))

@@ -14,7 +14,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 import peft_gp  # noqa: E402
 from peft_gp import GPTrainer  # noqa: E402
-from tests.testing import TASK2_STEPS, gp_model, task2_args, task_dataset, training_args  # noqa: E402  # noqa: E402
+from tests.testing import TASK2_STEPS, gp_model, task2_args, task_dataset, training_args  # noqa: E402
 
 
 class Announce(TrainerCallback):
