@@ -44,26 +44,23 @@ Data: each topic's articles are shuffled (seeded) and split 80/20; at most ``--t
 
 from __future__ import annotations
 
+# ruff: noqa: E402 - common.environment() sets the environment before torch and transformers load
 import os
 import sys
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# OpenMP threads that spin while waiting stall when other processes hold the cores: on the 2-core development machine
-# under load, a 384 x 384 float64 eigh (the memory update) took 5 s instead of 0.04 s. Sleeping waits avoid that.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-from peft_gp.continual import RunConfig, RunConfigError, run_sequence  # noqa: E402
-from peft_gp.continual.report import comparison_text  # noqa: E402
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, quiet, run_record, stream_settings, write_record  # noqa: E402
+from common import RESULTS, begin, environment, load_text, run_record, stream_settings, write_record
+
+environment()
+
+import argparse
+import time
+
+import torch
+
+from peft_gp.continual import RunConfig, RunConfigError, run_sequence
+from peft_gp.continual.report import comparison_text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -112,10 +109,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    quiet()  # the per-task "memory fills ... groups" warning is summarised in the per-task lines instead
+    load_start, began = begin()  # quiet: the per-task "memory fills ... groups" warning is in the per-task lines
     torch.manual_seed(args.seed)
-    load_start = round(os.getloadavg()[0], 2)  # other processes on the machine bias timings
-    began = time.perf_counter()
     config = run_config(args)
     try:
         run = run_sequence(config, say=lambda line: print(line, flush=True))
@@ -127,8 +122,8 @@ def main(argv=None) -> dict:
         raise RuntimeError("The runs did not start from the same trainable weights.")
     total = time.perf_counter() - began
     print(
-        f"total time {total:.0f}s; 1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end "
-        f"on {os.cpu_count()} CPUs (other processes inflate the times); outputs in {config.run_dir}/"
+        f"total time {total:.0f}s; {load_text(load_start)} on {os.cpu_count()} CPUs (other processes inflate the "
+        f"times); outputs in {config.run_dir}/"
     )
     record = run_record("bbc_news_class_incremental", args, run, load_start, total, runner_outputs=run.paths)
     write_record(args.output, record)

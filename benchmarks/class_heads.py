@@ -32,33 +32,31 @@ The targets of issue 22 are printed as met / not met (Fortunes-20: GP's best hea
 
 from __future__ import annotations
 
-import os
+# ruff: noqa: E402 - common.environment() sets the environment before torch and transformers load
 import sys
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-from datasets import concatenate_datasets  # noqa: E402
-
-from peft_gp.continual import RunConfig, RunConfigError  # noqa: E402
-from peft_gp.continual.loading import prepare  # noqa: E402
-from peft_gp.continual.stream import evaluate_seen, frozen_stream, task_statistics, train_stream  # noqa: E402
-from peft_gp.continual.tasks import Task  # noqa: E402
-from peft_gp.core.metrics import accuracy_matrix_summary  # noqa: E402
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fortunes_cil  # noqa: E402
-import split_fashion_mnist_vit as fashion_vit  # noqa: E402
-from common import RESULTS, machine_record, now, quiet, read_shards, write_record  # noqa: E402
+from common import RESULTS, begin, environment, machine_record, now, read_shards, write_record
+
+environment()
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import time
+
+import fortunes_cil
+import split_fashion_mnist_vit as fashion_vit
+import torch
+from datasets import concatenate_datasets
+
+from peft_gp.continual import RunConfig, RunConfigError
+from peft_gp.continual.loading import prepare
+from peft_gp.continual.stream import evaluate_seen, frozen_stream, task_statistics, train_stream
+from peft_gp.continual.tasks import Task
+from peft_gp.core.metrics import accuracy_matrix_summary
 
 BENCHMARKS = ("fortunes", "fashion", "bbc")
 METHODS = ("plain", "gp", "gp-slices", "frozen", "joint")
@@ -279,8 +277,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.merge:
         return merge(args.merge, args.output)
-    quiet()
-    load_start, began = round(os.getloadavg()[0], 2), time.perf_counter()
+    load_start, began = begin()
     runs: dict = {}
     for paradigm in args.paradigm_list:
         for seed in args.seed_list:

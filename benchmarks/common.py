@@ -1,4 +1,8 @@
-"""What the benchmarks share: the offline data and model, the machine record, and writing results."""
+"""What the benchmarks share: their environment and flags, the offline data and model, the machine record, and
+writing results.
+
+Only the standard library loads with this module (torch, transformers and peft_gp load where a helper needs them),
+so that a benchmark can call ``environment()`` before it imports them."""
 
 from __future__ import annotations
 
@@ -7,17 +11,24 @@ import importlib.util
 import json
 import os
 import platform
+import time
 from datetime import datetime, timezone
 from pathlib import Path
-
-import torch
-import transformers
-
-import peft_gp
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def environment(passive_omp: bool = True) -> None:
+    """Set before torch and transformers load: offline (no Hub downloads), no tokenizer-fork warnings and, with
+    ``passive_omp``, OpenMP threads that sleep while they wait. Spinning ones stall when other processes hold the
+    cores: on the 2-core development machine under load, a 384 x 384 float64 eigh (the memory update) took 5 s
+    instead of 0.04 s. The step-timing benchmarks keep OpenMP's own policy (``passive_omp=False``)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if passive_omp:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def minilm_path() -> str:
@@ -39,6 +50,11 @@ def read_article(path: Path) -> str:
 
 def machine_record(load_start: float) -> dict:
     """Where and with what the numbers were measured."""
+    import torch
+    import transformers
+
+    import peft_gp
+
     return {
         "platform": platform.platform(),
         "processor": platform.processor(),
@@ -62,6 +78,34 @@ def fill_preset(args, preset: dict, aliases: dict[str, str] | None = None) -> No
             setattr(args, name, value)
 
 
+def use_preset(args, name: str, full: dict, quick: dict, aliases: dict[str, str] | None = None) -> None:
+    """``fill_preset`` from ``quick`` (``--quick``) or ``full``, then ``default_output``."""
+    fill_preset(args, quick if args.quick else full, aliases)
+    default_output(args, name)
+
+
+def default_output(args, name: str) -> None:
+    """``--output`` left at ``None``: ``results/<name>_quick.json`` with ``--quick``, else ``results/<name>.json``."""
+    if args.output is None:
+        args.output = str(RESULTS / (f"{name}_quick.json" if args.quick else f"{name}.json"))
+
+
+def name_list(text: str, known: tuple[str, ...], flag: str, distinct: bool = False) -> list[str]:
+    """The comma-separated names of ``flag``; stops unless there is one and each is ``known`` (and, with
+    ``distinct``, none is given twice)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or set(names) - set(known) or (distinct and len(set(names)) != len(names)):
+        raise SystemExit(f"{flag} takes {'distinct names' if distinct else 'some'} of {', '.join(known)}, "
+                         f"got {text!r}")  # fmt: skip
+    return names
+
+
+def recorded_flags(args) -> dict:
+    """The flags as a ``--merge``-able record keeps them: without the parsed ``*_list`` copies and the merge
+    bookkeeping."""
+    return {k: v for k, v in vars(args).items() if not k.endswith("_list") and k not in ("merge", "output_given")}
+
+
 def stream_settings(args, **extra) -> dict:
     """The ``RunConfig`` fields every stream benchmark takes from its flags of the same names (``--lr`` is
     ``learning_rate``; results beside ``--output``), plus ``extra``."""
@@ -71,12 +115,32 @@ def stream_settings(args, **extra) -> dict:
             "output_dir": str(Path(args.output).with_suffix("")), "progress": False, **extra}  # fmt: skip
 
 
+def benchmark_record(name: str, load_start: float | None, total: float, settings: dict,
+                     machine: dict | None = None, **parts) -> dict:  # fmt: skip
+    """A benchmark's JSON record: its name, the date, the ``machine_record`` (with ``machine``'s fields; none where
+    ``load_start`` is ``None``: a merge of shards), the settings, ``parts`` in order, and the seconds it took."""
+    head = {"benchmark": name, "date": now()}
+    if load_start is not None:
+        head["machine"] = {**machine_record(load_start), **(machine or {})}
+    return {**head, "settings": settings, **parts, "total_seconds": round(total, 1)}
+
+
 def run_record(name: str, args, run, load_start: float, total: float, **extra) -> dict:
     """The JSON record of a benchmark that is one ``run_sequence`` call: settings, stream, each method's results."""
-    return {"benchmark": name, "date": now(), "machine": machine_record(load_start), "settings": vars(args),
-            "stream": run.stream, "same_initial_weights": run.info.get("same_initial_weights"),
-            "results": {r.label: r.to_dict() for r in run.results.values()}, **extra,
-            "total_seconds": round(total, 1)}  # fmt: skip
+    return benchmark_record(name, load_start, total, vars(args), stream=run.stream,
+                            same_initial_weights=run.info.get("same_initial_weights"),
+                            results={r.label: r.to_dict() for r in run.results.values()}, **extra)  # fmt: skip
+
+
+def begin() -> tuple[float, float]:
+    """``quiet()``, then the 1-minute load average (other processes on the machine bias the timings) and the
+    ``time.perf_counter()`` the benchmark's total is counted from."""
+    quiet()
+    return round(os.getloadavg()[0], 2), time.perf_counter()
+
+
+def load_text(load_start: float) -> str:
+    return f"1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end"
 
 
 def quiet() -> None:
@@ -84,6 +148,7 @@ def quiet() -> None:
     import warnings
 
     import datasets
+    import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

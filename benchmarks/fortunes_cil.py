@@ -36,33 +36,43 @@ another model folder: the tests run ``--quick`` on a synthetic folder and a tiny
 
 from __future__ import annotations
 
+# ruff: noqa: E402 - common.environment() sets the environment before torch and transformers load
 import os
 import sys
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bbc_news_cil.py: spinning OpenMP waits stall under load
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    RESULTS,
+    begin,
+    benchmark_record,
+    environment,
+    load_text,
+    name_list,
+    read_shards,
+    recorded_flags,
+    use_preset,
+    write_record,
+)
 
-import argparse  # noqa: E402
-import random  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+environment()
 
-import torch  # noqa: E402
-from datasets import concatenate_datasets  # noqa: E402
+import argparse
+import random
+import statistics
+import time
 
-from peft_gp.continual import RunConfig, RunConfigError  # noqa: E402
-from peft_gp.continual.builtin_data import FORTUNES_DIR, FORTUNES_TOPICS, fortunes  # noqa: E402
+import torch
+from datasets import concatenate_datasets
+
+from peft_gp.continual import RunConfig, RunConfigError
+from peft_gp.continual.builtin_data import FORTUNES_DIR, FORTUNES_TOPICS, fortunes
 from peft_gp.continual.evaluation import evaluate_views
 from peft_gp.continual.loading import prepare
 from peft_gp.continual.splits import class_incremental_split
-from peft_gp.continual.stream import train_stream  # noqa: E402
-from peft_gp.continual.tasks import Task  # noqa: E402
-from peft_gp.core.metrics import accuracy_matrix_summary  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fill_preset, machine_record, now, quiet, read_shards, write_record  # noqa: E402
+from peft_gp.continual.stream import train_stream
+from peft_gp.continual.tasks import Task
+from peft_gp.core.metrics import accuracy_matrix_summary
 
 PARADIGMS = ("lora", "adapter", "prefix", "prompt")
 METHODS = ("plain", "gradient", "update", "joint")
@@ -106,22 +116,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="merge shard records (same settings; e.g. one per paradigm and seed) into --output")
     args = parser.parse_args(argv)
     args.output_given = args.output is not None
-    fill_preset(args, QUICK if args.quick else FULL, {"memory_samples": "gp_memory_samples"})
-    if args.output is None:
-        args.output = str(RESULTS / ("fortunes_cil_quick.json" if args.quick else "fortunes_cil.json"))
-    args.paradigm_list = _names(args.paradigms, PARADIGMS, "--paradigms")
-    args.method_list = _names(args.methods, METHODS, "--methods")
+    use_preset(args, "fortunes_cil", FULL, QUICK, {"memory_samples": "gp_memory_samples"})
+    args.paradigm_list = name_list(args.paradigms, PARADIGMS, "--paradigms")
+    args.method_list = name_list(args.methods, METHODS, "--methods")
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not 1 <= args.tasks <= 10:
         raise SystemExit(f"--tasks must be 1 to 10 (2 of the 20 topics each), got {args.tasks}")
     return args
-
-
-def _names(text: str, known: tuple[str, ...], flag: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names or set(names) - set(known):
-        raise SystemExit(f"{flag} takes some of {', '.join(known)}, got {text!r}")
-    return names
 
 
 def paradigm_kwargs(paradigm: str, args: argparse.Namespace) -> dict:
@@ -342,23 +343,17 @@ def report(runs: dict, streams: dict, settings: dict, total: float, load_start: 
         value = "n/a" if value is None else (f"{value:.0%}" if "cut" in c["target"] else f"{value:+.1f}")
         print(f"  {c['paradigm']:8s} {c['method']:8s} {c['target']:<36s} {value:>7s}  "
               f"{'met' if c['met'] else 'NOT met'}")  # fmt: skip
-    record = {"benchmark": "fortunes20_class_incremental", "date": now()}
     if load_start is not None:
-        print(f"\ntotal {total:.0f}s; 1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end "
-              f"on {os.cpu_count()} CPUs")  # fmt: skip
-        record["machine"] = machine_record(load_start)
-    record.update(settings=settings, streams=streams, summary=summary, targets=checks, runs=runs,
-                  total_seconds=round(total, 1))  # fmt: skip
-    return record
+        print(f"\ntotal {total:.0f}s; {load_text(load_start)} on {os.cpu_count()} CPUs")
+    return benchmark_record("fortunes20_class_incremental", load_start, total, settings, streams=streams,
+                            summary=summary, targets=checks, runs=runs)  # fmt: skip
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.merge:
         return merge(args.merge, args.output if args.output_given else None)
-    quiet()
-    load_start = round(os.getloadavg()[0], 2)
-    began = time.perf_counter()
+    load_start, began = begin()
     runs: dict = {p: {m: [] for m in args.method_list} for p in args.paradigm_list}
     streams = {}
     for seed in args.seed_list:
@@ -383,7 +378,7 @@ def main(argv=None) -> dict:
                 print(f"  {paradigm:8s} {method:8s} CIL acc {cil:5.1f}  TIL acc {til:5.1f}  {record['seconds']:.0f}s",
                       flush=True)  # fmt: skip
     total = time.perf_counter() - began
-    settings = {k: v for k, v in vars(args).items() if not k.endswith("_list") and k not in ("merge", "output_given")}
+    settings = recorded_flags(args)
     del settings["prefix_protect_values"]  # recorded in paradigm_kwargs (and so checked by --merge per paradigm)
     settings["learning_rates"] = {p: run_config(args, p, 0).learning_rate for p in args.paradigm_list}
     settings["paradigm_kwargs"] = {p: paradigm_kwargs(p, args) for p in args.paradigm_list}

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import statistics
 from pathlib import Path
 
-from common import RESULTS, machine_record, now, read_shards, write_record
+from common import RESULTS, benchmark_record, load_text, read_shards, write_record
 
 BENCHMARK = "smollm2_generative"
 COLUMNS = (("average_accuracy", "final avg exact match", 100.0), ("forgetting", "forgetting", 100.0),
@@ -112,12 +111,10 @@ def report(runs: dict, streams: dict, bases: dict, settings: dict, total: float,
         value = "n/a" if c["value"] is None else f"{c['value']:.2f}"
         print(f"  {c['method']:13s} {c['target']:<36s} {value:>7s} (needs {c['needed']}): "
               f"{'met' if c['met'] else 'NOT met'} - {c['why']}")  # fmt: skip
-    record = {"benchmark": BENCHMARK, "date": now()}
     if load_start is not None:
-        print(f"\ntotal {total:.0f}s; 1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")
-        record["machine"] = machine_record(load_start)
-    record.update(settings=settings, streams=streams, base_model=bases, summary=summary, targets=checks, runs=runs,
-                  total_seconds=round(total, 1))  # fmt: skip
+        print(f"\ntotal {total:.0f}s; {load_text(load_start)}")
+    record = benchmark_record(BENCHMARK, load_start, total, settings, streams=streams, base_model=bases,
+                              summary=summary, targets=checks, runs=runs)  # fmt: skip
     if shards is not None:
         record["shards"] = shards
     return record

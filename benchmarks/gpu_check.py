@@ -31,26 +31,29 @@ Never needed by the tests (they run ``--quick``). Not yet run on a GPU: see docs
 
 from __future__ import annotations
 
+# ruff: noqa: E402 - common.environment() sets the environment before torch and transformers load
 import os
 import sys
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import begin, benchmark_record, environment, use_preset, write_record
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import importlib.util  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from pathlib import Path  # noqa: E402
+environment(passive_omp=False)
 
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from transformers import (  # noqa: E402
+import argparse
+import gc
+import importlib.util
+import statistics
+import tempfile
+import time
+import traceback
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from torch.utils.data import DataLoader
+from transformers import (
     AutoModelForCausalLM,
     BitsAndBytesConfig,
     LlamaConfig,
@@ -61,11 +64,8 @@ from transformers import (  # noqa: E402
     default_data_collator,
 )
 
-import peft_gp  # noqa: E402
-from peft_gp.plan import plan_peft_model  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fill_preset, machine_record, now, quiet, write_record  # noqa: E402
+import peft_gp
+from peft_gp.plan import plan_peft_model
 
 SHAPES = {
     "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -105,15 +105,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="JSON record (default benchmarks/results/gpu_check.json)")
     args = parser.parse_args(argv)
-    fill_preset(args, QUICK if args.quick else FULL)
+    use_preset(args, "gpu_check", FULL, QUICK)
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check needs a CUDA GPU (torch.cuda.is_available() is False): run it on a machine with "
                          "one, or use --quick (a tiny model on CPU) to check the script.")  # fmt: skip
     if args.device.type == "cuda":
         args.device = torch.device("cuda", torch.cuda.current_device())  # where Trainer puts the model too
-    if args.output is None:
-        args.output = str(RESULTS / ("gpu_check_quick.json" if args.quick else "gpu_check.json"))
     return args
 
 
@@ -352,9 +350,7 @@ def device_record(device: torch.device) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    quiet()
-    load_start = round(os.getloadavg()[0], 2)
-    began = time.perf_counter()
+    load_start, began = begin()
     rows = args.warmup_steps + args.steps
     tasks = [task_data(task_id, rows * args.batch_size, args, args.seed) for task_id in (0, 1)]
     held = default_data_collator([tasks[0][i] for i in range(min(4, len(tasks[0])))])  # task 1's old outputs
@@ -366,17 +362,9 @@ def main(argv=None) -> dict:
     print_table(runs, args)
     total = time.perf_counter() - began
     print(f"total {total:.0f} s (budget {args.time_budget:.0f} s)")
-    record = {
-        "benchmark": "gpu_check",
-        "date": now(),
-        "machine": {**machine_record(load_start), "device": device_record(args.device)},
-        "settings": {key: str(value) if isinstance(value, torch.device) else value
-                     for key, value in vars(args).items()},  # fmt: skip
-        "shape": SHAPES[args.shape],
-        "lora": LORA,
-        "runs": runs,
-        "total_seconds": round(total, 1),
-    }
+    settings = {key: str(value) if isinstance(value, torch.device) else value for key, value in vars(args).items()}
+    record = benchmark_record("gpu_check", load_start, total, settings, {"device": device_record(args.device)},
+                              shape=SHAPES[args.shape], lora=LORA, runs=runs)  # fmt: skip
     write_record(args.output, record)
     return record
 

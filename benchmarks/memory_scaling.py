@@ -37,30 +37,29 @@ Results: a table per sweep and one per paradigm, JSON to ``benchmarks/results/me
 
 from __future__ import annotations
 
-import os
+# ruff: noqa: E402 - common.environment() sets the environment before torch and transformers load
 import sys
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bbc_news_cil.py: spinning OpenMP waits stall under load
-
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-from peft import LoraConfig, PromptTuningConfig  # noqa: E402
-from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
-
-import peft_gp  # noqa: E402
-from peft_gp.continual.paradigms import build_peft_model  # noqa: E402
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fill_preset, machine_record, now, quiet, write_record  # noqa: E402
+from common import begin, benchmark_record, environment, load_text, quiet, use_preset, write_record
+
+environment()
+
+import argparse
+import copy
+import json
+import resource
+import subprocess
+import tempfile
+import time
+
+import torch
+from peft import LoraConfig, PromptTuningConfig
+from transformers import BertConfig, BertForSequenceClassification
+
+import peft_gp
+from peft_gp.continual.paradigms import build_peft_model
 
 FULL = dict(samples="64,128,256,512", hidden="128,256,384,768", reference_hidden=384, reference_samples=256,
             layers=6, max_length=64, batch_size=32, peak_steps=10)  # fmt: skip
@@ -92,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--child-hidden", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-paradigm", choices=PARADIGMS, default="lora", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    fill_preset(args, QUICK if args.quick else FULL)
+    use_preset(args, "memory_scaling", FULL, QUICK)
     args.paradigm_list = [p.strip() for p in args.paradigms.split(",") if p.strip()]
     unknown = sorted(set(args.paradigm_list) - set(PARADIGMS))
     if unknown:
@@ -102,8 +101,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [h for h in args.hidden_list + [args.reference_hidden] if h % 32]
     if bad or not args.hidden_list or not args.sample_list:
         raise SystemExit(f"--hidden and --reference-hidden take multiples of 32 (heads of 32 or 64), got {bad}")
-    if args.output is None:
-        args.output = str(RESULTS / ("memory_scaling_quick.json" if args.quick else "memory_scaling.json"))
     return args
 
 
@@ -259,14 +256,23 @@ def print_sweeps(by_samples: list[dict], by_hidden: list[dict], args: argparse.N
               + peak_cells(r))
 
 
+def print_paradigms(by_paradigm: list[dict], args: argparse.Namespace) -> None:
+    print(f"\nby paradigm (d={args.reference_hidden}, {args.reference_samples} samples):")
+    print("| paradigm | update (s) | forward (s) | GP's own (s) | groups | mean basis fill | gp_memory (MiB) "
+          "| adapter (MiB) | peak RSS plain / GP (MiB) | ratio |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in by_paradigm:
+        print(f"| {r['paradigm']} | {r['update_seconds']:.2f} | {r['forward_seconds']:.2f} | "
+              f"{r['gp_own_seconds']:.2f} | {r['groups']} | {100 * r['basis_mean_fill']:.0f}% | "
+              f"{r['gp_memory_bytes'] / MIB:.2f} | {r['adapter_model_bytes'] / MIB:.3f} | " + peak_cells(r))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.child:
         child(args)
         return {}
-    quiet()
-    load_start = round(os.getloadavg()[0], 2)
-    began = time.perf_counter()
+    load_start, began = begin()
     reference = base_model(args.reference_hidden, args)
     by_samples, by_hidden, by_paradigm = [], [], []
     if not args.skip_sweeps:
@@ -286,26 +292,12 @@ def main(argv=None) -> dict:
     if not args.skip_sweeps:
         print_sweeps(by_samples, by_hidden, args)
     if by_paradigm:
-        print(f"\nby paradigm (d={args.reference_hidden}, {args.reference_samples} samples):")
-        print("| paradigm | update (s) | forward (s) | GP's own (s) | groups | mean basis fill | gp_memory (MiB) "
-              "| adapter (MiB) | peak RSS plain / GP (MiB) | ratio |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for r in by_paradigm:
-            print(f"| {r['paradigm']} | {r['update_seconds']:.2f} | {r['forward_seconds']:.2f} | "
-                  f"{r['gp_own_seconds']:.2f} | {r['groups']} | {100 * r['basis_mean_fill']:.0f}% | "
-                  f"{r['gp_memory_bytes'] / MIB:.2f} | {r['adapter_model_bytes'] / MIB:.3f} | " + peak_cells(r))
+        print_paradigms(by_paradigm, args)
     total = time.perf_counter() - began
-    print(f"total {total:.0f}s; 1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")
-    record = {
-        "benchmark": "memory_scaling",
-        "date": now(),
-        "machine": machine_record(load_start),
-        "settings": {k: v for k, v in vars(args).items() if not k.startswith("child")},
-        "by_samples": by_samples,
-        "by_hidden": by_hidden,
-        "by_paradigm": by_paradigm,
-        "total_seconds": round(total, 1),
-    }
+    print(f"total {total:.0f}s; {load_text(load_start)}")
+    settings = {k: v for k, v in vars(args).items() if not k.startswith("child")}
+    record = benchmark_record("memory_scaling", load_start, total, settings, by_samples=by_samples,
+                              by_hidden=by_hidden, by_paradigm=by_paradigm)  # fmt: skip
     write_record(args.output, record)
     return record
 

@@ -17,25 +17,24 @@ How to run (from the repository root; data: ``apt-get install -y dataset-fashion
 
 from __future__ import annotations
 
-import os
+# ruff: noqa: E402 - common.environment() sets the environment before torch and transformers load
 import sys
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-from peft_gp.continual.stream import train_stream  # noqa: E402
-from peft_gp.core.metrics import accuracy_matrix_summary  # noqa: E402
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import class_heads  # noqa: E402
-from common import RESULTS, machine_record, now, quiet, write_record  # noqa: E402
+from common import begin, benchmark_record, default_output, environment, write_record
+
+environment()
+
+import argparse
+import statistics
+import time
+
+import class_heads
+import torch
+
+from peft_gp.continual.stream import train_stream
+from peft_gp.core.metrics import accuracy_matrix_summary
 
 PARADIGMS = ("prompt", "prefix")
 METHODS = ("plain", "gradient", "update")
@@ -56,8 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.paradigm_list or set(args.paradigm_list) - set(PARADIGMS):
         raise SystemExit(f"--paradigms takes some of {PARADIGMS}, got {args.paradigms!r}")
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
-    if args.output is None:
-        args.output = str(RESULTS / ("prompt_prefix_vit_quick.json" if args.quick else "prompt_prefix_vit.json"))
+    default_output(args, "prompt_prefix_vit")
     return args
 
 
@@ -123,9 +121,7 @@ def table(summary: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    quiet()
-    load_start = round(os.getloadavg()[0], 2)
-    began = time.perf_counter()
+    load_start, began = begin()
     runs = {p: [{"seed": s, **run(args, p, s)} for s in args.seed_list] for p in args.paradigm_list}
     summary = summarise(runs)
     print("\n" + table(summary))
@@ -135,10 +131,8 @@ def main(argv=None) -> dict:
         ratio = "n/a (plain does not forget)" if row["forgetting_ratio"] is None else f"{row['forgetting_ratio']:.2f}"
         print(f"  {row['paradigm']:7s} {row['method']:8s} forgetting ratio {ratio}, TIL acc gap "
               f"{row['til_acc_gap']:+.1f}  {'met' if row['met'] else 'NOT met'}")
-    record = {"benchmark": "prompt_prefix_vit", "date": now(), "machine": machine_record(load_start),
-              "settings": {k: v for k, v in vars(args).items()}, "learning_rates": LEARNING_RATES, "runs": runs,
-              "summary": summary, "targets": checks,
-              "total_seconds": round(time.perf_counter() - began, 1)}  # fmt: skip
+    record = benchmark_record("prompt_prefix_vit", load_start, time.perf_counter() - began, dict(vars(args)),
+                              learning_rates=LEARNING_RATES, runs=runs, summary=summary, targets=checks)  # fmt: skip
     write_record(args.output, record)
     return record
 

@@ -43,31 +43,29 @@ ones); ``--quick`` builds a tiny Llama from a config and a byte-level BPE tokeni
 
 from __future__ import annotations
 
-import os
+# ruff: noqa: E402 - common.environment() sets the environment before torch and transformers load
 import sys
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bbc_news_cil.py: spinning OpenMP waits stall under load
-
-import argparse  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-from peft_gp.continual import RunConfig, RunConfigError  # noqa: E402
-from peft_gp.continual.builtin_data import FORTUNES_DIR  # noqa: E402
-from peft_gp.continual.generative import encode_generative_tasks, encode_text  # noqa: E402
-from peft_gp.continual.generative_data import general_text, generative_task  # noqa: E402
-from peft_gp.continual.generative_loop import GenerativeMethod, PeftMethod, train_generative  # noqa: E402
-from peft_gp.continual.generative_runner import GenerativeSetup, load_causal_lm, read_base_model  # noqa: E402
-from peft_gp.continual.loading import load_processor  # noqa: E402
-from peft_gp.continual.paradigms import make_peft_config  # noqa: E402
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fill_preset, quiet, write_record  # noqa: E402
-from generative_report import merge, report  # noqa: E402
+from common import begin, environment, name_list, recorded_flags, use_preset, write_record
+
+environment()
+
+import argparse
+import time
+
+import torch
+from generative_report import merge, report
+
+from peft_gp.continual import RunConfig, RunConfigError
+from peft_gp.continual.builtin_data import FORTUNES_DIR
+from peft_gp.continual.generative import encode_generative_tasks, encode_text
+from peft_gp.continual.generative_data import general_text, generative_task
+from peft_gp.continual.generative_loop import GenerativeMethod, PeftMethod, train_generative
+from peft_gp.continual.generative_runner import GenerativeSetup, load_causal_lm, read_base_model
+from peft_gp.continual.loading import load_processor
+from peft_gp.continual.paradigms import make_peft_config
 
 METHODS = ("plain", "gp", "gp_reference", "osf")
 LABELS = {"plain": "LoRA (no GP)", "gp": "GP-LoRA", "gp_reference": "GP-LoRA + reference", "osf": "OSF (PEFT)"}
@@ -107,22 +105,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="merge shard records (same settings) into --output")
     args = parser.parse_args(argv)
     args.output_given = args.output is not None
-    fill_preset(args, QUICK if args.quick else FULL)
-    if args.output is None:
-        args.output = str(RESULTS / ("smollm2_generative_quick.json" if args.quick else "smollm2_generative.json"))
-    args.method_list = _names(args.methods, METHODS, "--methods")
-    args.task_list = _names(args.tasks, TASKS, "--tasks")
+    use_preset(args, "smollm2_generative", FULL, QUICK)
+    args.method_list = name_list(args.methods, METHODS, "--methods", distinct=True)
+    args.task_list = name_list(args.tasks, TASKS, "--tasks", distinct=True)
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     if len(args.task_list) < 2:
         raise SystemExit("--tasks needs at least 2 tasks: forgetting needs a task after the first")
     return args
-
-
-def _names(text: str, known: tuple[str, ...], flag: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names or set(names) - set(known) or len(set(names)) != len(names):
-        raise SystemExit(f"{flag} takes distinct names of {', '.join(known)}, got {text!r}")
-    return names
 
 
 class OSFMethod(GenerativeMethod):
@@ -237,9 +226,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.merge:
         return merge(args.merge, args.output if args.output_given else None)
-    quiet()
-    load_start = round(os.getloadavg()[0], 2)
-    began = time.perf_counter()
+    load_start, began = begin()
     runs: dict = {m: [] for m in args.method_list}
     streams, bases, cache = {}, {}, {}
     for seed in args.seed_list:
@@ -250,7 +237,7 @@ def main(argv=None) -> dict:
               f"perplexity {base['perplexity']:.2f}", flush=True)  # fmt: skip
         for name in args.method_list:
             runs[name].append(run_method(name, args, seed, setup, config, base))
-    settings = {k: v for k, v in vars(args).items() if not k.endswith("_list") and k not in ("merge", "output_given")}
+    settings = recorded_flags(args)
     settings["osf_schedule"] = list(OSF_SCHEDULE[: len(args.task_list)])
     record = report(runs, streams, bases, settings, time.perf_counter() - began, load_start)
     write_record(args.output, record)

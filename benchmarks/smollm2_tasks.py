@@ -36,29 +36,27 @@ How to run (from the repository root)::
 
 from __future__ import annotations
 
-import os
+# ruff: noqa: E402 - common.environment() sets the environment before torch and transformers load
 import sys
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bbc_news_cil.py: spinning OpenMP waits stall under load
-
-import argparse  # noqa: E402
-import random  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-from peft_gp.cli import parse_value  # noqa: E402
-from peft_gp.continual import RunConfig, RunConfigError, run_sequence  # noqa: E402
-from peft_gp.continual.builtin_data import FORTUNES_DIR, FORTUNES_TOPICS, fortunes  # noqa: E402
-from peft_gp.continual.report import comparison_text  # noqa: E402
-from peft_gp.continual.splits import class_incremental_split
-from peft_gp.continual.tasks import Task  # noqa: E402
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fill_preset, quiet, run_record, stream_settings, write_record  # noqa: E402
+from common import begin, environment, load_text, run_record, stream_settings, use_preset, write_record
+
+environment()
+
+import argparse
+import random
+import time
+
+import torch
+
+from peft_gp.cli import parse_value
+from peft_gp.continual import RunConfig, RunConfigError, run_sequence
+from peft_gp.continual.builtin_data import FORTUNES_DIR, FORTUNES_TOPICS, fortunes
+from peft_gp.continual.report import comparison_text
+from peft_gp.continual.splits import class_incremental_split
+from peft_gp.continual.tasks import Task
 
 FULL = dict(tasks=4, topics_per_task=3, train_per_class=32, test_per_class=16, epochs=3.0, max_length=48,
             batch_size=16, memory_samples=128)  # fmt: skip
@@ -93,9 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2", help="model folder or built-in alias (default smollm2)")
     parser.add_argument("--output", default=None, help="JSON record (default benchmarks/results/smollm2_tasks.json)")
     args = parser.parse_args(argv)
-    fill_preset(args, QUICK if args.quick else FULL, {"memory_samples": "gp_memory_samples"})
-    if args.output is None:
-        args.output = str(RESULTS / ("smollm2_tasks_quick.json" if args.quick else "smollm2_tasks.json"))
+    use_preset(args, "smollm2_tasks", FULL, QUICK, {"memory_samples": "gp_memory_samples"})
     if args.tasks < 2 or args.topics_per_task < 2 or args.tasks * args.topics_per_task > len(FORTUNES_TOPICS):
         raise SystemExit(
             f"--tasks ({args.tasks}) and --topics-per-task ({args.topics_per_task}) must be at least 2 each, with "
@@ -171,23 +167,7 @@ def cost(run) -> dict:
     }
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    quiet()
-    torch.manual_seed(args.seed)
-    load_start = round(os.getloadavg()[0], 2)
-    began = time.perf_counter()
-    config = run_config(args)
-    tasks = stream(args, config)
-    try:
-        run = run_sequence(config, tasks=tasks, say=lambda line: print(line, flush=True))
-    except RunConfigError as error:
-        raise SystemExit(f"error: {error}") from error
-    if run.info.get("same_initial_weights") is False and not args.gp_task_slices:  # slices: a wider adapter
-        raise RuntimeError("The runs did not start from the same trainable weights.")
-    spent = cost(run)
-    print()
-    print(comparison_text(run))
+def print_cost(spent: dict) -> None:
     if spent["train_time_ratio"] is not None:
         print(
             f"\ncost: training GP/plain {spent['train_time_ratio']:.2f}x without the memory updates, "
@@ -199,8 +179,26 @@ def main(argv=None) -> dict:
         f"GP's training proper; {MEMORY_FILE} {spent['memory_file_bytes'] / 2**20:.2f} MiB, "
         f"{spent['memory_file_bytes'] / spent['adapter_file_bytes']:.1f}x the adapter"
     )
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    load_start, began = begin()
+    torch.manual_seed(args.seed)
+    config = run_config(args)
+    tasks = stream(args, config)
+    try:
+        run = run_sequence(config, tasks=tasks, say=lambda line: print(line, flush=True))
+    except RunConfigError as error:
+        raise SystemExit(f"error: {error}") from error
+    if run.info.get("same_initial_weights") is False and not args.gp_task_slices:  # slices: a wider adapter
+        raise RuntimeError("The runs did not start from the same trainable weights.")
+    spent = cost(run)
+    print()
+    print(comparison_text(run))
+    print_cost(spent)
     total = time.perf_counter() - began
-    print(f"total time {total:.0f}s; 1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")
+    print(f"total time {total:.0f}s; {load_text(load_start)}")
     record = run_record("smollm2_lora_task_incremental", args, run, load_start, total, cost=spent)
     write_record(args.output, record)
     return record

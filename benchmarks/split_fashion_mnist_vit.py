@@ -18,32 +18,31 @@ How to run (from the repository root; data: ``apt-get install -y dataset-fashion
 
 from __future__ import annotations
 
-import os
+# ruff: noqa: E402 - common.environment() sets the environment before torch and transformers load
 import sys
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-from transformers import Trainer, TrainingArguments  # noqa: E402
-from transformers.trainer_callback import PrinterCallback  # noqa: E402
-
-from peft_gp.continual import RunConfig, RunConfigError  # noqa: E402
-from peft_gp.continual.builtin_data import FASHION_MNIST_DIR, fashion_mnist  # noqa: E402
-from peft_gp.continual.evaluation import collate_batch, evaluate_views
-from peft_gp.continual.heads import MaskedCrossEntropy  # noqa: E402
-from peft_gp.continual.loading import prepare
-from peft_gp.continual.splits import class_incremental_split  # noqa: E402
-from peft_gp.continual.stream import train_stream  # noqa: E402
-from peft_gp.core.metrics import accuracy_matrix_summary  # noqa: E402
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_record, now, quiet, write_record  # noqa: E402
+from common import begin, benchmark_record, environment, load_text, use_preset, write_record
+
+environment()
+
+import argparse
+import dataclasses
+import time
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+
+from peft_gp.continual import RunConfig, RunConfigError
+from peft_gp.continual.builtin_data import FASHION_MNIST_DIR, fashion_mnist
+from peft_gp.continual.evaluation import collate_batch, evaluate_views
+from peft_gp.continual.heads import MaskedCrossEntropy
+from peft_gp.continual.loading import prepare
+from peft_gp.continual.splits import class_incremental_split
+from peft_gp.continual.stream import train_stream
+from peft_gp.core.metrics import accuracy_matrix_summary
 
 VIT = dict(model_type="vit", image_size=28, patch_size=4, num_channels=1, hidden_size=64, num_hidden_layers=4,
            num_attention_heads=4, intermediate_size=128)  # fmt: skip
@@ -64,13 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=str(FASHION_MNIST_DIR), help="folder of the four IDX files")
     parser.add_argument("--output", default=None, help="JSON (default: benchmarks/results/)")
     args = parser.parse_args(argv)
-    preset = QUICK if args.quick else FULL
-    for name, value in preset.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.output is None:
-        name = "split_fashion_mnist_vit_quick.json" if args.quick else "split_fashion_mnist_vit.json"
-        args.output = str(RESULTS / name)
+    use_preset(args, "split_fashion_mnist_vit", FULL, QUICK)
     return args
 
 
@@ -110,9 +103,7 @@ def main(argv=None) -> dict:
     import tempfile
 
     args = parse_args(argv)
-    quiet()
-    load_start = round(os.getloadavg()[0], 2)
-    began = time.perf_counter()
+    load_start, began = begin()
     try:
         config, raw = stream_config(args)
         torch.manual_seed(args.seed)
@@ -146,17 +137,12 @@ def main(argv=None) -> dict:
         print(f"| {label} | " + " | ".join(cells) + f" | {100 * first_before:.1f} → "
               f"{100 * m['pretraining_task_accuracy_after']:.1f} | {m['seconds']:.0f} |")  # fmt: skip
     total = time.perf_counter() - began
-    print(f"\ntotal {total:.0f}s; 1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")
-    record = {
-        "benchmark": "split_fashion_mnist_vit",
-        "date": now(),
-        "machine": machine_record(load_start),
-        "settings": {**{k: v for k, v in vars(args).items()}, "vit": VIT, "classes_per_task": [4, 2, 2, 2]},
-        "stream": [t.describe() for t in encoded],
-        "pretraining": {"accuracy": first_before, "seconds": round(pretrain_seconds, 1)},
-        "methods": methods,
-        "total_seconds": round(total, 1),
-    }
+    print(f"\ntotal {total:.0f}s; {load_text(load_start)}")
+    settings = {**vars(args), "vit": VIT, "classes_per_task": [4, 2, 2, 2]}
+    record = benchmark_record("split_fashion_mnist_vit", load_start, total, settings,
+                              stream=[t.describe() for t in encoded],
+                              pretraining={"accuracy": first_before, "seconds": round(pretrain_seconds, 1)},
+                              methods=methods)  # fmt: skip
     write_record(args.output, record)
     return record
 
