@@ -34,48 +34,50 @@ the tables and the raw step times.
 
 from __future__ import annotations
 
+# ruff: noqa: E402 - common.environment() sets the environment before torch and transformers load
 import os
 import sys
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    INPUT_KEYS,
+    RESULTS,
+    bbc_root,
+    begin,
+    benchmark_record,
+    environment,
+    load_text,
+    minilm_path,
+    read_article,
+    write_record,
+)
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import random  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from pathlib import Path  # noqa: E402
+environment(passive_omp=False)
 
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-from transformers import (  # noqa: E402
+import argparse
+import copy
+import random
+import statistics
+import tempfile
+import time
+from collections import Counter
+from typing import NamedTuple
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     Trainer,
     TrainerCallback,
     TrainingArguments,
 )
-from transformers.trainer_callback import PrinterCallback  # noqa: E402
+from transformers.trainer_callback import PrinterCallback
 
-import peft_gp  # noqa: E402
-from peft_gp.continual.paradigms import build_peft_model  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    INPUT_KEYS,
-    RESULTS,
-    bbc_root,
-    machine_record,
-    minilm_path,
-    now,
-    quiet,
-    read_article,
-    write_record,
-)
+import peft_gp
+from peft_gp.continual.paradigms import build_peft_model
 
 PLAIN = "LoRA (plain)"
 
@@ -249,17 +251,50 @@ def trainer_rounds(models: dict, dataset: Dataset, args) -> dict[str, list[float
 PROMPT_PLAIN, PREFIX_PLAIN, ADAPTER_PLAIN = "Prompt (plain)", "Prefix (no GP)", "Adapter (no GP)"
 
 
-def paradigm_rows(base, task_batches, timed_batch, args) -> dict:
-    """Adapter, prompt and prefix tuning on one batch: each GP model against its unprotected baseline, interleaved.
+def raw_seconds(step_times: dict[str, list[float]]) -> dict[str, list[float]]:
+    return {n: [round(t, 5) for t in v] for n, v in step_times.items()}
 
-    PEFT has no bottleneck adapter, so the adapter baseline is ``GPAdapterConfig`` without a memory (the same tuner,
-    no projection); the adapters sit beside each layer's feed-forward block (``--bottleneck`` wide).
 
-    The prompt baseline is PEFT's ``PromptTuningConfig``. PEFT's own prefix tuning does not run on BERT-like encoders
-    with transformers 5 (it passes the renamed cache argument), so the prefix baseline is ``GPPrefixTuningConfig``
-    without a memory: the same forward (peft_gp's attention route), no projection. Both GP models store one task
-    first, so their projection is active.
-    """
+def median_cells(times: list[float]) -> tuple[float, float, float, dict]:
+    """The median ms/step and its quartiles, and the same rounded as a table row's cells."""
+    ms, (q1, q3) = median_ms(times), quartiles_ms(times)
+    return ms, q1, q3, {"ms_per_step_median": round(ms, 1), "ms_per_step_q1": round(q1, 1),
+                        "ms_per_step_q3": round(q3, 1)}  # fmt: skip
+
+
+def paired_ratio(times: list[float], baseline: list[float]) -> float:
+    """Steps of one round ran back to back: the median of their ratios cancels slow load drifts."""
+    return statistics.median(a / b for a, b in zip(times, baseline))
+
+
+def capacity_mean(report: dict) -> float:
+    """The share of its feature dimensions a group's basis holds, mean over the groups of a memory update."""
+    return statistics.mean(r["basis_size"] / r["dim"] for r in report.values())
+
+
+def training_model(base, config, seed: int, lr: float):
+    """``config``'s PEFT model on a copy of ``base`` (seeded: every configuration starts alike), in train mode, and
+    its AdamW."""
+    torch.manual_seed(seed)
+    model = build_peft_model(copy.deepcopy(base), config)
+    model.train()
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
+def store_one_task(model, optimizer, task_batches) -> tuple[dict, float, peft_gp.GPProjector]:
+    """Store one task so that the projection is active (timed: the memory update of one task, over
+    ``gp_memory_samples`` examples); the update's report, its seconds, and the projector attached to ``optimizer``."""
+    start = time.perf_counter()
+    report = peft_gp.update_memory(model, task_batches)
+    seconds = time.perf_counter() - start
+    projector = peft_gp.GPProjector(model).attach(optimizer)
+    assert projector.active, "the GP memory should hold one task"
+    return report, seconds, projector
+
+
+def paradigm_plans(args) -> list[tuple]:
+    """``(name, config, baseline)`` of each adapter and prompt-learning configuration of ``--paradigms``; a baseline
+    (no memory) has ``None``."""
     from peft import PromptTuningConfig
 
     paradigms = set(args.paradigms.split(","))
@@ -292,26 +327,38 @@ def paradigm_rows(base, task_batches, timed_batch, args) -> dict:
                 PREFIX_PLAIN,
             ),
         ]
+    return plans
+
+
+def paradigm_rows(base, task_batches, timed_batch, args) -> dict:
+    """Adapter, prompt and prefix tuning on one batch: each GP model against its unprotected baseline, interleaved.
+
+    PEFT has no bottleneck adapter, so the adapter baseline is ``GPAdapterConfig`` without a memory (the same tuner,
+    no projection); the adapters sit beside each layer's feed-forward block (``--bottleneck`` wide).
+
+    The prompt baseline is PEFT's ``PromptTuningConfig``. PEFT's own prefix tuning does not run on BERT-like encoders
+    with transformers 5 (it passes the renamed cache argument), so the prefix baseline is ``GPPrefixTuningConfig``
+    without a memory: the same forward (peft_gp's attention route), no projection. Both GP models store one task
+    first, so their projection is active.
+    """
+    plans = paradigm_plans(args)
     if not plans:
         return {}
     models, optimizers, baselines, updates = {}, {}, {}, {}
     for name, config, baseline in plans:
-        torch.manual_seed(args.seed)
-        model = build_peft_model(copy.deepcopy(base), config)
-        model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        models[name], optimizers[name] = training_model(base, config, args.seed, lr=1e-3)
         if baseline is not None:
-            start = time.perf_counter()
-            report = peft_gp.update_memory(model, task_batches)
-            updates[name] = {
-                "seconds": round(time.perf_counter() - start, 3),
-                "groups": len(report),
-                "capacity_mean": round(statistics.mean(r["basis_size"] / r["dim"] for r in report.values()), 4),
-            }
-            assert peft_gp.GPProjector(model).attach(optimizer).active, "the GP memory should hold one task"
-        models[name], optimizers[name], baselines[name] = model, optimizer, baseline
-    names = list(models)
+            report, seconds, _ = store_one_task(models[name], optimizers[name], task_batches)
+            updates[name] = {"seconds": round(seconds, 3), "groups": len(report),
+                             "capacity_mean": round(capacity_mean(report), 4)}  # fmt: skip
+        baselines[name] = baseline
     step_times, opt_times = interleaved_steps(models, optimizers, timed_batch, args)
+    rows = baseline_table(step_times, opt_times, baselines, updates, args)
+    return {"rows": rows, "raw_step_seconds": raw_seconds(step_times)}
+
+
+def baseline_table(step_times: dict, opt_times: dict, baselines: dict, updates: dict, args) -> list[dict]:
+    """Print each adapter and prompt-learning configuration against its baseline; the rows."""
     print()
     print(
         f"{f'adapter (r={args.bottleneck}), prompt learning ({args.virtual_tokens} tokens)':<28} | "
@@ -319,215 +366,148 @@ def paradigm_rows(base, task_batches, timed_batch, args) -> dict:
         "projection ms (% of step) | memory update s"
     )
     rows = []
-    for name in names:
-        baseline = baselines[name] or name
-        ms, (q1, q3) = median_ms(step_times[name]), quartiles_ms(step_times[name])
-        paired = statistics.median(a / b for a, b in zip(step_times[name], step_times[baseline]))
+    for name, baseline in baselines.items():
+        baseline = baseline or name
+        ms, q1, q3, cells = median_cells(step_times[name])
+        paired = paired_ratio(step_times[name], step_times[baseline])
         hook = median_ms(opt_times[name]) - median_ms(opt_times[baseline])
-        rows.append(
-            {
-                "configuration": name,
-                "baseline": baseline,
-                "ms_per_step_median": round(ms, 1),
-                "ms_per_step_q1": round(q1, 1),
-                "ms_per_step_q3": round(q3, 1),
-                "paired_ratio_vs_baseline": round(paired, 4),
-                "projection_ms": round(hook, 2),
-                "projection_share_of_step": round(hook / ms, 4),
-                "memory_update": updates.get(name),
-                "timed_steps": len(step_times[name]),
-            }
-        )
+        rows.append({"configuration": name, "baseline": baseline, **cells,
+                     "paired_ratio_vs_baseline": round(paired, 4), "projection_ms": round(hook, 2),
+                     "projection_share_of_step": round(hook / ms, 4), "memory_update": updates.get(name),
+                     "timed_steps": len(step_times[name])})  # fmt: skip
         update = f"{updates[name]['seconds']:.2f}" if name in updates else "-"
         print(
             f"{name:<28} | {ms:6.0f} ({q1:5.0f}-{q3:5.0f}) | {paired:5.3f}x vs {baseline:<16} | "
             f"{hook:8.2f} ({100 * hook / ms:.2f}%) | {update}"
         )
-    return {"rows": rows, "raw_step_seconds": {n: [round(t, 5) for t in v] for n, v in step_times.items()}}
+    return rows
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    quiet()  # the per-task "memory fills ... groups" warning is summarised in the table instead
-    began = time.perf_counter()
-    load_start = round(os.getloadavg()[0], 2)  # other processes on the machine bias timings
-    model_dir = minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+def encoded_task(args) -> dict[str, torch.Tensor]:
+    """The timed task: ``--task-examples`` BBC articles tokenized to ``--max-length``, labels alternating (they only
+    feed the loss)."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     texts = bbc_texts(args.task_examples, args.seed)
     enc = tokenizer(texts, truncation=True, max_length=args.max_length, padding="max_length", return_tensors="pt")
     task = {k: enc[k] for k in INPUT_KEYS if k in enc}
-    task["labels"] = torch.tensor([i % 2 for i in range(len(texts))])  # labels only feed the loss
-    task_batches = batches(task, args.batch_size)
-    timed_batch = task_batches[0]
+    task["labels"] = torch.tensor([i % 2 for i in range(len(texts))])
+    return task
 
-    torch.manual_seed(args.seed)
-    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=5)
-    if "lora" not in args.paradigms.split(","):  # prompt learning alone
-        other_paradigms = paradigm_rows(base, task_batches, timed_batch, args)
-        worst = max(r["projection_share_of_step"] for r in other_paradigms["rows"])
-        print(f"target: projection <= 5% of the step: {100 * worst:.2f}% ({'met' if worst <= 0.05 else 'NOT met'})")
-        record = {
-            "benchmark": "gp_step_overhead",
-            "date": now(),
-            "machine": machine_record(load_start),
-            "settings": vars(args),
-            "other_paradigms": other_paradigms,
-            "total_seconds": round(time.perf_counter() - began, 1),
-        }
-        write_record(args.output, record)
-        return record
+
+def lora_models(base, task_batches, args) -> tuple[dict, dict, dict, dict]:
+    """Plain LoRA and GP-LoRA in both projection modes, from the same weights; each GP model stores one task first.
+    Models, optimizers, projectors and the timed memory updates, by configuration."""
     lora = dict(task_type="SEQ_CLS", r=args.rank, lora_alpha=2 * args.rank, target_modules=["query", "value"])
+    gp = dict(gp_threshold=args.gp_threshold, gp_memory_samples=args.gp_memory_samples)
+    configs = [(PLAIN, LoraConfig(**lora))] + [
+        (f"GP-LoRA {projection}", peft_gp.GPLoraConfig(**lora, **gp, gp_projection=projection))
+        for projection in ("gradient", "update")
+    ]
     models, optimizers, projectors, memory_updates = {}, {}, {}, {}
-    for name, config in [
-        (PLAIN, LoraConfig(**lora)),
-        (
-            "GP-LoRA gradient",
-            peft_gp.GPLoraConfig(
-                **lora,
-                gp_threshold=args.gp_threshold,
-                gp_projection="gradient",
-                gp_memory_samples=args.gp_memory_samples,
-            ),
-        ),
-        (
-            "GP-LoRA update",
-            peft_gp.GPLoraConfig(
-                **lora,
-                gp_threshold=args.gp_threshold,
-                gp_projection="update",
-                gp_memory_samples=args.gp_memory_samples,
-            ),
-        ),
-    ]:
-        torch.manual_seed(args.seed)
-        model = build_peft_model(copy.deepcopy(base), config)
-        model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    for name, config in configs:
+        models[name], optimizers[name] = training_model(base, config, args.seed, lr=1e-4)
         if name != PLAIN:
-            # store one task so that the projection is active (timed: the memory update of one task)
-            start = time.perf_counter()
-            report = peft_gp.update_memory(model, task_batches)  # gp_memory_samples examples
-            memory_updates[name] = {
-                "seconds": time.perf_counter() - start,
-                "examples": min(args.gp_memory_samples, args.task_examples),
-                "capacity_mean": statistics.mean(r["basis_size"] / r["dim"] for r in report.values()),
-            }
-            projector = peft_gp.GPProjector(model).attach(optimizer)
-            assert projector.active, "the GP memory should hold one task"
-            projectors[name] = projector
-        models[name], optimizers[name] = model, optimizer
-    print(
-        f"MiniLM + LoRA r={args.rank} (query, value), batch {args.batch_size} x {args.max_length} tokens, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-        f"{args.warmup} warmup + {args.steps} timed steps per configuration, interleaved",
-        flush=True,
-    )
+            report, seconds, projectors[name] = store_one_task(models[name], optimizers[name], task_batches)
+            memory_updates[name] = {"seconds": seconds, "examples": min(args.gp_memory_samples, args.task_examples),
+                                    "capacity_mean": capacity_mean(report)}  # fmt: skip
+    return models, optimizers, projectors, memory_updates
 
-    # ---- interleaved plain-loop step timing -----------------------------------------------------------------------
-    step_times, opt_times = interleaved_steps(models, optimizers, timed_batch, args, progress=True)
-    names = list(models)
-    for name, projector in projectors.items():
-        removed = projector.pop_stats().get("gp_grad_removed")
-        memory_updates[name]["grad_removed_share"] = removed
 
-    # ---- one task: a real epoch of GP-LoRA training vs the memory update ----------------------------------------
-    epoch_model, epoch_optimizer = models["GP-LoRA update"], optimizers["GP-LoRA update"]
+class SecondTask(NamedTuple):
+    """A real epoch of GP-LoRA training over the task, then the memory update of this second task."""
+
+    epoch_seconds: float
+    update_seconds: float
+    forward_seconds: float  # the update's plain forward passes alone
+    report: dict
+    full_groups: int
+    full_kinds: str
+
+
+def second_task(model, optimizer, task_batches, args) -> SecondTask:
     start = time.perf_counter()
     for batch in task_batches:
-        train_step(epoch_model, epoch_optimizer, batch)
+        train_step(model, optimizer, batch)
     epoch_seconds = time.perf_counter() - start
-    forward_before = forward_only(epoch_model, task_batches, args.gp_memory_samples)
+    forward_before = forward_only(model, task_batches, args.gp_memory_samples)
     start = time.perf_counter()
-    second_report = peft_gp.update_memory(epoch_model, task_batches)
-    second_update = time.perf_counter() - start
+    report = peft_gp.update_memory(model, task_batches)
+    update_seconds = time.perf_counter() - start
     # the forward passes alone, timed on both sides of the update (machine noise)
-    forward_seconds = (forward_before + forward_only(epoch_model, task_batches, args.gp_memory_samples)) / 2
-    full = peft_gp.get_memory(epoch_model).full_groups()
-    full_groups = len(full)
-    full_kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(Counter(g.rsplit(".", 1)[-1] for g in full).items()))
+    forward_seconds = (forward_before + forward_only(model, task_batches, args.gp_memory_samples)) / 2
+    full = peft_gp.get_memory(model).full_groups()
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(Counter(g.rsplit(".", 1)[-1] for g in full).items()))
+    return SecondTask(epoch_seconds, update_seconds, forward_seconds, report, len(full), kinds)
 
-    other_paradigms = paradigm_rows(base, task_batches, timed_batch, args)
 
-    trainer_times = {}
-    if args.trainer:
-        trainer_times = trainer_rounds(models, Dataset.from_dict({k: v.tolist() for k, v in task.items()}), args)
-
-    # ---- report ----------------------------------------------------------------------------------------------------
-    plain = median_ms(step_times[PLAIN])
-    plain_opt = median_ms(opt_times[PLAIN])
-    rows = []
+def loop_table(step_times: dict, opt_times: dict) -> list[dict]:
+    """Print the plain-loop steps of each LoRA configuration against plain LoRA; the rows."""
+    plain, plain_opt = median_ms(step_times[PLAIN]), median_ms(opt_times[PLAIN])
     print()
     print(
         f"{'configuration':<18} | ms/step median (IQR) | vs plain | paired | optimizer.step() ms | "
         "projection ms (% of step)"
     )
-    for name in names:
-        ms, (q1, q3) = median_ms(step_times[name]), quartiles_ms(step_times[name])
-        # steps of one round ran back to back: the median of their ratios cancels slow load drifts
-        paired = statistics.median(a / b for a, b in zip(step_times[name], step_times[PLAIN]))
+    rows = []
+    for name in step_times:
+        ms, q1, q3, cells = median_cells(step_times[name])
+        paired = paired_ratio(step_times[name], step_times[PLAIN])
         opt_ms = median_ms(opt_times[name])
-        hook = opt_ms - plain_opt
-        rows.append(
-            {
-                "configuration": name,
-                "ms_per_step_median": round(ms, 1),
-                "ms_per_step_q1": round(q1, 1),
-                "ms_per_step_q3": round(q3, 1),
-                "ratio_vs_plain": round(ms / plain, 4),
-                "paired_ratio_vs_plain": round(paired, 4),
-                "optimizer_step_ms_median": round(opt_ms, 2),
-                "projection_ms": round(hook, 2) if name != PLAIN else 0.0,
-                "projection_share_of_step": round(hook / ms, 4) if name != PLAIN else 0.0,
-                "timed_steps": len(step_times[name]),
-            }
-        )
-        extra = f"{hook:13.2f} ({100 * hook / ms:.2f}%)" if name != PLAIN else f"{'-':>13}"
+        hook, gp = opt_ms - plain_opt, name != PLAIN
+        rows.append({"configuration": name, **cells, "ratio_vs_plain": round(ms / plain, 4),
+                     "paired_ratio_vs_plain": round(paired, 4), "optimizer_step_ms_median": round(opt_ms, 2),
+                     "projection_ms": round(hook, 2) if gp else 0.0,
+                     "projection_share_of_step": round(hook / ms, 4) if gp else 0.0,
+                     "timed_steps": len(step_times[name])})  # fmt: skip
+        extra = f"{hook:13.2f} ({100 * hook / ms:.2f}%)" if gp else f"{'-':>13}"
         print(
             f"{name:<18} | {ms:6.0f} ({q1:5.0f}-{q3:5.0f}) | {ms / plain:7.3f}x | {paired:5.3f}x | {opt_ms:19.2f} | "
             f"{extra}"
         )
-    trainer_rows = []
-    if trainer_times:
-        trainer_plain = median_ms(trainer_times[PLAIN])
-        print()
-        print(f"{'via Trainer':<18} | ms/step median (IQR) | vs Trainer + LoRA")
-        for name in names:
-            ms, (q1, q3) = median_ms(trainer_times[name]), quartiles_ms(trainer_times[name])
-            label = "Trainer + LoRA" if name == PLAIN else f"GPTrainer {name.split()[-1]}"
-            trainer_rows.append(
-                {
-                    "configuration": label,
-                    "ms_per_step_median": round(ms, 1),
-                    "ms_per_step_q1": round(q1, 1),
-                    "ms_per_step_q3": round(q3, 1),
-                    "ratio_vs_plain": round(ms / trainer_plain, 4),
-                    "timed_steps": len(trainer_times[name]),
-                }
-            )
-            print(f"{label:<18} | {ms:6.0f} ({q1:5.0f}-{q3:5.0f}) | {ms / trainer_plain:7.3f}x")
+    return rows
 
-    first = memory_updates["GP-LoRA update"]
-    examples = first["examples"]
+
+def trainer_table(trainer_times: dict) -> list[dict]:
+    """Print the steps through Trainer and GPTrainer (``--trainer``); the rows (none without it)."""
+    if not trainer_times:
+        return []
+    trainer_plain = median_ms(trainer_times[PLAIN])
+    print()
+    print(f"{'via Trainer':<18} | ms/step median (IQR) | vs Trainer + LoRA")
+    rows = []
+    for name, times in trainer_times.items():
+        ms, q1, q3, cells = median_cells(times)
+        label = "Trainer + LoRA" if name == PLAIN else f"GPTrainer {name.split()[-1]}"
+        rows.append({"configuration": label, **cells, "ratio_vs_plain": round(ms / trainer_plain, 4),
+                     "timed_steps": len(times)})  # fmt: skip
+        print(f"{label:<18} | {ms:6.0f} ({q1:5.0f}-{q3:5.0f}) | {ms / trainer_plain:7.3f}x")
+    return rows
+
+
+def memory_update_shares(first: dict, second: SecondTask, args, task_steps: int) -> dict:
+    """Print the memory updates of the first and second task against the task's training; their shares of it."""
+    epoch, update, forward = second.epoch_seconds, second.update_seconds, second.forward_seconds
     shares = {
-        "first_task_vs_1_epoch": first["seconds"] / epoch_seconds,
-        "second_task_vs_1_epoch": second_update / epoch_seconds,
-        "second_task_vs_3_epochs": second_update / (3 * epoch_seconds),
-        "second_task_vs_5_epochs": second_update / (5 * epoch_seconds),
+        "first_task_vs_1_epoch": first["seconds"] / epoch,
+        "second_task_vs_1_epoch": update / epoch,
+        "second_task_vs_3_epochs": update / (3 * epoch),
+        "second_task_vs_5_epochs": update / (5 * epoch),
     }
     print()
-    print(f"memory update of one task (update_memory over {examples} examples, gp_threshold {args.gp_threshold:g}):")
+    print(f"memory update of one task (update_memory over {first['examples']} examples, "
+          f"gp_threshold {args.gp_threshold:g}):")  # fmt: skip
     print(
         f"  first task (empty memory)       {first['seconds']:6.2f} s   (capacity used after: "
         f"{100 * first['capacity_mean']:.0f}% of the feature dims, mean over groups)"
     )
     print(
-        f"  second task (memory of 1 task)  {second_update:6.2f} s   = plain forward passes {forward_seconds:.2f} s "
-        f"+ hooks, Gram matrices, eigh {second_update - forward_seconds:.2f} s; {full_groups}/{len(second_report)} "
-        f"groups full ({full_kinds or 'none'})"
+        f"  second task (memory of 1 task)  {update:6.2f} s   = plain forward passes {forward:.2f} s "
+        f"+ hooks, Gram matrices, eigh {update - forward:.2f} s; {second.full_groups}/{len(second.report)} "
+        f"groups full ({second.full_kinds or 'none'})"
     )
     print(
-        f"  task training: 1 epoch over {args.task_examples} examples ({len(task_batches)} GP-LoRA steps) "
-        f"{epoch_seconds:6.2f} s (measured, {1000 * epoch_seconds / len(task_batches):.0f} ms/step)"
+        f"  task training: 1 epoch over {args.task_examples} examples ({task_steps} GP-LoRA steps) "
+        f"{epoch:6.2f} s (measured, {1000 * epoch / task_steps:.0f} ms/step)"
     )
     print(
         f"  update / training: {100 * shares['first_task_vs_1_epoch']:.1f}% (first task), "
@@ -535,14 +515,30 @@ def main(argv=None) -> dict:
         f"{100 * shares['second_task_vs_3_epochs']:.1f}% of 3 epochs, "
         f"{100 * shares['second_task_vs_5_epochs']:.1f}% of 5 epochs"
     )
-    worst_step = (
-        max(
-            [r["paired_ratio_vs_plain"] for r in rows]
-            + [r["paired_ratio_vs_baseline"] for r in other_paradigms.get("rows", [])]
-        )
-        - 1
-    )
-    worst_hook = max(r["projection_share_of_step"] for r in rows + other_paradigms.get("rows", []))
+    return shares
+
+
+def memory_update_record(first: dict, second: SecondTask, shares: dict, args, task_steps: int) -> dict:
+    return {
+        "examples": first["examples"],
+        "first_task_seconds": round(first["seconds"], 3),
+        "second_task_seconds": round(second.update_seconds, 3),
+        "second_task_forward_only_seconds": round(second.forward_seconds, 3),
+        "full_groups_after_second": second.full_groups,
+        "groups": len(second.report),
+        "capacity_mean_after_first": round(first["capacity_mean"], 4),
+        "capacity_mean_after_second": round(capacity_mean(second.report), 4),
+        "task_epoch_seconds": round(second.epoch_seconds, 3),
+        "task_epoch_examples": args.task_examples,
+        "task_epoch_steps": task_steps,
+        "shares": {k: round(v, 4) for k, v in shares.items()},
+    }
+
+
+def print_targets(rows: list[dict], other_rows: list[dict], shares: dict) -> None:
+    worst_step = max([r["paired_ratio_vs_plain"] for r in rows] + [r["paired_ratio_vs_baseline"] for r in other_rows])
+    worst_step -= 1
+    worst_hook = max(r["projection_share_of_step"] for r in rows + other_rows)
     one_epoch = max(shares["first_task_vs_1_epoch"], shares["second_task_vs_1_epoch"])
     print(
         f"targets: GP overhead <= 5% of the step: projection {100 * worst_hook:.2f}% "
@@ -550,40 +546,64 @@ def main(argv=None) -> dict:
         f"({'met' if worst_step <= 0.05 else 'NOT met'}, step noise included); memory update <= 10% of the task's "
         f"training: {100 * one_epoch:.1f}% of a 1-epoch task ({'met' if one_epoch <= 0.10 else 'NOT met'})"
     )
+
+
+def prompt_learning_alone(base, task_batches, args, load_start: float, began: float) -> dict:
+    """Without ``lora`` in ``--paradigms``: the adapter and prompt-learning table and its target; the record."""
+    other_paradigms = paradigm_rows(base, task_batches, task_batches[0], args)
+    worst = max(r["projection_share_of_step"] for r in other_paradigms["rows"])
+    print(f"target: projection <= 5% of the step: {100 * worst:.2f}% ({'met' if worst <= 0.05 else 'NOT met'})")
+    return benchmark_record("gp_step_overhead", load_start, time.perf_counter() - began, vars(args),
+                            other_paradigms=other_paradigms)  # fmt: skip
+
+
+def lora_overhead(base, task: dict, task_batches: list, args, load_start: float, began: float) -> dict:
+    """GP-LoRA against plain LoRA: interleaved steps, one task's epoch against its memory update, the other
+    paradigms, and (``--trainer``) the steps through Trainer; the tables, the targets and the record."""
+    models, optimizers, projectors, memory_updates = lora_models(base, task_batches, args)
+    print(
+        f"MiniLM + LoRA r={args.rank} (query, value), batch {args.batch_size} x {args.max_length} tokens, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+        f"{args.warmup} warmup + {args.steps} timed steps per configuration, interleaved",
+        flush=True,
+    )
+    step_times, opt_times = interleaved_steps(models, optimizers, task_batches[0], args, progress=True)
+    for name, projector in projectors.items():
+        memory_updates[name]["grad_removed_share"] = projector.pop_stats().get("gp_grad_removed")
+    second = second_task(models["GP-LoRA update"], optimizers["GP-LoRA update"], task_batches, args)
+    other_paradigms = paradigm_rows(base, task_batches, task_batches[0], args)
+    trainer_times = {}
+    if args.trainer:
+        trainer_times = trainer_rounds(models, Dataset.from_dict({k: v.tolist() for k, v in task.items()}), args)
+    rows, trainer_rows = loop_table(step_times, opt_times), trainer_table(trainer_times)
+    first = memory_updates["GP-LoRA update"]
+    shares = memory_update_shares(first, second, args, len(task_batches))
+    print_targets(rows, other_paradigms.get("rows", []), shares)
     total = time.perf_counter() - began
     print(
-        f"total time {total:.0f}s; 1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end "
-        f"on {os.cpu_count()} CPUs (other processes inflate the times)"
+        f"total time {total:.0f}s; {load_text(load_start)} on {os.cpu_count()} CPUs (other processes inflate the "
+        "times)"
     )
+    return benchmark_record(
+        "gp_step_overhead", load_start, total, vars(args), plain_loop=rows, trainer=trainer_rows,
+        other_paradigms=other_paradigms,
+        memory_update=memory_update_record(first, second, shares, args, len(task_batches)),
+        grad_removed_share={n: m.get("grad_removed_share") for n, m in memory_updates.items()},
+        raw_step_seconds=raw_seconds(step_times),
+    )  # fmt: skip
 
-    record = {
-        "benchmark": "gp_step_overhead",
-        "date": now(),
-        "machine": machine_record(load_start),
-        "settings": vars(args),
-        "plain_loop": rows,
-        "trainer": trainer_rows,
-        "other_paradigms": other_paradigms,
-        "memory_update": {
-            "examples": examples,
-            "first_task_seconds": round(first["seconds"], 3),
-            "second_task_seconds": round(second_update, 3),
-            "second_task_forward_only_seconds": round(forward_seconds, 3),
-            "full_groups_after_second": full_groups,
-            "groups": len(second_report),
-            "capacity_mean_after_first": round(first["capacity_mean"], 4),
-            "capacity_mean_after_second": round(
-                statistics.mean(r["basis_size"] / r["dim"] for r in second_report.values()), 4
-            ),
-            "task_epoch_seconds": round(epoch_seconds, 3),
-            "task_epoch_examples": args.task_examples,
-            "task_epoch_steps": len(task_batches),
-            "shares": {k: round(v, 4) for k, v in shares.items()},
-        },
-        "grad_removed_share": {n: m.get("grad_removed_share") for n, m in memory_updates.items()},
-        "raw_step_seconds": {n: [round(t, 5) for t in v] for n, v in step_times.items()},
-        "total_seconds": round(total, 1),
-    }
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    load_start, began = begin()  # quiet: the per-task "memory fills ... groups" warning is summarised in the table
+    task = encoded_task(args)
+    task_batches = batches(task, args.batch_size)
+    torch.manual_seed(args.seed)
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=5)
+    if "lora" not in args.paradigms.split(","):
+        record = prompt_learning_alone(base, task_batches, args, load_start, began)
+    else:
+        record = lora_overhead(base, task, task_batches, args, load_start, began)
     write_record(args.output, record)
     return record
 
