@@ -90,6 +90,20 @@ def default_output(args, name: str) -> None:
         args.output = str(RESULTS / (f"{name}_quick.json" if args.quick else f"{name}.json"))
 
 
+def add_stream_flags(parser, full: dict, tokens: str, per_class: str | None = None) -> None:
+    """``--train-per-class`` and ``--test-per-class`` (with ``per_class``: what they count, e.g. "quotes per topic"),
+    ``--epochs``, ``--max-length`` (``tokens``: what it counts) and ``--batch-size``, each left at ``None`` for
+    ``use_preset`` and its help ending in ``full``'s value."""
+    if per_class is not None:
+        parser.add_argument("--train-per-class", type=int, default=None,
+                            help=f"max training {per_class} ({full['train_per_class']})")  # fmt: skip
+        parser.add_argument("--test-per-class", type=int, default=None,
+                            help=f"max test {per_class} ({full['test_per_class']})")  # fmt: skip
+    parser.add_argument("--epochs", type=float, default=None, help=f"epochs per task ({full['epochs']:g})")
+    parser.add_argument("--max-length", type=int, default=None, help=f"{tokens} ({full['max_length']})")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"({full['batch_size']})")
+
+
 def name_list(text: str, known: tuple[str, ...], flag: str, distinct: bool = False) -> list[str]:
     """The comma-separated names of ``flag``; stops unless there is one and each is ``known`` (and, with
     ``distinct``, none is given twice)."""

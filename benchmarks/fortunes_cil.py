@@ -44,6 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     RESULTS,
+    add_stream_flags,
     begin,
     benchmark_record,
     environment,
@@ -92,11 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {METHODS}")
     parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; --quick: 0)")
     parser.add_argument("--tasks", type=int, default=None, help="tasks of 2 topics (default 10; --quick: 3)")
-    parser.add_argument("--train-per-class", type=int, default=None, help="max training quotes per topic (120)")
-    parser.add_argument("--test-per-class", type=int, default=None, help="max test quotes per topic (30)")
-    parser.add_argument("--epochs", type=float, default=None, help="epochs per task (5)")
-    parser.add_argument("--max-length", type=int, default=None, help="tokens per quote (64)")
-    parser.add_argument("--batch-size", type=int, default=None, help="(32)")
+    add_stream_flags(parser, FULL, "tokens per quote", per_class="quotes per topic")
     parser.add_argument("--lr", type=float, default=None, help=f"learning rate for every paradigm ({LEARNING_RATES})")
     parser.add_argument("--virtual-tokens", type=int, default=None, help="prefix/prompt virtual tokens (10)")
     parser.add_argument("--prefix-protect-values", action="store_true",

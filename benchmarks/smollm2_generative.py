@@ -48,7 +48,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import begin, environment, name_list, recorded_flags, use_preset, write_record
+from common import add_stream_flags, begin, environment, name_list, recorded_flags, use_preset, write_record
 
 environment()
 
@@ -87,9 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, in order, of {TASKS}")
     parser.add_argument("--train-per-answer", type=int, default=None, help="training examples per answer (14)")
     parser.add_argument("--test-per-answer", type=int, default=None, help="test examples per answer (8)")
-    parser.add_argument("--epochs", type=float, default=None, help="epochs per task (3)")
-    parser.add_argument("--max-length", type=int, default=None, help="tokens per example, prompt and answer (48)")
-    parser.add_argument("--batch-size", type=int, default=None, help="(8)")
+    add_stream_flags(parser, FULL, "tokens per example, prompt and answer")
     parser.add_argument("--lr", type=float, default=None, help="learning rate of the LoRA methods (3e-3)")
     parser.add_argument("--osf-lr", type=float, default=None, help="learning rate of OSF (5e-4)")
     parser.add_argument("--lora-r", type=int, default=8)

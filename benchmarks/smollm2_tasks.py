@@ -41,7 +41,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import begin, environment, load_text, run_record, stream_settings, use_preset, write_record
+from common import (
+    add_stream_flags,
+    begin,
+    environment,
+    load_text,
+    run_record,
+    stream_settings,
+    use_preset,
+    write_record,
+)
 
 environment()
 
@@ -70,11 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny settings (2 tasks of 2 topics, 1 epoch)")
     parser.add_argument("--tasks", type=int, default=None, help="number of tasks (4)")
     parser.add_argument("--topics-per-task", type=int, default=None, help="fortune topics per task (3)")
-    parser.add_argument("--train-per-class", type=int, default=None, help="max training quotes per topic (32)")
-    parser.add_argument("--test-per-class", type=int, default=None, help="max test quotes per topic (16)")
-    parser.add_argument("--epochs", type=float, default=None, help="epochs per task (3)")
-    parser.add_argument("--max-length", type=int, default=None, help="tokens per quote (48)")
-    parser.add_argument("--batch-size", type=int, default=None, help="(16)")
+    add_stream_flags(parser, FULL, "tokens per quote", per_class="quotes per topic")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (LoRA factors and head)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gp-threshold", type=float, default=0.97)
