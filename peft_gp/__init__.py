@@ -14,7 +14,8 @@ from .training.trainer import GPTrainer
 from .wiring.build import get_peft_model
 from .wiring.checkpoints import GPCheckpointError
 from .wiring.collect import update_memory
-from .wiring.config import GPAdapterConfig, GPConfigMixin, GPLoraConfig, GPPrefixTuningConfig, GPPromptTuningConfig
+from .wiring.config import GPAdapterConfig, GPLoraConfig, GPPrefixTuningConfig, GPPromptTuningConfig
+from .wiring.gp_fields import GPConfigMixin
 from .wiring.guard import GPCapacityWarning, UnprotectedTrainingWarning
 from .wiring.memory import GP_MEMORY_NAME, GPMemory, GPMemoryError
 from .wiring.persistence import from_pretrained, load_memory, load_task_state, save_memory, save_pretrained

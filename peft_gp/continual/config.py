@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..hub.checks import check_repo_id
-from ..wiring.config import GP_DEFAULTS, check_gp_settings
-from ..wiring.gp_settings import check_gp_kwargs
+from ..wiring.gp_fields import GP_DEFAULTS
+from ..wiring.gp_settings import check_gp_kwargs, check_gp_settings
 
 SCENARIOS = ("class", "task", "domain", "generative")
 HEAD_MASKING = ("seen", "current", "none")

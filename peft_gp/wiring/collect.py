@@ -15,7 +15,7 @@ from ..core.peft_utils import unwrap_peft_model
 from ..core.sketch import grow
 from .class_stats import ClassStatistics, StatisticsObserver, head_module
 from .config import gp_config_of
-from .gp_settings import rank_caps
+from .gp_settings import group_thresholds, rank_caps
 from .grams import NO_FEATURES_MESSAGE, collect_grams
 from .guard import GPCapacityWarning
 from .memory_file import GPMemoryError
@@ -64,7 +64,8 @@ def update_memory(
     threshold = maths.threshold_for_task(config.gp_threshold, config.gp_threshold_increment, memory.tasks_seen)
     sketched = sketch_rows(groups, config.gp_sketch_above, config.gp_sketch_rows)
     passes, batches = memory_passes(model, groups, batches, config.gp_update_budget_gb, max_samples, sketched)
-    parts, fingerprint, moved = _grow_passes(model, passes, batches, max_samples, observer, state, config, threshold)
+    thresholds = group_thresholds(list(memory.dims), config, memory.tasks_seen)  # gp_threshold_pattern per layer
+    parts, fingerprint, moved = _grow_passes(model, passes, batches, max_samples, observer, state, config, thresholds)
     if observer is not None and not observer.stats.labels:
         raise GPMemoryError(
             "gp_class_statistics is on, but no example of the task had a class label (a 1-d 'labels' tensor in the "
@@ -83,7 +84,7 @@ def update_memory(
     return report
 
 
-def _grow_passes(model, passes, batches, max_samples, observer, state, config, threshold) -> tuple[list, str, list]:
+def _grow_passes(model, passes, batches, max_samples, observer, state, config, thresholds) -> tuple[list, str, list]:
     """Stream the sample once per pass (``passes.memory_passes``) and grow that pass's bases, its Grams freed before
     the next; returns the grown parts (``GPMemory.grow``), the task's fingerprint and the idle input sides moved.
     With several passes the new bases are kept on the CPU, so that the device holds one pass's at a time."""
@@ -101,10 +102,10 @@ def _grow_passes(model, passes, batches, max_samples, observer, state, config, t
                                  gram_dtype=dtype)  # fmt: skip
         reached = reached or any(has_features(gram) for gram in grams.values())
         digests.update(_fingerprint_parts({**grams, **{f"{name}#exact": gram for name, gram in exact.items()}}))
-        pass_moved, totals = _idle_input_sides(groups, grams, memory, threshold, caps, tolerance)
+        pass_moved, totals = _idle_input_sides(groups, grams, memory, thresholds, caps, tolerance)
         moved += pass_moved
         scale = config.gp_importance_scale
-        parts.append(memory.grow(grams, threshold, totals, exact, scale, caps, device, tolerance))
+        parts.append(memory.grow(grams, thresholds, totals, exact, scale, caps, device, tolerance))
         del grams, exact  # this pass's Grams go before the next pass's come
     if not reached:
         raise GPMemoryError(NO_FEATURES_MESSAGE)
@@ -181,7 +182,7 @@ def _digest(parts: dict[str, bytes]) -> str:
     return digest.hexdigest()
 
 
-def _idle_input_sides(groups, grams, memory, threshold, caps, tolerance) -> tuple[list, dict[str, float]]:
+def _idle_input_sides(groups, grams, memory, thresholds, caps, tolerance) -> tuple[list, dict[str, float]]:
     """Input sides whose output side is still zero (a reference memory before any training: ``B = 0``).
 
     There ``B A x = 0`` whatever ``A`` is, so the stored features are kept safe more cheaply than by freezing ``B``
@@ -190,7 +191,10 @@ def _idle_input_sides(groups, grams, memory, threshold, caps, tolerance) -> tupl
     ``B``'s Gram matrix becomes ``A' C Aᵀ'`` (``C``: ``A``'s input Gram), measured against its energy before the move.
     Returns the moved weights (written once the memory update succeeded) and the reference energies.
     """
-    moved, totals, grown = [], {}, {}
+    moved, totals, grown, taus = [], {}, {}, {}
+    for group in groups:  # groups sharing a Gram and basis grow as one, at the highest of their thresholds
+        key = (id(grams[group.name]), id(memory.bases[group.name]))
+        taus[key] = max(taus.get(key, 0.0), thresholds[group.name])
     for group in groups:
         side = group.output_side
         if side is None or side.bias is not None or group.index is not None or group.transpose:
@@ -199,7 +203,7 @@ def _idle_input_sides(groups, grams, memory, threshold, caps, tolerance) -> tupl
             continue
         key = (id(grams[group.name]), id(memory.bases[group.name]))  # groups sharing a Gram and basis: grown once
         if key not in grown:
-            grown[key] = grow(grams[group.name], memory.bases[group.name], threshold, max_rank=caps.get(group.name),
+            grown[key] = grow(grams[group.name], memory.bases[group.name], taus[key], max_rank=caps.get(group.name),
                               eigen_tolerance=tolerance)[0]  # fmt: skip
         basis = grown[key]
         weight = full(group.weight).detach().to(torch.float64)

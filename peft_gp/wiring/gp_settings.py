@@ -31,6 +31,8 @@ def check_gp_settings(settings: dict) -> None:
         _number("gp_threshold_increment", increment, "a number in [0, 1)")
         if not 0.0 <= increment < 1.0:
             raise ValueError(f"gp_threshold_increment must be in [0, 1), got {increment} (GPM uses 0.003).")
+    if settings.get("gp_threshold_pattern") is not None:
+        check_threshold_pattern(settings["gp_threshold_pattern"])
     if "gp_projection" in settings and settings["gp_projection"] not in PROJECTION_MODES:
         raise ValueError(f"gp_projection must be one of {PROJECTION_MODES}, got {settings['gp_projection']!r}.")
     if "gp_memory_samples" in settings:
@@ -70,13 +72,7 @@ def check_update_settings(settings: dict) -> None:
             raise ValueError(f"gp_update_budget_gb must be positive and finite (GB) or None (one pass), got {budget}.")
     cap = settings.get("gp_max_basis_rank")
     if isinstance(cap, dict):
-        for pattern, value in cap.items():
-            if not isinstance(pattern, str):
-                raise TypeError(f"gp_max_basis_rank's keys must be regular expressions (str), got {pattern!r}.")
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise ValueError(f"gp_max_basis_rank: {pattern!r} is not a regular expression ({error}).") from None
+        for pattern, value in _checked_patterns("gp_max_basis_rank", cap):
             _positive_int(f"gp_max_basis_rank[{pattern!r}]", value, "")
     elif cap is not None:
         _positive_int("gp_max_basis_rank", cap, ", a dict of name pattern -> positive integer, or None")
@@ -106,6 +102,45 @@ def check_sketch_settings(settings: dict) -> None:
         )
 
 
+def check_threshold_pattern(pattern) -> None:
+    """``gp_threshold_pattern``: a dict from a regular expression (searched in a projected group's name) to a
+    threshold in (0, 1]."""
+    if not isinstance(pattern, dict):
+        raise TypeError(f"gp_threshold_pattern must be a dict of name pattern -> threshold, not {pattern!r}.")
+    for key, value in _checked_patterns("gp_threshold_pattern", pattern):
+        _number(f"gp_threshold_pattern[{key!r}]", value, "a number in (0, 1]")
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"gp_threshold_pattern[{key!r}] must be in (0, 1] like gp_threshold, got {value}.")
+
+
+def _checked_patterns(name: str, setting: dict):
+    """The ``(pattern, value)`` items of a ``{regex: value}`` setting, each key checked to be a regular expression."""
+    for pattern, value in setting.items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"{name}'s keys must be regular expressions (str), got {pattern!r}.")
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"{name}: {pattern!r} is not a regular expression ({error}).") from None
+        yield pattern, value
+
+
+def pattern_values(names: list[str], setting: dict, name: str, pick) -> dict[str, object]:
+    """Per group name, ``pick`` of the values whose pattern is found in it (``re.search``), ``None`` where none is.
+    A pattern that matches no group is refused: a misspelt name would silently leave those layers as they were."""
+    values = {}
+    for group in names:
+        found = [value for pattern, value in setting.items() if re.search(pattern, group)]
+        values[group] = pick(found) if found else None
+    unused = [pattern for pattern in setting if not any(re.search(pattern, group) for group in names)]
+    if unused:
+        raise ValueError(
+            f"{name}'s pattern(s) {unused} match no projected group (e.g. {names[:3]}): a misspelt name would leave "
+            "those layers as they were. Fix the pattern, searched in the group's name."
+        )
+    return values
+
+
 def rank_caps(names: list[str], setting: int | dict[str, int] | None) -> dict[str, int | None]:
     """Each projected group's ``gp_max_basis_rank``: the int for all, or the smallest value of the patterns found in
     its name (``re.search``; ``None`` where none is)."""
@@ -113,17 +148,17 @@ def rank_caps(names: list[str], setting: int | dict[str, int] | None) -> dict[st
         return dict.fromkeys(names)
     if not isinstance(setting, dict):
         return dict.fromkeys(names, setting)
-    caps = {}
-    for name in names:
-        found = [value for pattern, value in setting.items() if re.search(pattern, name)]
-        caps[name] = min(found) if found else None
-    unused = [pattern for pattern in setting if not any(re.search(pattern, name) for name in names)]
-    if unused:
-        raise ValueError(
-            f"gp_max_basis_rank's pattern(s) {unused} match no projected group (e.g. {names[:3]}): a misspelt name "
-            "would leave those layers uncapped. Fix the pattern, searched in the group's name."
-        )
-    return caps
+    return pattern_values(names, setting, "gp_max_basis_rank", min)
+
+
+def group_thresholds(names: list[str], config, tasks_seen: int) -> dict[str, float]:
+    """Each projected group's energy threshold for storing task ``tasks_seen`` (0-based): ``gp_threshold``, or the
+    highest value of the ``gp_threshold_pattern`` patterns found in its name, plus ``gp_threshold_increment`` per task
+    already stored, at most 1."""
+    pattern = getattr(config, "gp_threshold_pattern", None) or {}
+    chosen = pattern_values(names, pattern, "gp_threshold_pattern", max)
+    step = config.gp_threshold_increment * tasks_seen
+    return {name: min(1.0, (config.gp_threshold if value is None else value) + step) for name, value in chosen.items()}
 
 
 def check_gp_kwargs(extra, known: set[str], taken: dict[str, str]) -> dict:

@@ -94,7 +94,7 @@ class GPMemory:
         return self.commit([self.grow(grams, threshold, total_energies, exact_grams, importance_scale)], threshold)
 
     def grow(
-        self, grams: dict, threshold: float, total_energies: dict[str, float] | None = None,
+        self, grams: dict, threshold: float | dict[str, float], total_energies: dict[str, float] | None = None,
         exact_grams: dict[str, torch.Tensor] | None = None, importance_scale: float | None = None,
         max_ranks: dict[str, int | None] | None = None, device: torch.device | str | None = None,
         eigen_tolerance: float = maths.RELATIVE_EIGEN_TOLERANCE,
@@ -102,9 +102,10 @@ class GPMemory:
         """The new bases of the groups in ``grams`` (``update``'s arguments), not yet in the memory (``commit``). A
         value of ``grams`` may be a Frequent Directions sketch of the residual features (``gp_sketch_above``).
 
-        ``max_ranks``: per group, the most columns its basis keeps (``gp_max_basis_rank``; a class of groups sharing
-        a basis takes its smallest). ``device``: where the new bases are kept (default: the Gram's).
-        ``eigen_tolerance``: ``maths.grow_basis``'s floor (``maths.EIGEN_TOLERANCES`` of ``gp_gram_dtype``; a
+        ``threshold``: one for all groups, or one per group (``gp_threshold_pattern``; a class of groups sharing a
+        basis takes its highest). ``max_ranks``: per group, the most columns its basis keeps (``gp_max_basis_rank``;
+        a class of groups sharing a basis takes its smallest). ``device``: where the new bases are kept (default: the
+        Gram's). ``eigen_tolerance``: ``maths.grow_basis``'s floor (``maths.EIGEN_TOLERANCES`` of ``gp_gram_dtype``; a
         sketch keeps the default: it is made in float64)."""
         grown_bases = GrownBases()
         for names in self._update_classes(grams, total_energies, exact_grams):
@@ -113,8 +114,9 @@ class GPMemory:
                 raise GPMemoryError(f"Gram matrix of {name!r} is {tuple(gram.shape)}, expected d = {self.dims[name]}.")
             caps = [cap for cap in ((max_ranks or {}).get(member) for member in names) if cap is not None]
             cap = min(caps) if caps else None
+            tau = max(threshold[member] for member in names) if isinstance(threshold, dict) else threshold
             exact = (exact_grams or {}).get(name)
-            grown, importance, stats = self._grow_one(gram, name, threshold, total_energies, exact, importance_scale,
+            grown, importance, stats = self._grow_one(gram, name, tau, total_energies, exact, importance_scale,
                                                       cap, eigen_tolerance)  # fmt: skip
             grown = grown.to(torch.float32).to(gram.device if device is None else device).contiguous()
             compact = compact_form(grown) if importance_scale is None else None  # importances need the directions

@@ -22,7 +22,7 @@ from .adapter_states import AdapterStates
 from .bottleneck import GPPeftType
 from .class_stats import ClassStatistics
 from .config import GPPrefixTuningConfig, GPPromptTuningConfig, gp_config_of
-from .gp_settings import rank_caps
+from .gp_settings import group_thresholds, rank_caps
 from .groups import ProjectedGroup
 from .guard import TrainingGuard
 from .memory import GPMemory, GPMemoryError
@@ -109,7 +109,8 @@ def get_state(model: nn.Module, adapter_name: str | None = None) -> GPState:
         route = ForwardRoute.of(peft_model)
         route.add_vision_prompt(adapter_name)
     groups = resolve_groups(peft_model, adapter_name)
-    rank_caps([g.name for g in groups], config.gp_max_basis_rank)  # a cap pattern matching no group: refused now
+    rank_caps([g.name for g in groups], config.gp_max_basis_rank)  # a pattern matching no group: refused now
+    group_thresholds([g.name for g in groups], config, 0)
     memory = GPMemory(dims={g.name: g.dim for g in groups}, info=_describe(peft_model, adapter_name))
     state = GPState(adapter_name, groups, memory, GPTaskState(), route=route)
     state.guard = _guard(state)
