@@ -25,6 +25,7 @@ def load_benchmark(name: str = "fortunes_cil"):
         sys.path.insert(0, str(BENCHMARKS))  # the script imports benchmarks/common.py
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import would: dataclasses and pickling look their module up there
     spec.loader.exec_module(module)
     return module
 
