@@ -23,7 +23,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict
 from torch import nn
 
-from .config import RunConfigError
+from .run_checks import RunConfigError
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 FORTUNES_TOPICS = (

@@ -13,17 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..hub.checks import check_repo_id
 from ..wiring.gp_fields import GP_DEFAULTS
-from ..wiring.gp_settings import check_gp_kwargs, check_gp_settings
+from .run_checks import HEAD_MASKING, HEADS, SCENARIOS, RunConfigError, check_run_config
 
-SCENARIOS = ("class", "task", "domain", "generative")
-HEAD_MASKING = ("seen", "current", "none")
-HEADS = ("trained", "ncm", "lda", "aligned")
-
-
-class RunConfigError(ValueError):
-    """A run configuration (or the data and model it names) that cannot be run; the message says how to fix it."""
+__all__ = ["HEAD_MASKING", "HEADS", "SCENARIOS", "RunConfig", "RunConfigError", "check_keys", "field_names"]
 
 
 @dataclass
@@ -158,79 +151,7 @@ class RunConfig:
     hub_private: bool = False
 
     def __post_init__(self) -> None:
-        if self.scenario not in SCENARIOS:
-            raise RunConfigError(f"scenario must be one of {SCENARIOS}, got {self.scenario!r}.")
-        if self.head_masking is not None and self.head_masking not in HEAD_MASKING:
-            raise RunConfigError(f"head_masking must be one of {HEAD_MASKING} (or null), got {self.head_masking!r}.")
-        settings = {name: getattr(self, name) for name in GP_DEFAULTS if getattr(self, name, None) is not None}
-        self.gp_kwargs = {} if self.gp_kwargs is None else self.gp_kwargs  # an empty YAML value
-        taken = {name: f"set {name}: ... as a field of its own" for name in field_names()}
-        taken["gp_class_statistics"] = "the run takes class statistics when heads name a statistics head"
-        try:  # the configs' own checks: one source of truth
-            settings |= check_gp_kwargs(self.gp_kwargs, set(GP_DEFAULTS), taken)
-            check_gp_settings(settings)
-        except (TypeError, ValueError) as error:
-            hint = " (null gp_modules_to_save: the scenario's default)" if "gp_modules_to_save" in str(error) else ""
-            raise RunConfigError(f"{error}{hint}") from error
-        slices = self.gp_task_slices
-        if slices is not None and (isinstance(slices, bool) or not isinstance(slices, int) or slices < 1):
-            raise RunConfigError(f"gp_task_slices must be a positive integer or null, got {slices!r}.")
-        if slices is not None and self.paradigm not in ("lora", "adapter"):
-            raise RunConfigError(f"gp_task_slices is a LoRA and adapter option; paradigm is {self.paradigm!r}.")
-        if self.n_tasks is not None and (isinstance(self.n_tasks, bool) or int(self.n_tasks) != self.n_tasks):
-            raise RunConfigError(f"n_tasks must be a whole number, got {self.n_tasks!r}.")
-        if self.n_tasks is not None and self.n_tasks < 1:
-            raise RunConfigError(f"n_tasks must be at least 1, got {self.n_tasks}.")
-        for name in ("train_per_class", "test_per_class"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise RunConfigError(f"{name} must be a positive integer or null (all), got {value!r}.")
-        for name in ("epochs", "learning_rate", "batch_size", "eval_batch_size", "max_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise RunConfigError(f"{name} must be a positive number, got {value!r}.")
-        if self.push_to_hub is not None:
-            try:
-                check_repo_id(self.push_to_hub)
-            except ValueError as error:
-                raise RunConfigError(f"push_to_hub: {error}") from None
-        samples = self.general_text_samples
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise RunConfigError(f"general_text_samples must be a positive integer, got {samples!r}.")
-        if self.reference_memory and (self.scenario != "generative" or not self.general_text):
-            raise RunConfigError(
-                "reference_memory stores the general text as 'task 0': it needs scenario 'generative' and a "
-                "general_text (the built-in 'fortunes_general' or a text file)."
-            )
-        self._check_heads()
-        if not 0.0 < self.test_size < 1.0:
-            raise RunConfigError(f"test_size must be in (0, 1), got {self.test_size!r}.")
-        if not isinstance(self.paradigm_kwargs, dict):
-            raise RunConfigError(f"paradigm_kwargs must be a mapping, got {self.paradigm_kwargs!r}.")
-        if self.model is None and self.model_config is None:
-            raise RunConfigError("Set 'model' (a Hub id, folder or built-in alias) or 'model_config'.")
-        if self.model_config is not None and "model_type" not in self.model_config:
-            raise RunConfigError("model_config needs a 'model_type' (e.g. 'vit' or 'bert'), as AutoConfig.for_model.")
-
-    def _check_heads(self) -> None:
-        self.heads = [self.heads] if isinstance(self.heads, str) else self.heads
-        if self.heads is None:  # resolved per scenario and model when the run starts (continual.heads.default_heads)
-            if self.compare_frozen and self.scenario != "class":
-                raise RunConfigError("compare_frozen needs statistics heads: set heads, e.g. heads: [trained, lda].")
-            return
-        if not isinstance(self.heads, list) or not self.heads or len(set(map(str, self.heads))) != len(self.heads):
-            raise RunConfigError(f"heads must be a non-empty list of distinct heads of {HEADS}, got {self.heads!r}.")
-        unknown = [head for head in self.heads if head not in HEADS]
-        if unknown:
-            raise RunConfigError(f"Unknown head(s) {unknown} in heads: the heads are {HEADS}.")
-        statistics = [head for head in self.heads if head != "trained"]
-        if statistics and self.scenario == "generative":
-            raise RunConfigError("Statistics heads need a classification head: scenario 'generative' has none.")
-        if self.compare_frozen and not statistics:
-            raise RunConfigError(
-                "compare_frozen evaluates the frozen encoder with statistics heads: add one to heads, e.g. "
-                "heads: [trained, lda]."
-            )
+        check_run_config(self, field_names())
 
     @property
     def statistics_heads(self) -> list[str]:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
-from .config import RunConfigError
+from .run_checks import RunConfigError
 from .tasks import Task
 
 

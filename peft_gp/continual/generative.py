@@ -20,7 +20,7 @@ from datasets import Dataset
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .config import RunConfigError
+from .run_checks import RunConfigError
 from .tasks import Task
 
 IGNORE = -100

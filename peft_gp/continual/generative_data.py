@@ -27,7 +27,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict
 
 from .builtin_data import FORTUNES_DIR, package_dir
-from .config import RunConfigError
+from .run_checks import RunConfigError
 from .sources import load_source
 from .tasks import Task
 

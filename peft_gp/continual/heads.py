@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import HEAD_MASKING, RunConfig, RunConfigError
+from .config import RunConfig
+from .run_checks import HEAD_MASKING, RunConfigError
 from .tasks import Task
 
 

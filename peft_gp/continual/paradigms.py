@@ -22,7 +22,7 @@ from ..wiring.config import (
     GPPrefixTuningConfig,
     GPPromptTuningConfig,
 )
-from .config import RunConfigError
+from .run_checks import RunConfigError
 
 ParadigmFactory = Callable[[dict[str, Any], "dict[str, Any] | None", "str | None"], PeftConfig]
 

@@ -19,7 +19,7 @@ from datasets import Dataset, DatasetDict
 from torch import nn
 
 from . import builtin_data
-from .config import RunConfigError
+from .run_checks import RunConfigError
 
 DATASETS: dict[str, Callable[[int, float], DatasetDict]] = dict(builtin_data.DATASETS)
 MODELS: dict[str, Callable[[], tuple[str, dict]]] = dict(builtin_data.MODELS)

@@ -15,7 +15,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-from .config import RunConfigError
+from .run_checks import RunConfigError
 from .tasks import Task, as_splits, check_label_column, class_names_of, limit_per_class, select_classes, sorted_labels
 
 

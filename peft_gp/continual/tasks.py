@@ -20,7 +20,7 @@ from typing import Any
 
 from datasets import ClassLabel, Dataset, DatasetDict
 
-from .config import RunConfigError
+from .run_checks import RunConfigError
 
 
 @dataclass
