@@ -54,12 +54,22 @@ def cut_batch(batch: dict, seen: int, max_samples: int | None) -> tuple[dict, in
     return batch, size
 
 
+_NOT_BATCHES = (
+    "The memory update takes an iterable of batches, each a dict of tensors (what a DataLoader yields), got a {}. "
+    "Pass a DataLoader over the task's data, or [batch] for a single batch."
+)
+
+
 def capped_batches(batches: Iterable[Mapping], max_samples: int | None) -> Iterator[tuple[dict, int]]:
     """``(batch, examples in it)`` for each batch, the last one cut so that at most ``max_samples`` examples come."""
     seen = 0
+    if isinstance(batches, (Mapping, torch.Tensor)):
+        raise ValueError(_NOT_BATCHES.format(type(batches).__name__))
     for batch in batches:
         if max_samples is not None and seen >= max_samples:
             return
+        if not isinstance(batch, Mapping):
+            raise ValueError(_NOT_BATCHES.format(f"sequence of {type(batch).__name__}"))
         batch, size = cut_batch(dict(batch), seen, max_samples)
         yield batch, size
         seen += size

@@ -100,17 +100,33 @@ def _resolve_file(
     local = os.path.join(model_id, subfolder or "", filename)
     if os.path.isdir(model_id):
         return local if os.path.isfile(local) else None
+    if _path_like(model_id):
+        raise FileNotFoundError(
+            f"{model_id!r} is not a folder. Give the folder save_pretrained wrote (it holds {CONFIG_NAME}, "
+            f"{SAFETENSORS_WEIGHTS_NAME} and {GP_MEMORY_NAME}), or a Hub repo id such as 'user/name'."
+        )
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RemoteEntryNotFoundError
 
     try:
         return hf_hub_download(model_id, filename, subfolder=subfolder or None, revision=revision)
+    except HFValidationError as error:
+        raise FileNotFoundError(
+            f"{model_id!r} is neither a local folder nor a valid Hub repo id ({str(error).splitlines()[0]}). Give the "
+            "folder save_pretrained wrote, or a Hub repo id such as 'user/name'."
+        ) from None
     except RemoteEntryNotFoundError:
         return None
     except LocalEntryNotFoundError:
         if optional:
             return None
         raise
+
+
+def _path_like(model_id: str) -> bool:
+    """``model_id`` names a local path, not a Hub repo id (``user/name``): absolute, relative, home or deeper."""
+    return os.path.isabs(model_id) or model_id.startswith((".", "~")) or model_id.count("/") > 1 or (
+        os.path.exists(model_id))  # fmt: skip
 
 
 def load_gp_config(model_id: str, revision: str | None = None, subfolder: str | None = None):
@@ -256,6 +272,7 @@ def from_pretrained(
     (network down, no access, unknown revision) raise ``peft_gp.hub.GPHubError`` saying what to fix.
     """
     where = f"{model_id!r}" + (f" at revision {revision!r}" if revision else "")
+    where += "" if os.path.isdir(model_id) else " (there is no local folder of that name)"
     with hub_errors(f"Loading {where} from the Hub"):
         config = load_gp_config(model_id, revision=revision, subfolder=subfolder)
         adapter_weights(model_id, revision, subfolder)  # safetensors only, checked before PEFT falls back to .bin
