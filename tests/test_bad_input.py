@@ -10,6 +10,8 @@ from peft import LoraConfig, get_peft_model
 
 import peft_gp
 from peft_gp import GP_MEMORY_NAME, GPLoraConfig, GPMemoryError
+from peft_gp.continual import RunConfig, RunConfigError
+from peft_gp.hub import GPHubError
 from peft_gp.wiring.memory import GPMemory
 from peft_gp.wiring.state import get_state
 
@@ -179,3 +181,45 @@ def test_wrong_dtype_in_memory_file_is_refused(tmp_path):
     save_file(tensors, str(tmp_path / GP_MEMORY_NAME), metadata=memory.metadata())
     with pytest.raises(GPMemoryError, match="dtype torch.float64, expected torch.float32"):
         peft_gp.from_pretrained(tiny_bert(), str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("n_tasks", "abc", "n_tasks must be a whole number"),
+        ("n_tasks", float("inf"), "n_tasks must be a whole number"),
+        ("test_size", "abc", r"test_size must be a number in \(0, 1\)"),
+        ("model_config", "model_type=vit", "model_config must be a mapping"),
+        ("gp_threshold", None, r"gp_threshold is null: give it a value \(default 0.97\)"),
+        ("gp_projection", None, "gp_projection is null"),
+        ("seed", "x", "seed must be an integer"),
+        ("weight_decay", -1.0, "weight_decay must be a number of at least 0"),
+        ("epochs", float("nan"), "epochs must be a positive number"),
+    ],
+)
+def test_a_run_config_refuses_wrong_types_with_the_field_named(field, value, message):
+    with pytest.raises(RunConfigError, match=message):
+        RunConfig(**{field: value})
+
+
+def test_null_means_a_default_only_where_it_says_so():
+    config = RunConfig(paradigm_kwargs=None, gp_kwargs=None, gp_modules_to_save=None, gp_importance_scale=None)
+    assert config.paradigm_kwargs == {} and config.gp_kwargs == {} and config.modules_to_save_policy == "project"
+
+
+@pytest.mark.parametrize("wrong", ["one batch", "a tensor", "a list of tensors"])
+def test_update_memory_names_what_it_takes_when_given_something_else(wrong):
+    model = bert_model()
+    given = {"one batch": batch(), "a tensor": batch()["input_ids"], "a list of tensors": [batch()["input_ids"]]}
+    with pytest.raises(ValueError, match=r"iterable of batches, each a dict of tensors .* or \[batch\]"):
+        peft_gp.update_memory(model, given[wrong])
+    assert get_state(model, "default").memory.tasks_seen == 0
+
+
+@pytest.mark.parametrize("where", ["absolute", "relative", "hub-like"])
+def test_from_pretrained_on_a_missing_folder_says_there_is_none(tmp_path, monkeypatch, where):
+    monkeypatch.chdir(tmp_path)
+    model_id = {"absolute": str(tmp_path / "nope"), "relative": "./nope", "hub-like": "gp-run/finall"}[where]
+    error, message = (GPHubError, "there is no local folder") if where == "hub-like" else (FileNotFoundError, "is not")
+    with pytest.raises(error, match=message):
+        peft_gp.from_pretrained(tiny_bert(), model_id)
