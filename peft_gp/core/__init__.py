@@ -1,1 +1,1 @@
-"""Layer 1: pure functions that import nothing else of peft_gp (maths, metrics, files, PEFT model helpers)."""
+"""Layer 1: pure functions importing nothing of peft_gp outside core (maths, sketch, metrics, files, PEFT helpers)."""
