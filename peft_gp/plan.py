@@ -10,7 +10,8 @@ them, and each shared basis is costed once, on the layer of its first group.
   basis and the ``(d, d − k)`` complement (``k`` = ``fill · d`` rounded; frozen groups hold none; with
   ``gp_importance_scale`` the basis with a ``(k,)`` importance beside it), plus a JSON header written as safetensors
   writes it (``GPMemory.layout`` and ``metadata`` themselves, on meta tensors);
-* adapter file: PEFT's ``adapter_model.safetensors`` (its state dict, in the adapter parameters' own dtype);
+* adapter file: PEFT's ``adapter_model.safetensors`` (its state dict, in the adapter parameters' own dtype; prefix and
+  prompt tuning: the prompt encoder's output, ``plan_adapter``);
 * memory update: the float64 ``d × d`` Gram matrix of every distinct input, in passes over the task's sample whose
   Grams fit ``gp_update_budget_gb`` (``wiring.passes``); per pass its Grams, its widest eigendecomposition
   (``core.maths.grow_basis``: about ``5 d²`` float64 measured on CPU) and its new float32 bases (``plan_update``);
@@ -29,17 +30,15 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
-from peft import get_peft_model_state_dict
 
-from .continual.config import RunConfigError
-from .continual.paradigms import PARADIGMS, make_peft_config
+from .continual.paradigms import PARADIGMS
 from .core.peft_utils import unwrap_peft_model
+from .plan_adapter import adapter_tensors, plan_peft_config, wired_model
 from .plan_sources import (
     MODEL_CLASSES,
     PlanError,
     infer_task_type,
     load_model_config,
-    meta_peft_model,
     safetensors_bytes,
     shared_inputs,
 )
@@ -219,8 +218,7 @@ def _totals(peft_model, adapter_name, state, layers, widths, fill) -> GPPlan:
     owners, ks, ks_full, ks_worst = widths
     config = peft_model.peft_config[adapter_name]
     update = update_cost(state.groups, owners, (ks_full, ks), config)
-    adapter = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
-    adapter_bytes = safetensors_bytes({k: (tuple(v.shape), v.dtype) for k, v in adapter.items()}, {"format": "pt"})
+    adapter = adapter_tensors(peft_model, adapter_name)
     held = [name for name in owners if owners[name] == name]  # one device copy per shared basis (wiring.units)
     dims = state.memory.dims
     bases_full, bases = (sum(dims[n] * ks_full[n] * BASIS_BYTES for n in held),
@@ -241,8 +239,8 @@ def _totals(peft_model, adapter_name, state, layers, widths, fill) -> GPPlan:
         gp_projection=config.gp_projection,
         peft_config=json.loads(json.dumps(options, default=str)),
         layers=layers,
-        adapter_params=sum(v.numel() for v in adapter.values()),
-        adapter_file_bytes=adapter_bytes,
+        adapter_params=sum(torch.Size(shape).numel() for shape, _ in adapter.values()),
+        adapter_file_bytes=safetensors_bytes(adapter, {"format": "pt"}),
         memory_file_bytes_full=_memory_file_bytes(state, owners, ks_full, threshold, scaled),
         memory_file_bytes_worst=_memory_file_bytes(state, owners, ks_worst, threshold, scaled),
         memory_file_bytes=_memory_file_bytes(state, owners, ks, threshold, scaled),
@@ -275,7 +273,8 @@ def plan(
         task_type: the PEFT task type (``CAUSAL_LM``, ``SEQ_CLS``, ...; ``None``: the bare model; ``"auto"``: from
             the config's ``architectures``).
         gp: the ``gp_*`` settings (``gp_threshold``, ``gp_projection``, ...).
-        options: the paradigm config's own arguments (LoRA: ``r``, ``target_modules`` such as ``"all-linear"``, ...).
+        options: the paradigm config's own arguments (LoRA: ``r``, ``target_modules`` such as ``"all-linear"``, ...);
+            ``gp_*`` ones join ``gp``.
     """
     if paradigm not in PARADIGMS:
         raise PlanError(f"Unknown paradigm {paradigm!r}: peft-gp plan knows {sorted(PARADIGMS)}.")
@@ -285,11 +284,9 @@ def plan(
     task_type = infer_task_type(config) if task_type == "auto" else task_type
     if task_type not in MODEL_CLASSES:
         raise PlanError(f"task_type must be one of {sorted(str(k) for k in MODEL_CLASSES)}, got {task_type!r}.")
-    try:
-        peft_config = make_peft_config(paradigm, options, dict(gp or {}), task_type)
-        model = meta_peft_model(config, peft_config, task_type)
-    except (RunConfigError, ValueError, TypeError) as error:
-        raise PlanError(str(error)) from None
+    gp = {**(gp or {}), **{name: options.pop(name) for name in list(options) if name.startswith("gp_")}}
+    peft_config = plan_peft_config(paradigm, options, gp, task_type)
+    model = wired_model(config, paradigm, peft_config, task_type, {**options, **gp})
     result = plan_peft_model(model, fill)
     result.source = config_source
     return result

@@ -17,17 +17,30 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     PretrainedConfig,
 )
+from transformers.models.auto import modeling_auto
 
 from .continual.paradigms import build_peft_model
 from .wiring.grams import GramCollector
 
 MODEL_CLASSES = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_CLS": AutoModelForSequenceClassification,
                  "TOKEN_CLS": AutoModelForTokenClassification, "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM, None: AutoModel}
+# PEFT task type -> the head classes transformers registers for it (SEQ_CLS: also image classification, as in runs)
+HEADS = {
+    "CAUSAL_LM": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",),
+    "SEQ_2_SEQ_LM": ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",),
+    "SEQ_CLS": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
+    "TOKEN_CLS": ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",),
+}
+# class-name endings of heads transformers has not registered (older names, remote code); "LM": by is_encoder_decoder
+SUFFIXES = (("ForCausalLM", "LM"), ("LMHeadModel", "LM"), ("WithLMHead", "LM"), ("ForConditionalGeneration", "LM"),
+            ("ForSequenceClassification", "SEQ_CLS"), ("ForImageClassification", "SEQ_CLS"),
+            ("ForTokenClassification", "TOKEN_CLS"))  # fmt: skip
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
@@ -67,14 +80,44 @@ def load_model_config(source: str) -> PretrainedConfig:
         ) from None
 
 
+def _head_names(task_type: str) -> set[str]:
+    names: set[str] = set()
+    for table in HEADS[task_type]:
+        for value in getattr(modeling_auto, table, {}).values():
+            names.update(value if isinstance(value, (tuple, list)) else [value])
+    return names
+
+
 def infer_task_type(config: PretrainedConfig) -> str | None:
-    """``CAUSAL_LM`` or ``SEQ_CLS`` from the config's ``architectures``; ``None`` (the bare model) otherwise."""
-    for name in getattr(config, "architectures", None) or []:
-        if name.endswith("ForCausalLM"):
-            return "CAUSAL_LM"
-        if name.endswith("ForSequenceClassification"):
-            return "SEQ_CLS"
+    """The PEFT task type of the config's ``architectures``: a head transformers registers (``GPT2LMHeadModel``:
+    ``CAUSAL_LM``, ``T5ForConditionalGeneration``: ``SEQ_2_SEQ_LM``, ``ViTForImageClassification``: ``SEQ_CLS``, ...),
+    else by the class name's ending; ``None`` (the bare model) when no name says, with a warning if there are names."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    for name in architectures:
+        known = [task for task in HEADS if name in _head_names(task)]
+        if known:
+            return "SEQ_2_SEQ_LM" if seq2seq and "SEQ_2_SEQ_LM" in known else known[0]
+        for suffix, task in SUFFIXES:
+            if name.endswith(suffix):
+                return ("SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM") if task == "LM" else task
+    if architectures:
+        warnings.warn(f"peft-gp plan cannot tell a PEFT task type from the config's architectures {architectures}: "
+                      "the plan is of the bare model (no head). Pass --task-type (CAUSAL_LM, SEQ_CLS, TOKEN_CLS, "
+                      "SEQ_2_SEQ_LM) to plan it with a head.", stacklevel=3)  # fmt: skip
     return None
+
+
+def model_class(config: PretrainedConfig, task_type: str | None):
+    """The auto class that builds ``config``'s model for ``task_type`` (``SEQ_CLS``: sequence, else image
+    classification); a ``PlanError`` naming ``--task-type`` where transformers has none."""
+    classes = [MODEL_CLASSES[task_type]] + ([AutoModelForImageClassification] if task_type == "SEQ_CLS" else [])
+    for auto in classes:
+        if type(config) in auto._model_mapping:
+            return auto
+    raise PlanError(f"transformers has no {task_type} model for model_type {config.model_type!r}: pass the "
+                    "--task-type its architecture has (CAUSAL_LM, SEQ_CLS, TOKEN_CLS, SEQ_2_SEQ_LM, or none: the "
+                    "bare model).")  # fmt: skip
 
 
 def meta_peft_model(config: PretrainedConfig, peft_config, task_type: str | None):
@@ -82,7 +125,7 @@ def meta_peft_model(config: PretrainedConfig, peft_config, task_type: str | None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         with torch.device("meta"):
-            model = MODEL_CLASSES[task_type].from_config(config)
+            model = model_class(config, task_type).from_config(config)
             return build_peft_model(model, peft_config)
 
 

@@ -6,19 +6,33 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
+import warnings
 
 import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, LlamaConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BartConfig,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    T5Config,
+    ViTConfig,
+)
 
 import peft_gp
 from peft_gp.cli import main
+from peft_gp.continual.config import RunConfigError
 from peft_gp.continual.paradigms import make_peft_config
 from peft_gp.plan import PlanError, plan, plan_peft_model, safetensors_bytes
+from peft_gp.plan_sources import infer_task_type
 from peft_gp.wiring.grams import collect_grams
 from peft_gp.wiring.passes import memory_passes
 from peft_gp.wiring.state import get_state
@@ -144,6 +158,23 @@ def test_other_paradigms_are_planned_from_what_they_store(tmp_path):
     assert planned.update_gram_bytes == sum(basis.shape[0] ** 2 * 8 for basis in distinct(memory.bases))
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("paradigm", ["prefix", "prompt"])
+def test_prompt_learning_is_planned_from_what_peft_saves(tmp_path, name, paradigm):
+    """Prefix and prompt tuning: PEFT saves the prompt encoder's output, which it copies to the CPU, which the meta
+    device cannot (the plan crashed); the plan sizes it from shapes. Adapter and memory files equal to the byte."""
+    folder, model, files = measured(tmp_path, name, 0.9, paradigm=paradigm, options={"num_virtual_tokens": 4})
+    memory = peft_gp.get_memory(model)
+    fills = {g: memory.bases[g].shape[1] / d for g, d in memory.dims.items()}
+    planned = plan(folder, paradigm, fill=fills, gp={"gp_threshold": 0.9}, num_virtual_tokens=4)
+    saved = load_file(tmp_path / "saved" / "adapter_model.safetensors")
+    assert planned.paradigm == paradigm and planned.adapter_file_bytes == files["adapter_model"]
+    assert planned.adapter_params == sum(tensor.numel() for tensor in saved.values())
+    assert planned.memory_file_bytes == files["gp_memory"]
+    width = 2 * 2 * (16 if name == "llama" else 48) if paradigm == "prefix" else (32 if name == "llama" else 48)
+    assert saved["prompt_embeddings"].shape == (4, width)  # prefix: keys and values of both layers (Llama: 2 kv heads)
+
+
 def test_importances_are_planned_beside_their_bases(tmp_path):
     folder, model, files = measured(tmp_path, "llama", 0.9, gp_importance_scale=5.0)
     memory = peft_gp.get_memory(model)
@@ -218,6 +249,81 @@ def test_cli_prints_the_table_and_json(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["peft_config"]["bottleneck_size"] == 4
 
 
+GPT2 = dict(vocab_size=128, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)
+
+
+@pytest.mark.parametrize(
+    "config, task_type",
+    [
+        (GPT2Config(**GPT2, architectures=["GPT2LMHeadModel"]), "CAUSAL_LM"),
+        (LlamaConfig(**LLAMA), "CAUSAL_LM"),
+        (BertConfig(architectures=["BertLMHeadModel"]), "CAUSAL_LM"),
+        (T5Config(architectures=["T5ForConditionalGeneration"]), "SEQ_2_SEQ_LM"),
+        (T5Config(architectures=["T5WithLMHeadModel"]), "SEQ_2_SEQ_LM"),  # an older name, by its ending
+        (BartConfig(architectures=["BartForConditionalGeneration"]), "SEQ_2_SEQ_LM"),
+        (AutoConfig.for_model("marian", architectures=["MarianMTModel"]), "SEQ_2_SEQ_LM"),
+        (BertConfig(**BERT), "SEQ_CLS"),
+        (BertConfig(architectures=["BertForTokenClassification"]), "TOKEN_CLS"),
+        (ViTConfig(architectures=["ViTForImageClassification"]), "SEQ_CLS"),  # as runs give ViT: SEQ_CLS
+        (LlamaConfig(architectures=["MyLlamaForCausalLM"]), "CAUSAL_LM"),  # remote code, by its ending
+        (BertConfig(), None),
+    ],
+)
+def test_task_type_is_told_from_the_architectures(config, task_type):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a recognised head, or no architectures at all: no warning
+        assert infer_task_type(config) == task_type
+
+
+def test_an_unknown_architecture_is_planned_bare_with_a_warning(tmp_path, capsys):
+    BertConfig(**{**BERT, "architectures": ["BertForMaskedLM"]}).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="Pass --task-type"):
+        assert plan(str(tmp_path), r=4).task_type is None
+    for paradigm in ("prefix", "prompt"):
+        with pytest.raises(PlanError, match=f"--paradigm {paradigm} needs a task type.*pass --task-type CAUSAL_LM"):
+            with pytest.warns(UserWarning, match="Pass --task-type"):
+                plan(str(tmp_path), paradigm, num_virtual_tokens=4)
+    assert plan(str(tmp_path), "prefix", task_type="SEQ_CLS", num_virtual_tokens=4).task_type == "SEQ_CLS"
+
+
+@pytest.mark.parametrize("paradigm", ["lora", "prefix"])
+def test_gpt2_is_a_causal_lm_and_its_adapter_is_what_peft_saves(tmp_path, capsys, paradigm):
+    """GPT-2's head is ``GPT2LMHeadModel`` (the plan said "bare model"); planned with its head, the adapter file
+    is the size of the one PEFT saves for a real GPT-2 of the same config."""
+    GPT2Config(**GPT2, architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path / "config")
+    options = {"num_virtual_tokens": 4} if paradigm == "prefix" else {"r": 4, "target_modules": ["c_attn"]}
+    planned = plan(str(tmp_path / "config"), paradigm, **options)
+    assert planned.task_type == "CAUSAL_LM"
+    real = AutoModelForCausalLM.from_config(GPT2Config.from_pretrained(tmp_path / "config"))
+    peft_gp.save_pretrained(peft_gp.get_peft_model(real, make_peft_config(paradigm, options, {}, "CAUSAL_LM")),
+                            str(tmp_path / "saved"))  # fmt: skip
+    assert planned.adapter_file_bytes == os.path.getsize(tmp_path / "saved" / "adapter_model.safetensors")
+    lora = ["--r", "4", "--target-modules", "c_attn"]
+    flags = ["--option", "num_virtual_tokens=4"] if paradigm == "prefix" else lora
+    assert main(["plan", str(tmp_path / "config"), "--paradigm", paradigm, *flags]) == 0
+    assert "(gpt2, CAUSAL_LM)" in capsys.readouterr().out
+
+
+def test_image_classifiers_are_built_as_runs_build_them(tmp_path):
+    """``SEQ_CLS`` on a ViT: the image-classification model (with its head), as runs load it."""
+    vit = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32)
+    ViTConfig(**vit, patch_size=8, num_labels=3, architectures=["ViTForImageClassification"]).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="could not run a forward pass"):  # no token ids: every group on its own
+        planned = plan(str(tmp_path), r=4, target_modules=["q_proj", "v_proj"])
+    assert planned.task_type == "SEQ_CLS" and any(layer.name.endswith("classifier") for layer in planned.layers)
+    with pytest.raises(PlanError, match="no TOKEN_CLS model for model_type 'vit'.*--task-type"):
+        plan(str(tmp_path), task_type="TOKEN_CLS", r=4)
+
+
+def test_gp_options_join_the_gp_settings_as_in_a_run(tmp_path):
+    """``--option gp_task_slices=2`` widens LoRA's rank as a run's ``gp_task_slices`` does (it was passed to the
+    config unwidened)."""
+    folder = write_config(tmp_path, "llama")
+    planned = plan(folder, r=4, lora_alpha=8, gp_task_slices=2)
+    run = make_peft_config("lora", {"r": 4, "lora_alpha": 8}, {"gp_task_slices": 2}, "CAUSAL_LM")
+    assert planned.peft_config["r"] == run.r == 8 and planned.peft_config["lora_alpha"] == run.lora_alpha == 16
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -227,13 +333,38 @@ def test_cli_prints_the_table_and_json(tmp_path, capsys):
         (["--option", "bottleneck_size"], "--option takes KEY=VALUE"),
         (["--task-type", "VISION"], "task_type must be one of"),
         (["--fil", "0.5"], "Did you mean --fill"),
+        (["--option", "foo=1"], "'lora' config has no argument 'foo', given as foo \\(--option foo=…\\).*GPLoraConf"),
+        (["--paradigm", "adapter", "--r", "4"], "no argument 'r', given as r \\(--r\\).*GPAdapterConfig's fields"),
+        (["--gp-threshold", "2"], "refused gp_threshold=2.0 \\(--gp-threshold\\): gp_threshold must be in"),
+        (["--gp-projection", "bad"], "refused gp_projection='bad' \\(--gp-projection\\)"),
+        (["--option", "gp_max_basis_rank=-1"], "refused gp_max_basis_rank=-1 \\(--option gp_max_basis_rank=…\\)"),
+        (["--r", "0"], "refused r=0 \\(--r\\)"),
+        (["--option", "lora_alpha=abc"], "settings \\(lora_alpha='abc'.*--option KEY=VALUE"),
+        (["--paradigm", "prefix", "--task-type", "none"], "--paradigm prefix needs a task type.*--task-type"),
+        (["--paradigm", "prompt"], "--paradigm prompt needs .* --option num_virtual_tokens=N"),
     ],
 )
 def test_cli_bad_input_is_named(tmp_path, capsys, argv, message):
     folder = write_config(tmp_path, "llama")
     with pytest.raises(SystemExit):
         main(["plan", folder, *argv])
-    assert __import__("re").search(message, capsys.readouterr().err)
+    error = capsys.readouterr().err
+    assert re.search(message, error), error
+    assert "paradigm_kwargs" not in error and "the run" not in error and "Traceback" not in error  # run vocabulary
+
+
+def test_the_run_keeps_its_own_words():
+    with pytest.raises(RunConfigError, match="paradigm_kwargs do not fit the 'lora' config"):
+        make_peft_config("lora", {"foo": 1}, {}, None)
+    with pytest.raises(RunConfigError, match="The 'lora' config refused the run's settings"):
+        make_peft_config("lora", {}, {"gp_threshold": 2.0}, None)
+
+
+def test_unsupported_paradigms_are_refused_in_words(tmp_path):
+    T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, vocab_size=128,
+             architectures=["T5ForConditionalGeneration"]).save_pretrained(tmp_path)  # fmt: skip
+    with pytest.raises(PlanError, match="--paradigm prompt cannot be planned on this t5 model: .*encoder-decoder"):
+        plan(str(tmp_path), "prompt", num_virtual_tokens=4)
 
 
 def test_bad_sources_say_what_to_pass(tmp_path, monkeypatch):
