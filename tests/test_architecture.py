@@ -4,7 +4,6 @@ modules and functions (issue 18's measures, read from the code itself)."""
 from __future__ import annotations
 
 import ast
-import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -119,11 +118,18 @@ def import_levels() -> dict[str, int]:
     return levels
 
 
-def test_report_import_levels():
+MOST_IMPORT_LEVELS = 13  # measured 2026-11-30 (14 before); issue 18 aims at 5: lower this as the tower comes down
+
+
+def test_the_import_tower_grows_no_taller():
     levels = import_levels()
     deepest = max(levels.values())
     print(f"{len(levels)} modules on {deepest} import levels")
-    assert inspect.isfunction(import_levels) and deepest >= 1
+    chain, name = [], max(levels, key=levels.get)
+    while name:  # the longest chain, for the failure message
+        chain.append(name)
+        name = max(GRAPH[name], key=levels.get, default=None)
+    assert deepest <= MOST_IMPORT_LEVELS, " -> ".join(chain)
 
 
 def test_no_file_under_tests_imports_a_test_module():
