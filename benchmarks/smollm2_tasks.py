@@ -63,6 +63,7 @@ import torch
 from peft_gp.cli import parse_value
 from peft_gp.continual import RunConfig, RunConfigError, run_sequence
 from peft_gp.continual.builtin_data import FORTUNES_DIR, FORTUNES_TOPICS, fortunes
+from peft_gp.continual.config import field_names
 from peft_gp.continual.report import comparison_text
 from peft_gp.continual.splits import class_incremental_split
 from peft_gp.continual.tasks import Task
@@ -106,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
+    options = gp_options(args)
+    fields = {key: options.pop(key) for key in list(options) if key in field_names()}  # gp_importance_scale, ...
     return RunConfig(
         name="smollm2_tasks",
         model=args.model,
@@ -117,14 +120,16 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         gp=True,
         compare_baseline=not args.no_baseline,
         gp_task_slices=args.gp_task_slices,
-        gp_kwargs=gp_options(args),
+        gp_kwargs=options,
+        **fields,
         **stream_settings(args, gp_memory_samples=args.gp_memory_samples, eval_batch_size=args.batch_size,
                           save_adapters=True, plots=False),
     )
 
 
 def gp_options(args: argparse.Namespace) -> dict:
-    """``--gp-option KEY=VALUE`` (values read as ``peft-gp``'s flags read them) and ``--gp-max-basis-rank``."""
+    """``--gp-option KEY=VALUE`` (values read as ``peft-gp``'s flags read them) and ``--gp-max-basis-rank``; the
+    run's own GP fields among them (``gp_importance_scale``, ``gp_threshold_increment``) become those fields."""
     options = {} if args.gp_max_basis_rank is None else {"gp_max_basis_rank": args.gp_max_basis_rank}
     for item in args.gp_option:
         key, sep, value = item.partition("=")
