@@ -14,6 +14,7 @@ from peft_gp.wiring.gp_settings import group_thresholds
 from .testing import batches, lora_llama
 
 LAYER_0 = r"layers\.0\."
+QKV = ("q_proj", "k_proj", "v_proj")
 
 
 def bases_after_two_tasks(**settings) -> dict[str, torch.Tensor]:
@@ -63,3 +64,18 @@ def test_the_pattern_round_trips_through_save_and_load(tmp_path):
     assert loaded.peft_config["default"].gp_threshold_pattern == {LAYER_0: 1.0}
     before, after = peft_gp.get_memory(model).bases, peft_gp.get_memory(loaded).bases
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_layers_sharing_an_input_move_off_one_basis_at_the_highest_threshold_of_theirs():
+    """A reference memory (``lora_B`` still zero: the input sides move off the stored space): ``q/k/v`` read one input
+    and share one basis, grown at the highest of their thresholds; every ``lora_A`` is moved off that whole basis."""
+    model = lora_llama(init_lora_weights=True, target_modules=list(QKV), gp_threshold=0.5,
+                       gp_threshold_pattern={r"v_proj": 0.9})  # fmt: skip
+    peft_gp.update_memory(model, batches(0), task_name="reference")
+    bases = peft_gp.get_memory(model).bases
+    layer, weights = "model.layers.0.self_attn", dict(model.named_parameters())
+    shared = {name: bases[next(k for k in bases if k.endswith(f"{layer}.{name}.lora_A"))] for name in QKV}
+    assert len({basis.shape[1] for basis in shared.values()}) == 1 and shared["q_proj"].shape[1] > 0
+    for name, basis in shared.items():
+        weight = next(w for k, w in weights.items() if k.endswith(f"{layer}.{name}.lora_A.default.weight"))
+        assert (weight.detach().double() @ basis.double()).norm() < 1e-6 * weight.norm(), name

@@ -191,19 +191,20 @@ def _idle_input_sides(groups, grams, memory, thresholds, caps, tolerance) -> tup
     ``B``'s Gram matrix becomes ``A' C Aᵀ'`` (``C``: ``A``'s input Gram), measured against its energy before the move.
     Returns the moved weights (written once the memory update succeeded) and the reference energies.
     """
-    moved, totals, grown, taus = [], {}, {}, {}
-    for group in groups:  # groups sharing a Gram and basis grow as one, at the highest of their thresholds
-        key = (id(grams[group.name]), id(memory.bases[group.name]))
-        taus[key] = max(taus.get(key, 0.0), thresholds[group.name])
+    moved, totals, grown = [], {}, {}
+    classes = memory.shared_classes(grams)  # as GPMemory.grow grows them: at the highest threshold, smallest cap
     for group in groups:
         side = group.output_side
         if side is None or side.bias is not None or group.index is not None or group.transpose:
             continue
         if torch.any(full(side.weight) != 0) or is_sketch(grams[side.name]):
             continue
-        key = (id(grams[group.name]), id(memory.bases[group.name]))  # groups sharing a Gram and basis: grown once
+        members = classes[group.name]
+        key = tuple(members)  # a class of groups sharing a Gram and basis: grown once
         if key not in grown:
-            grown[key] = grow(grams[group.name], memory.bases[group.name], taus[key], max_rank=caps.get(group.name),
+            cap = min((caps[m] for m in members if caps.get(m) is not None), default=None)
+            tau = max(thresholds[m] for m in members)
+            grown[key] = grow(grams[group.name], memory.bases[group.name], tau, max_rank=cap,
                               eigen_tolerance=tolerance)[0]  # fmt: skip
         basis = grown[key]
         weight = full(group.weight).detach().to(torch.float64)

@@ -163,6 +163,10 @@ class GPMemory:
         self.version += 1
         return grown.report
 
+    def shared_classes(self, grams: dict) -> dict[str, list[str]]:
+        """Per group of ``grams``, the groups that grow as one with it in ``grow`` (same Gram, equal bases so far)."""
+        return {name: members for members in self._update_classes(grams, None, None) for name in members}
+
     def _update_classes(self, grams, total_energies, exact_grams) -> list[list[str]]:
         """The groups that grow as one: the same Gram tensor (they read the same inputs, ``grams.collect_grams``),
         equal bases and importances so far, the same reference energy, and no exact features of their own."""
