@@ -216,10 +216,28 @@ def test_update_memory_names_what_it_takes_when_given_something_else(wrong):
     assert get_state(model, "default").memory.tasks_seen == 0
 
 
-@pytest.mark.parametrize("where", ["absolute", "relative", "hub-like"])
+@pytest.mark.parametrize("where", ["absolute", "relative", "a Path", "home", "hub-like"])
 def test_from_pretrained_on_a_missing_folder_says_there_is_none(tmp_path, monkeypatch, where):
     monkeypatch.chdir(tmp_path)
-    model_id = {"absolute": str(tmp_path / "nope"), "relative": "./nope", "hub-like": "gp-run/finall"}[where]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model_id = {"absolute": str(tmp_path / "nope"), "relative": "./nope", "a Path": tmp_path / "nope",
+                "home": "~/nope", "hub-like": "gp-run/finall"}[where]  # fmt: skip
     error, message = (GPHubError, "there is no local folder") if where == "hub-like" else (FileNotFoundError, "is not")
     with pytest.raises(error, match=message):
         peft_gp.from_pretrained(tiny_bert(), model_id)
+
+
+def test_from_pretrained_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    saved_model(str(tmp_path / "run"))
+    loaded = peft_gp.from_pretrained(tiny_bert(), "~/run")
+    assert peft_gp.get_memory(loaded).tasks_seen == 1
+
+
+def test_numpy_numbers_and_whole_floats_are_taken_as_python_numbers():
+    np = pytest.importorskip("numpy")
+    config = RunConfig(seed=np.int64(3), n_tasks=3.0, batch_size=np.int32(8), test_size=np.float32(0.25), epochs=2)
+    assert (config.seed, config.n_tasks, config.batch_size, config.test_size, config.epochs) == (3, 3, 8, 0.25, 2.0)
+    assert all(type(value) is int for value in (config.seed, config.n_tasks, config.batch_size))
+    with pytest.raises(RunConfigError, match="batch_size must be a positive integer, got 2.5"):
+        RunConfig(batch_size=2.5)

@@ -4,6 +4,7 @@ refusal is a ``RunConfigError`` that names the field, the value and how to fix i
 from __future__ import annotations
 
 import math
+import numbers
 
 from ..hub.checks import check_repo_id
 from ..wiring.gp_fields import GP_DEFAULTS
@@ -56,31 +57,38 @@ def _check_gp(config, field_names: list[str]) -> None:
 
 
 def _is_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def _whole(config, name: str, least: int, what: str) -> None:
+    """``config.name`` as an ``int`` of at least ``least`` (a numpy integer or ``3.0`` too), else refused."""
+    value = getattr(config, name)
+    if not _is_number(value) or int(value) != value or value < least:
+        raise RunConfigError(f"{name} must be {what}, got {value!r}.")
+    setattr(config, name, int(value))
 
 
 def _check_numbers(config) -> None:
-    """Counts, sizes and rates: the right type before any comparison, so that a word gets a message, not a crash."""
-    tasks = config.n_tasks
-    if tasks is not None and (not _is_number(tasks) or int(tasks) != tasks or tasks < 1):
-        raise RunConfigError(f"n_tasks must be a whole number of at least 1 (or null), got {tasks!r}.")
+    """Counts, sizes and rates: the right type before any comparison, so that a word gets a message, not a crash;
+    numpy numbers and whole floats are taken as Python ints and floats."""
+    if config.n_tasks is not None:
+        _whole(config, "n_tasks", 1, "a whole number of at least 1 (or null)")
     for name in ("train_per_class", "test_per_class"):
-        value = getattr(config, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise RunConfigError(f"{name} must be a positive integer or null (all), got {value!r}.")
-    for name in ("epochs", "learning_rate", "batch_size", "eval_batch_size", "max_length"):
+        if getattr(config, name) is not None:
+            _whole(config, name, 1, "a positive integer or null (all)")
+    for name in ("batch_size", "eval_batch_size", "max_length", "general_text_samples"):
+        _whole(config, name, 1, "a positive integer")
+    _whole(config, "seed", -(2**63), "an integer")
+    for name in ("epochs", "learning_rate"):
         value = getattr(config, name)
         if not _is_number(value) or value <= 0:
             raise RunConfigError(f"{name} must be a positive number, got {value!r}.")
+        setattr(config, name, float(value))
     if not _is_number(config.weight_decay) or config.weight_decay < 0:
         raise RunConfigError(f"weight_decay must be a number of at least 0, got {config.weight_decay!r}.")
-    if isinstance(config.seed, bool) or not isinstance(config.seed, int):
-        raise RunConfigError(f"seed must be an integer, got {config.seed!r}.")
     if not _is_number(config.test_size) or not 0.0 < config.test_size < 1.0:
         raise RunConfigError(f"test_size must be a number in (0, 1), got {config.test_size!r}.")
-    samples = config.general_text_samples
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise RunConfigError(f"general_text_samples must be a positive integer, got {samples!r}.")
+    config.weight_decay, config.test_size = float(config.weight_decay), float(config.test_size)
 
 
 def _check_sources(config) -> None:

@@ -248,7 +248,7 @@ def _make_prompt_trainable(model: PeftModel, adapter_name: str) -> None:
 
 def from_pretrained(
     base_model: nn.Module,
-    model_id: str,
+    model_id: str | os.PathLike,
     adapter_name: str = "default",
     is_trainable: bool = False,
     revision: str | None = None,
@@ -271,6 +271,7 @@ def from_pretrained(
     The task record (``gp_tasks.json``) is attached when present: ``peft_gp.get_task_state(model)``. Hub failures
     (network down, no access, unknown revision) raise ``peft_gp.hub.GPHubError`` saying what to fix.
     """
+    model_id = os.path.expanduser(os.fspath(model_id))  # a Path or "~/runs/final" names a folder too
     where = f"{model_id!r}" + (f" at revision {revision!r}" if revision else "")
     where += "" if os.path.isdir(model_id) else " (there is no local folder of that name)"
     with hub_errors(f"Loading {where} from the Hub"):
