@@ -101,7 +101,9 @@ def infer_task_type(config: PretrainedConfig) -> str | None:
         for suffix, task in SUFFIXES:
             if name.endswith(suffix):
                 return ("SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM") if task == "LM" else task
-    if architectures:
+    bare = {name for value in modeling_auto.MODEL_MAPPING_NAMES.values()
+            for name in (value if isinstance(value, (tuple, list)) else [value])}  # fmt: skip
+    if architectures and not set(architectures) <= bare:  # BertModel: the bare model, as its name says
         warnings.warn(f"peft-gp plan cannot tell a PEFT task type from the config's architectures {architectures}: "
                       "the plan is of the bare model (no head). Pass --task-type (CAUSAL_LM, SEQ_CLS, TOKEN_CLS, "
                       "SEQ_2_SEQ_LM) to plan it with a head.", stacklevel=3)  # fmt: skip

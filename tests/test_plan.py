@@ -393,3 +393,11 @@ def test_safetensors_size_is_exact():
     metadata = {"format": "pt", "gp_dims": json.dumps({"a": 7, "b": 3})}
     shapes = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
     assert safetensors_bytes(shapes, metadata) == len(save(tensors, metadata=metadata))
+
+
+def test_a_bare_model_is_planned_as_one_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # BertModel says what it is: no "cannot tell a task type" warning
+        assert infer_task_type(BertConfig(architectures=["BertModel"])) is None
+    with pytest.warns(UserWarning, match="--task-type"):
+        assert infer_task_type(BertConfig(architectures=["BertForMaskedLM"])) is None

@@ -45,7 +45,7 @@ class GPConfigMixin:
         gp_max_basis_rank: Keep at most this many columns in each distinct input's basis (an int, or a dict from a
             regular expression searched in the projected group's name to an int; unmatched groups are uncapped, but
             groups sharing one basis, e.g. ``q/k/v``, take the smallest cap of any of them, and a pattern that
-            matches no group is refused at the first memory update): the
+            matches no group is refused when the adapter is wired): the
             first tasks' directions stay and each task adds its highest-energy ones until the cap. Protection is
             then partial: features beyond the cap's directions are not protected (``gp_threshold=1.0`` is no longer
             exact). The file then holds at most ``cap · d`` floats per input. ``None`` (default): no cap.

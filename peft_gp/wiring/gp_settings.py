@@ -110,7 +110,7 @@ def check_threshold_pattern(pattern) -> None:
     for key, value in _checked_patterns("gp_threshold_pattern", pattern):
         _number(f"gp_threshold_pattern[{key!r}]", value, "a number in (0, 1]")
         if not 0.0 < value <= 1.0:
-            raise ValueError(f"gp_threshold_pattern[{key!r}] must be in (0, 1] like gp_threshold, got {value}.")
+            raise ValueError(f"gp_threshold_pattern[{key!r}] must be a threshold in (0, 1], got {value}.")
 
 
 def _checked_patterns(name: str, setting: dict):
