@@ -108,6 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_config(args: argparse.Namespace) -> RunConfig:
     options = gp_options(args)
+    flagged = {"gp_threshold", "gp_projection", "gp_memory_samples", "gp_modules_to_save", "gp_task_slices"}
+    for key in flagged & set(options):
+        raise SystemExit(f"error: --gp-option {key}=... : use its own flag, --{key.replace('_', '-')}")
     fields = {key: options.pop(key) for key in list(options) if key in field_names()}  # gp_importance_scale, ...
     return RunConfig(
         name="smollm2_tasks",
