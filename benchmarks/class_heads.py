@@ -59,9 +59,9 @@ from peft_gp.continual.tasks import Task
 from peft_gp.core.metrics import accuracy_matrix_summary
 
 BENCHMARKS = ("fortunes", "fashion", "bbc")
-METHODS = ("plain", "gp", "gp-slices", "frozen", "joint")
+METHODS = ("plain", "gp", "gp-slices", "gp-sgp", "frozen", "joint")
 DEFAULT_METHODS = ("plain", "gp", "frozen", "joint")
-GP_METHODS = ("gp", "gp-slices")
+GP_METHODS = ("gp", "gp-slices", "gp-sgp")
 HEADS = ["trained", "ncm", "lda", "aligned"]
 TARGETS = {"fortunes": 0.50, "fashion": 0.60}  # GP's best head, class-incremental final average accuracy
 FROZEN_MARGIN = 0.03  # Fortunes-20: GP's best head at least 3 points above the frozen encoder with that head
@@ -78,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "paradigm's rank or bottleneck")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny streams and 1 epoch (what the tests run)")
     parser.add_argument("--gp-threshold", type=float, default=0.97, help="energy threshold tau of GP's memory")
+    parser.add_argument("--gp-importance-scale", type=float, default=10.0,
+                        help="gp-sgp: SGP's scale alpha of gp_importance_scale (default 10, the authors')")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the benchmark's own)")
     parser.add_argument("--data-dir", default=None, help="another folder of the benchmark's data")
     parser.add_argument("--model", default="minilm", help="text model folder or alias (fortunes, bbc)")
@@ -178,10 +180,13 @@ def joint(base, encoded: list[Task], config: RunConfig) -> dict:
     return {"heads": heads, "seconds": result.seconds}
 
 
-def run_method(method: str, base, encoded: list[Task], config: RunConfig, slices: int | None = None) -> dict:
+def run_method(method: str, base, encoded: list[Task], config: RunConfig, slices: int | None = None,
+               scale: float = 10.0) -> dict:  # fmt: skip
     torch.manual_seed(config.seed)
     if method == "gp-slices":
         return sequential(base, encoded, config.replace(gp_task_slices=slices or len(encoded)), gp=True)
+    if method == "gp-sgp":  # SGP's scaled projection (issue 20, item 2)
+        return sequential(base, encoded, config.replace(gp_importance_scale=scale), gp=True)
     if method == "frozen":
         return frozen(base, encoded, config)
     if method == "joint":
@@ -286,7 +291,8 @@ def main(argv=None) -> dict:
             except RunConfigError as error:
                 raise SystemExit(f"error: {error}") from error
             for method in args.method_list:
-                record = {"seed": seed, **run_method(method, base, encoded, config, args.task_slices)}
+                record = {"seed": seed, **run_method(method, base, encoded, config, args.task_slices,
+                                                          args.gp_importance_scale)}
                 runs.setdefault(paradigm, {}).setdefault(method, []).append(record)
                 accuracies = {h: round(100 * v["cil"]["average_accuracy"], 1) for h, v in record["heads"].items()}
                 print(f"  {args.benchmark} {paradigm} seed {seed} {method:6s} CIL acc {accuracies} "
