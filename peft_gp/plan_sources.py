@@ -80,9 +80,10 @@ def load_model_config(source: str) -> PretrainedConfig:
         ) from None
 
 
-def _head_names(task_type: str) -> set[str]:
+def _class_names(*tables: str) -> set[str]:
+    """The model class names of transformers' auto mappings ``tables`` (``MODEL_MAPPING_NAMES``, ...)."""
     names: set[str] = set()
-    for table in HEADS[task_type]:
+    for table in tables:
         for value in getattr(modeling_auto, table, {}).values():
             names.update(value if isinstance(value, (tuple, list)) else [value])
     return names
@@ -95,15 +96,13 @@ def infer_task_type(config: PretrainedConfig) -> str | None:
     architectures = list(getattr(config, "architectures", None) or [])
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     for name in architectures:
-        known = [task for task in HEADS if name in _head_names(task)]
+        known = [task for task in HEADS if name in _class_names(*HEADS[task])]
         if known:
             return "SEQ_2_SEQ_LM" if seq2seq and "SEQ_2_SEQ_LM" in known else known[0]
         for suffix, task in SUFFIXES:
             if name.endswith(suffix):
                 return ("SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM") if task == "LM" else task
-    bare = {name for value in modeling_auto.MODEL_MAPPING_NAMES.values()
-            for name in (value if isinstance(value, (tuple, list)) else [value])}  # fmt: skip
-    if architectures and not set(architectures) <= bare:  # BertModel: the bare model, as its name says
+    if architectures and not set(architectures) <= _class_names("MODEL_MAPPING_NAMES"):  # BertModel: bare, as named
         warnings.warn(f"peft-gp plan cannot tell a PEFT task type from the config's architectures {architectures}: "
                       "the plan is of the bare model (no head). Pass --task-type (CAUSAL_LM, SEQ_CLS, TOKEN_CLS, "
                       "SEQ_2_SEQ_LM) to plan it with a head.", stacklevel=3)  # fmt: skip
