@@ -191,14 +191,14 @@ def _idle_input_sides(groups, grams, memory, thresholds, caps, tolerance) -> tup
     ``B``'s Gram matrix becomes ``A' C Aᵀ'`` (``C``: ``A``'s input Gram), measured against its energy before the move.
     Returns the moved weights (written once the memory update succeeded) and the reference energies.
     """
-    moved, totals, grown = [], {}, {}
-    classes = memory.shared_classes(grams)  # as GPMemory.grow grows them: at the highest threshold, smallest cap
+    moved, totals, grown, classes = [], {}, {}, None
     for group in groups:
         side = group.output_side
         if side is None or side.bias is not None or group.index is not None or group.transpose:
             continue
         if torch.any(full(side.weight) != 0) or is_sketch(grams[side.name]):
             continue
+        classes = classes or memory.shared_classes(grams)  # as GPMemory.grow grows them (highest tau, smallest cap)
         members = classes[group.name]
         key = tuple(members)  # a class of groups sharing a Gram and basis: grown once
         if key not in grown:
