@@ -155,8 +155,10 @@ def test_prefix_refusals_are_clear():
     t5 = get_peft_model(tiny_t5(), GPPrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4))
     with pytest.raises(NotImplementedError, match="encoder-decoder"):
         resolve_groups(t5)
-    with pytest.raises(NotImplementedError, match="encoder-decoder"):  # peft_gp's build refuses it at once
+    with pytest.raises(NotImplementedError, match="encoder-decoder") as refused:  # peft_gp's build refuses it at once
         peft_gp.get_peft_model(tiny_t5(), GPPrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4))
+    assert "GPPromptTuningConfig" not in str(refused.value)  # it refuses encoder-decoders too: not a way out
+    assert "GPAdapterConfig" in str(refused.value)
 
 
 # ---- prompt tuning ---------------------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ def prefix_layout(model: PeftModel, adapter_name: str) -> list[nn.Module]:
         raise NotImplementedError(
             "GPPrefixTuningConfig does not support encoder-decoder models (T5, BART) yet: PEFT's prefix reaches only "
             "their decoder, and peft_gp's prefix route covers one stack of self-attention layers. Use "
-            "GPLoraConfig or GPPromptTuningConfig for them."
+            "GPLoraConfig or GPAdapterConfig for them."
         )
     modules = attention_modules(base)
     if len(modules) != config.num_layers:
