@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from accelerate.state import AcceleratorState
 
 from .testing import CASES, TOKEN, Case, save_tiny_text_model, serving_fake_hub, text_dataset
 
@@ -41,3 +42,11 @@ def hub(hub_env):
     """The fake Hub on 127.0.0.1, with ``huggingface_hub`` pointed at it; it fails the test on a request it lacks."""
     with serving_fake_hub(hub_env) as server:
         yield server
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide ``AcceleratorState``: a ``Trainer`` with ``bf16=True`` left bf16 autocast on
+    for a later test's plain ``Accelerator(cpu=True)`` (test_accelerate_loop failed after test_trainer). Reset it."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
