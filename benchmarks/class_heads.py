@@ -43,6 +43,7 @@ environment()
 
 import argparse
 import dataclasses
+import json
 import statistics
 import tempfile
 import time
@@ -80,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gp-threshold", type=float, default=0.97, help="energy threshold tau of GP's memory")
     parser.add_argument("--gp-importance-scale", type=float, default=10.0,
                         help="gp-sgp: SGP's scale alpha of gp_importance_scale (default 10, the authors')")
+    parser.add_argument("--gp-threshold-pattern", type=json.loads, default=None, metavar="JSON",
+                        help='GP methods: gp_threshold_pattern (per-layer thresholds), e.g. {"lora_B": 1.0}')
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the benchmark's own)")
     parser.add_argument("--data-dir", default=None, help="another folder of the benchmark's data")
     parser.add_argument("--model", default="minilm", help="text model folder or alias (fortunes, bbc)")
@@ -181,8 +184,10 @@ def joint(base, encoded: list[Task], config: RunConfig) -> dict:
 
 
 def run_method(method: str, base, encoded: list[Task], config: RunConfig, slices: int | None = None,
-               scale: float = 10.0) -> dict:  # fmt: skip
+               scale: float = 10.0, pattern: dict | None = None) -> dict:  # fmt: skip
     torch.manual_seed(config.seed)
+    if pattern is not None and method in GP_METHODS:
+        config = config.replace(gp_kwargs={**config.gp_kwargs, "gp_threshold_pattern": pattern})
     if method == "gp-slices":
         return sequential(base, encoded, config.replace(gp_task_slices=slices or len(encoded)), gp=True)
     if method == "gp-sgp":  # SGP's scaled projection (issue 20, item 2)
@@ -292,7 +297,7 @@ def main(argv=None) -> dict:
                 raise SystemExit(f"error: {error}") from error
             for method in args.method_list:
                 record = {"seed": seed, **run_method(method, base, encoded, config, args.task_slices,
-                                                          args.gp_importance_scale)}
+                                                          args.gp_importance_scale, args.gp_threshold_pattern)}
                 runs.setdefault(paradigm, {}).setdefault(method, []).append(record)
                 accuracies = {h: round(100 * v["cil"]["average_accuracy"], 1) for h, v in record["heads"].items()}
                 print(f"  {args.benchmark} {paradigm} seed {seed} {method:6s} CIL acc {accuracies} "
