@@ -59,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gp-threshold", type=float, default=0.97)
     parser.add_argument("--gp-threshold-pattern", type=json.loads, default=None, metavar="JSON")
     parser.add_argument("--quick", action="store_true", help="tiny stream, 1 epoch (the numbers mean nothing)")
-    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--data-dir", default=None, help="another folder of the fortunes files")
+    parser.add_argument("--model", default="minilm", help="text model folder or alias")
     parser.add_argument("--output", default=None)
     return parser.parse_args(argv)
 
@@ -161,7 +162,8 @@ def measure(run: dict) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     load_start, began = begin()
-    flags = ["--benchmark", "fortunes", "--gp-threshold", str(args.gp_threshold)] + (["--quick"] if args.quick else [])
+    flags = ["--benchmark", "fortunes", "--gp-threshold", str(args.gp_threshold), "--model", args.model]
+    flags += ["--quick"] if args.quick else []
     options = class_heads.parse_args(flags + (["--data-dir", args.data_dir] if args.data_dir else []))
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:

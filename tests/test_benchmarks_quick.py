@@ -330,6 +330,24 @@ def test_class_heads_quick_reads_every_method_with_every_head_and_merges(tmp_pat
         benchmark.merge([str(shards[0]), str(shards[0])], None)
 
 
+def test_feature_drift_quick_measures_every_head_and_the_drift_per_task(tmp_path):
+    """``feature_drift.py --quick`` on a synthetic fortunes folder and a tiny BERT: every LDA variant, the drift of
+    each task's class means (none for the last task: its end is the stream's end), the record as returned."""
+    benchmark = load_benchmark("feature_drift")
+    data = write_fortunes(tmp_path / "fortunes")
+    model = save_tiny_text_model(tmp_path / "model")
+    output = tmp_path / "drift.json"
+    record = benchmark.main(["--quick", "--seeds", "0", "--data-dir", str(data), "--model", str(model),
+                             "--gp-threshold-pattern", '{"lora_B": 1.0}', "--output", str(output)])  # fmt: skip
+    assert json.loads(output.read_text())["means"] == record["means"]
+    (run,) = record["runs"]
+    assert set(record["means"]) == {"gp", "frozen", "concat", "oracle", "sdc", "sdc_uniform"}
+    assert all(0.0 <= value <= 100.0 for value in record["means"].values())
+    assert len(run["drift"]) == 3 and run["drift"][-1]["mean_shift"] == 0.0
+    assert all(d["between_means"] > 0 for d in run["drift"])
+    assert record["settings"]["gp_threshold_pattern"] == {"lora_B": 1.0}
+
+
 def test_gpu_check_quick_compares_plain_and_gp_on_cpu(tmp_path, capsys):
     """``gpu_check.py --quick``: a tiny bf16 Llama on CPU, plain against GP (two tasks), the table, the record, the
     plan beside the measured files, and the QLoRA variant skipped with its reason (no CUDA here)."""
