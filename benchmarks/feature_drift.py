@@ -46,9 +46,11 @@ from peft_gp.continual.evaluation import INPUT_KEYS, collate_batch
 from peft_gp.continual.heads import MaskedCrossEntropy, training_classes
 from peft_gp.continual.loading import peft_config_for
 from peft_gp.continual.paradigms import build_peft_model
-from peft_gp.continual.stat_heads import _pooled_features
 from peft_gp.continual.stream import task_trainer
 from peft_gp.core.class_heads import lda_head
+from peft_gp.core.peft_utils import unwrap_peft_model
+from peft_gp.wiring.class_stats import ClassStatistics, head_module
+from peft_gp.wiring.groups import PooledHeadFeatures
 
 Features = tuple[torch.Tensor, torch.Tensor]  # (rows float64, labels)
 
@@ -70,7 +72,9 @@ def features(model, dataset) -> Features:
     """The head's pooled input and the labels over ``dataset`` (float64, CPU)."""
     model.eval()
     rows, labels, store = [], [], []
-    handle = _pooled_features(model, store)
+    peft_model = unwrap_peft_model(model)
+    pooled = PooledHeadFeatures(peft_model.get_base_model(), head_module(peft_model))
+    handle = pooled.attach(lambda rows, masked=True: store.append(rows))
     try:
         for batch in DataLoader(dataset, batch_size=64, collate_fn=collate_batch):
             store.clear()
@@ -87,14 +91,13 @@ def class_means(x: torch.Tensor, y: torch.Tensor) -> dict[int, torch.Tensor]:
 
 
 def lda_accuracy(means: dict, train: list[Features], tests: list[Features]) -> float:
-    """LDA (shrinkage 0.1) on ``means`` and the within-class scatter of ``train``: mean accuracy over ``tests``."""
-    scatter, count = 0, 0
+    """LDA (shrinkage 0.1) on ``means`` and the shared within-class covariance of ``train`` (peft_gp's own
+    ``ClassStatistics``): mean accuracy over ``tests``."""
+    stats = ClassStatistics(dim=train[0][0].shape[1])
     for x, y in train:
-        for c, mu in class_means(x, y).items():
-            centred = x[y == c] - mu
-            scatter, count = scatter + centred.T @ centred, count + len(centred)
+        stats.add(x, y.tolist())
     labels = sorted(means)
-    weight, bias = lda_head(torch.stack([means[c] for c in labels]), scatter / (count - len(labels)), 0.1)
+    weight, bias = lda_head(torch.stack([means[c] for c in labels]), stats.covariance(), 0.1)
     accuracies = [(torch.tensor(labels)[(x @ weight.T + bias).argmax(1)] == y).double().mean() for x, y in tests]
     return 100 * float(sum(accuracies) / len(accuracies))
 
