@@ -75,6 +75,21 @@ def test_half_precision_activations_accumulate_in_float64(dtype):
     assert basis.shape[1] == 6 < noisy.shape[1]
 
 
+def test_a_group_pinned_whole_by_the_threshold_pattern_fills_without_a_capacity_warning():
+    """``gp_threshold_pattern={"lora_B": 1.0}`` asks for lora_B's whole space: full is the request, not a problem."""
+    config = GPLoraConfig(task_type="SEQ_CLS", r=4, lora_dropout=0.0, target_modules=["query"],
+                          gp_threshold_pattern={"lora_B": 1.0})  # fmt: skip
+    model = get_peft_model(tiny_bert(), config)
+    ids = torch.randint(4, 60, (8, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.arange(8) % 4}
+    train_steps(model, batch, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peft_gp.update_memory(model, [batch])
+    full = peft_gp.get_memory(model).full_groups()
+    assert full and all("lora_B" in name for name in full)  # it did fill: the warning was left out, not avoided
+
+
 def test_a_full_basis_warns_names_the_layer_and_training_goes_on():
     config = GPLoraConfig(task_type="SEQ_CLS", r=4, lora_dropout=0.0, target_modules=["query"], gp_threshold=1.0)
     model = get_peft_model(tiny_bert(), config)

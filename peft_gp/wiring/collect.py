@@ -15,7 +15,7 @@ from ..core.peft_utils import unwrap_peft_model
 from ..core.sketch import grow
 from .class_stats import ClassStatistics, StatisticsObserver, head_module
 from .config import gp_config_of
-from .gp_settings import group_thresholds, rank_caps
+from .gp_settings import group_thresholds, kept_whole, rank_caps
 from .grams import NO_FEATURES_MESSAGE, collect_grams
 from .guard import GPCapacityWarning
 from .memory_file import GPMemoryError
@@ -80,7 +80,8 @@ def update_memory(
     if observer is not None:
         _merge_statistics(state, observer.stats, memory.tasks_seen)
     state.tasks.record_through(memory.tasks_seen - 1, task_name, classes)
-    _warn_if_full([name for name in memory.full_groups() if name not in full_before], stacklevel + 1)
+    asked = full_before | kept_whole(list(memory.dims), config)  # a group pinned at threshold 1 is full on purpose
+    _warn_if_full([name for name in memory.full_groups() if name not in asked], stacklevel + 1)
     return report
 
 

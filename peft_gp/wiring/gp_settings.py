@@ -161,6 +161,13 @@ def group_thresholds(names: list[str], config, tasks_seen: int) -> dict[str, flo
     return {name: min(1.0, (config.gp_threshold if value is None else value) + step) for name, value in chosen.items()}
 
 
+def kept_whole(names: list[str], config) -> set[str]:
+    """The groups ``gp_threshold_pattern`` pins at a threshold of 1 (asked to keep their whole input space)."""
+    pattern = getattr(config, "gp_threshold_pattern", None) or {}
+    chosen = pattern_values(names, pattern, "gp_threshold_pattern", max)
+    return {name for name, value in chosen.items() if value is not None and value >= 1.0}
+
+
 def check_gp_kwargs(extra, known: set[str], taken: dict[str, str]) -> dict:
     """``extra`` (a run's ``gp_kwargs``) if each key is in ``known`` (the GP configs' arguments) and not in ``taken``
     (key -> where it is set instead); else a ``ValueError`` naming the key, with the closest valid one."""
