@@ -172,6 +172,21 @@ def test_gp_kwargs_reach_the_gp_config_only_and_bad_ones_are_refused():
         RunConfig(gp_kwargs={"gp_max_basis_rank": 0})
 
 
+def test_a_statistics_main_head_keeps_the_up_projections_whole_unless_told_otherwise():
+    tasks, model = id_stream()
+
+    def pattern(**fields):
+        return peft_config_for(RunConfig(name="up", **fields), tasks, model, gp=True).gp_threshold_pattern
+
+    assert pattern(heads=["lda", "trained"]) == {"lora_B": 1.0}
+    assert pattern(heads=["ncm"], paradigm="adapter") == {"gp_adapter_up": 1.0}
+    assert pattern(heads=["trained", "lda"]) is None  # the trained head is the result: its plasticity comes first
+    assert pattern(heads=["lda"], paradigm="prompt") is None  # no up-projection
+    assert pattern(heads=["lda"], gp_task_slices=2) is None  # not measured with slices
+    assert pattern(heads=["lda"], gp_kwargs={"gp_threshold_pattern": {"query": 0.99}}) == {"query": 0.99}
+    assert pattern(heads=["lda"], gp_kwargs={"gp_threshold_pattern": {}}) == {}  # the way out
+
+
 VIT_KWARGS = {"lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}, "prompt": {"num_virtual_tokens": 4},
               "prefix": {"num_virtual_tokens": 4}}  # fmt: skip
 

@@ -76,7 +76,9 @@ class RunConfig:
             (``gp_class_statistics``); the plain run takes them the same way, but its features drift afterwards.
             All heads are read from the same forward passes. A string is one head. ``None`` (the default): ``[lda,
             trained]`` in the ``class`` scenario when the model's head is linear (far above the trained head there:
-            benchmarks/README.md, docs/class-heads.md), else ``[trained]``.
+            benchmarks/README.md, docs/class-heads.md), else ``[trained]``. With a statistics head first, the GP run
+            of LoRA or the adapter keeps the up-projections' bases whole (``continual.loading.up_projections_whole``)
+            unless ``gp_kwargs`` sets ``gp_threshold_pattern`` or ``gp_task_slices`` is set.
         compare_frozen: Also evaluate the frozen encoder (no fine-tuning; the base model's features) with each
             statistics head of ``heads``: the replay-free peer to beat (SimpleCIL / APER).
         epochs, batch_size, eval_batch_size, learning_rate, weight_decay, seed: Training settings (one

@@ -27,7 +27,7 @@ from ..wiring.persistence import save_pretrained
 from .config import RunConfig
 from .generative_runner import run_generative
 from .heads import default_heads
-from .loading import prepare
+from .loading import UP_PROJECTIONS, prepare, up_projections_whole
 from .report import write_outputs
 from .results import MethodResult, RunResult
 from .stream import frozen_stream, train_stream
@@ -79,6 +79,10 @@ def run_sequence(
         f"{sum(len(t.test) for t in encoded)} test examples, head masking '{config.masking}', paradigm "
         f"'{config.paradigm}', {config.epochs:g} epochs per task"
     )
+    if up_projections_whole(config) and (config.gp or config.compare_baseline):
+        say(f"GP keeps the bases of {UP_PROJECTIONS[config.paradigm]} whole (its input space is a few dimensions "
+            f"wide): the main head '{config.heads[0]}' needs old classes' features to stay put. Another "
+            "gp_threshold_pattern in gp_kwargs replaces this.")  # fmt: skip
     methods = [config.gp] + ([not config.gp] if config.compare_baseline else [])
     results: dict[str, MethodResult] = {}
     initial_states = []
