@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--gp-threshold", type=float, default=0.97)
     parser.add_argument("--gp-threshold-pattern", type=json.loads, default=None, metavar="JSON")
+    parser.add_argument("--head-masking", default="current", choices=("current", "seen"),
+                        help="the training loss over the task's own logits (current) or every class so far (seen)")
     parser.add_argument("--quick", action="store_true", help="tiny stream, 1 epoch (the numbers mean nothing)")
     parser.add_argument("--data-dir", default=None, help="another folder of the fortunes files")
     parser.add_argument("--model", default="minilm", help="text model folder or alias")
@@ -171,7 +173,7 @@ def main(argv=None) -> dict:
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         config, tasks, base = class_heads.fortunes_setup(options, "lora", seed)
-        config = config.replace(heads=["trained"])
+        config = config.replace(heads=["trained"], head_masking=args.head_masking)
         if args.gp_threshold_pattern is not None:
             config = config.replace(gp_kwargs={"gp_threshold_pattern": args.gp_threshold_pattern})
         record = {"seed": seed, **measure(train(config, tasks, base))}
