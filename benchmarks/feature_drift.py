@@ -1,7 +1,8 @@
 """Why GP-LoRA's statistics heads fall short of the frozen encoder on Fortunes-20 (issue 22): how far the head's input
 features of old tasks drift under GP, and what fresh statistics or the frozen features would give.
 
-What it measures (one GP-LoRA run per seed, the ``class_heads.py --benchmark fortunes`` stream and settings)
+What it measures (one GP-LoRA run per seed, the ``class_heads.py --benchmark fortunes`` stream and settings; also
+the GP adapter, and Split Fashion-MNIST with the small ViT)
     * ``gp``: LDA on the statistics taken when each task ends (as ``class_heads.py``'s LDA row);
     * ``frozen``: LDA on the base model's features (LoRA's ``lora_B`` is 0 before training: the frozen encoder);
     * ``concat``: LDA on [frozen ; tuned] features, each block divided by its mean per-dimension std (APER's idea:
@@ -12,14 +13,16 @@ What it measures (one GP-LoRA run per seed, the ``class_heads.py --benchmark for
       al. 2020), Gaussian-weighted (sigma = the median distance of the new task's features to their mean) and
       ``sdc_uniform`` (every old mean moved by the new task's mean drift);
     * per task, how far its class means moved between its end and the stream's end (``mean_shift``) against the
-      distance between its two class means (``between_means``).
-    Accuracies: class-incremental, the final row's mean over tasks (argmax over all 20 classes).
+      distance between its two class means (``between_means``), and how far its examples' features moved, relative
+      to their size (``relative_change``: ``|X_end - X_task_end|_F / |X_task_end|_F``).
+    Accuracies: class-incremental, the final row's mean over tasks (argmax over all classes of the stream).
 
 How to run (from the repository root; about 7-13 minutes per seed on one thread)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/feature_drift.py --seeds 2 \\
         --output benchmarks/results/class_heads/feature_drift_seed2.json
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/feature_drift.py --seeds 2 --gp-threshold-pattern '{"lora_B": 1.0}'
+    .venv/bin/python benchmarks/feature_drift.py --benchmark fashion --paradigm adapter --seeds 0,1,2   # minutes
 """
 
 from __future__ import annotations
@@ -57,13 +60,17 @@ Features = tuple[torch.Tensor, torch.Tensor]  # (rows float64, labels)
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--benchmark", default="fortunes", choices=("fortunes", "fashion"),
+                        help="the class_heads.py stream (fashion: Split Fashion-MNIST with the small ViT)")
+    parser.add_argument("--paradigm", default="lora", choices=("lora", "adapter"),
+                        help="both start as the frozen encoder (lora_B and the adapter's up-projection are 0)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--gp-threshold", type=float, default=0.97)
     parser.add_argument("--gp-threshold-pattern", type=json.loads, default=None, metavar="JSON")
     parser.add_argument("--head-masking", default="current", choices=("current", "seen"),
                         help="the training loss over the task's own logits (current) or every class so far (seen)")
     parser.add_argument("--quick", action="store_true", help="tiny stream, 1 epoch (the numbers mean nothing)")
-    parser.add_argument("--data-dir", default=None, help="another folder of the fortunes files")
+    parser.add_argument("--data-dir", default=None, help="another folder of the benchmark's data")
     parser.add_argument("--model", default="minilm", help="text model folder or alias")
     parser.add_argument("--output", default=None)
     return parser.parse_args(argv)
@@ -160,27 +167,29 @@ def measure(run: dict) -> dict:
         m0, m1 = class_means(x0, y), class_means(x1, y)
         ends = list(m0.values())
         record["drift"].append({"mean_shift": round(float(sum((m1[c] - m0[c]).norm() for c in m0) / len(m0)), 3),
-                                "between_means": round(float((ends[0] - ends[-1]).norm()), 3)})  # fmt: skip
+                                "between_means": round(float((ends[0] - ends[-1]).norm()), 3),
+                                "relative_change": round(float((x1 - x0).norm() / x0.norm()), 8)})  # fmt: skip
     return record
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     load_start, began = begin()
-    flags = ["--benchmark", "fortunes", "--gp-threshold", str(args.gp_threshold), "--model", args.model]
+    flags = ["--benchmark", args.benchmark, "--gp-threshold", str(args.gp_threshold), "--model", args.model]
     flags += ["--quick"] if args.quick else []
     options = class_heads.parse_args(flags + (["--data-dir", args.data_dir] if args.data_dir else []))
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        config, tasks, base = class_heads.fortunes_setup(options, "lora", seed)
+        config, tasks, base = class_heads.SETUPS[args.benchmark](options, args.paradigm, seed)
         config = config.replace(heads=["trained"], head_masking=args.head_masking)
         if args.gp_threshold_pattern is not None:
             config = config.replace(gp_kwargs={"gp_threshold_pattern": args.gp_threshold_pattern})
         record = {"seed": seed, **measure(train(config, tasks, base))}
         runs.append(record)
         print(f"seed {seed}: " + ", ".join(f"{k} {v:.1f}" for k, v in record.items() if isinstance(v, float)))
-        print("  per task: mean shift / between-means " + " ".join(
-            f"{d['mean_shift']:.2f}/{d['between_means']:.2f}" for d in record["drift"]), flush=True)  # fmt: skip
+        print("  per task: mean shift / between-means / relative change " + " ".join(
+            f"{d['mean_shift']:.2f}/{d['between_means']:.2f}/{d['relative_change']:.2g}" for d in record["drift"]),
+            flush=True)  # fmt: skip
     keys = [k for k, v in runs[0].items() if isinstance(v, float)]
     means = {k: round(sum(r[k] for r in runs) / len(runs), 1) for k in keys}
     print("| " + " | ".join(keys) + " |\n" + "|---" * len(keys) + "|\n| " + " | ".join(f"{means[k]:.1f}" for k in keys)

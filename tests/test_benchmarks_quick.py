@@ -345,6 +345,7 @@ def test_feature_drift_quick_measures_every_head_and_the_drift_per_task(tmp_path
     assert all(0.0 <= value <= 100.0 for value in record["means"].values())
     assert len(run["drift"]) == 3 and run["drift"][-1]["mean_shift"] == 0.0
     assert all(d["between_means"] > 0 for d in run["drift"])
+    assert run["drift"][-1]["relative_change"] == 0.0 and all(d["relative_change"] >= 0 for d in run["drift"])
     assert record["settings"]["gp_threshold_pattern"] == {"lora_B": 1.0}
 
 
