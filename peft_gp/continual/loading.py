@@ -116,7 +116,7 @@ def gp_settings_of(config: RunConfig) -> dict:
     settings["gp_modules_to_save"] = config.modules_to_save_policy
     optional = {"gp_importance_scale": config.gp_importance_scale, "gp_task_slices": config.gp_task_slices}
     settings |= {name: value for name, value in optional.items() if value is not None} | config.gp_kwargs
-    if up_projections_whole(config) and "gp_threshold_pattern" not in settings:
+    if up_projections_whole(config):  # it checks that gp_kwargs sets no pattern of its own
         settings["gp_threshold_pattern"] = {UP_PROJECTIONS[config.paradigm]: 1.0}
     return settings
 
